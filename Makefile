@@ -1,0 +1,41 @@
+# Whetstone: `make demo` runs the quickstart end to end; `make test` runs the whole suite.
+# Everything installs into .venv. torch goes in first (CPU build pinned) so that nothing else
+# pulls a multi-GB CUDA build; override TORCH_SPEC/TORCH_PIP_ARGS on a GPU machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+STAMP := $(VENV)/.whetstone-installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export RAY_USAGE_STATS_ENABLED := 0
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -e ".[models,test]"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/python -m jobs.quickstart --config jobs/configs/quickstart/demo.yaml
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest tests -m "not integration and not e2e" $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf .whetstone .pytest_cache

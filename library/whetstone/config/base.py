@@ -1,0 +1,159 @@
+"""Configuration primitives: strict pydantic models, YAML loading and ``key=value`` overrides.
+
+Every job has one top-level model built from the shared parts below. Configs cross process
+boundaries (driver -> Ray Train workers -> Serve replicas) as JSON-safe dicts, so each model must
+round-trip through ``model_dump(mode="json")`` and ``model_validate``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the field at fault."""
+
+
+class StrictModel(BaseModel):
+    """Base for every config model: unknown fields are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(StrictModel):
+    """How to reach object storage.
+
+    A local path (the embedded default) needs none of this. For ``s3://`` URIs the endpoint,
+    region and credentials come from here or, when left empty, from the usual AWS environment
+    variables (``AWS_ENDPOINT_URL``, ``AWS_REGION``, ``AWS_ACCESS_KEY_ID``, ...). Secrets are
+    ``SecretStr`` so they never appear in logs or ``repr``.
+    """
+
+    endpoint_url: str | None = Field(None, description="S3 endpoint, e.g. http://127.0.0.1:5000")
+    region: str | None = None
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+    anonymous: bool = False
+    retries: int = Field(5, ge=0, le=20, description="attempts for transient errors")
+    retry_backoff_s: float = Field(0.2, gt=0, description="first backoff; doubles each retry")
+
+    def resolved(self) -> "StorageConfig":
+        """Fill empty fields from the environment (so workers on other nodes see the same values)."""
+        env = os.environ
+        updates: dict[str, Any] = {}
+        if self.endpoint_url is None and env.get("AWS_ENDPOINT_URL"):
+            updates["endpoint_url"] = env["AWS_ENDPOINT_URL"]
+        if self.region is None and (env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")):
+            updates["region"] = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+        for field, var in (
+            ("access_key_id", "AWS_ACCESS_KEY_ID"),
+            ("secret_access_key", "AWS_SECRET_ACCESS_KEY"),
+            ("session_token", "AWS_SESSION_TOKEN"),
+        ):
+            if getattr(self, field) is None and env.get(var):
+                updates[field] = SecretStr(env[var])
+        return self.model_copy(update=updates)
+
+    def to_wire(self) -> dict[str, Any]:
+        """JSON-safe dict including secret values, for handing to Ray workers (never log it)."""
+        data = self.model_dump(mode="python")
+        return {k: (v.get_secret_value() if isinstance(v, SecretStr) else v) for k, v in data.items()}
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into a key path and a YAML-parsed value.
+
+    >>> parse_override("train.lr=2e-5")
+    (['train', 'lr'], 2e-05)
+    """
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads 2e-5 as a string (YAML 1.1 wants a dot); numbers written that way are meant as floats.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value.lower() for c in "e.") else value
+        except ValueError:
+            pass
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``key=value`` overrides to a nested dict (in place) and return it."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _format_validation_error(cls: type[BaseModel], err: ValidationError, source: str) -> str:
+    lines = [f"invalid {cls.__name__} config from {source}:"]
+    for item in err.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "<root>"
+        lines.append(f"  {field}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def validate_config(cls: type[ModelT], data: dict[str, Any], source: str = "<dict>") -> ModelT:
+    """Validate ``data`` as ``cls``; raise ``ConfigError`` naming each bad field."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(cls, err, source)) from None
+
+
+def load_config(
+    cls: type[ModelT], path: str | Path | None = None, overrides: Sequence[str] = ()
+) -> ModelT:
+    """Load ``cls`` from a YAML file (optional) plus ``key=value`` overrides.
+
+    Raises:
+        ConfigError: the file is missing or not a mapping, or a field is invalid (named).
+    """
+    data: dict[str, Any] = {}
+    source = "overrides"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at top level")
+        data = loaded
+        source = str(path)
+    apply_overrides(data, overrides)
+    return validate_config(cls, data, source)
+
+
+def dump_config(config: BaseModel) -> str:
+    """The resolved config as indented JSON with secrets masked, for logs and reports."""
+    return json.dumps(config.model_dump(mode="json"), indent=2, sort_keys=True)

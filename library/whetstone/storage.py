@@ -1,0 +1,200 @@
+"""One way to resolve a URI to a filesystem: a local path (the embedded default) or ``s3://``.
+
+Everything that touches object storage (ingest, Ray Data reads, checkpoints, index snapshots)
+goes through :func:`resolve`, so the same code runs on a laptop folder and on S3. S3 uses
+pyarrow's native S3 filesystem (which Ray Data reads without an fsspec shim) with the endpoint,
+region and credentials from :class:`~whetstone.config.StorageConfig`; transient errors are
+retried with exponential backoff, permanent ones raise ``StorageError`` naming the URI.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import pyarrow.fs as pafs
+
+from whetstone.config.base import StorageConfig
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class StorageError(OSError):
+    """A storage operation failed permanently; the message names the URI."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """A resolved URI: the filesystem and the path inside it (no scheme)."""
+
+    uri: str
+    filesystem: pafs.FileSystem
+    path: str
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.filesystem, pafs.LocalFileSystem)
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI with ``/`` (works for local paths and ``s3://``)."""
+    out = uri.rstrip("/")
+    for part in parts:
+        part = str(part).strip("/")
+        if part:
+            out = f"{out}/{part}"
+    return out
+
+
+def _s3_filesystem(config: StorageConfig) -> pafs.S3FileSystem:
+    cfg = config.resolved()
+    kwargs: dict = {
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=max(cfg.retries, 1)),
+    }
+    if cfg.anonymous:
+        kwargs["anonymous"] = True
+    if cfg.access_key_id is not None:
+        kwargs["access_key"] = cfg.access_key_id.get_secret_value()
+    if cfg.secret_access_key is not None:
+        kwargs["secret_key"] = cfg.secret_access_key.get_secret_value()
+    if cfg.session_token is not None:
+        kwargs["session_token"] = cfg.session_token.get_secret_value()
+    if cfg.region:
+        kwargs["region"] = cfg.region
+    if cfg.endpoint_url:
+        endpoint = cfg.endpoint_url
+        if endpoint.startswith("http://"):
+            kwargs["scheme"] = "http"
+            endpoint = endpoint[len("http://") :]
+        elif endpoint.startswith("https://"):
+            endpoint = endpoint[len("https://") :]
+        kwargs["endpoint_override"] = endpoint
+        # Path-style addressing: loopback and most S3-compatible servers have no per-bucket DNS.
+        kwargs["force_virtual_addressing"] = False
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str, storage: StorageConfig | None = None) -> Location:
+    """Resolve ``uri`` (local path, ``file://`` or ``s3://``) to a filesystem and path."""
+    storage = storage or StorageConfig()
+    if is_s3(uri):
+        return Location(uri, _s3_filesystem(storage), uri[len("s3://") :].rstrip("/"))
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    if "://" in uri:
+        raise StorageError(f"unsupported storage scheme in {uri!r} (use a local path or s3://)")
+    return Location(uri, pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve()))
+
+
+def _is_transient(err: BaseException) -> bool:
+    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    text = str(err).lower()
+    permanent = ("access denied", "nosuchbucket", "invalidaccesskeyid", "signaturedoesnotmatch",
+                 "forbidden", "not found", "does not exist")
+    return not any(word in text for word in permanent)
+
+
+def with_retries(uri: str, op: Callable[[], T], storage: StorageConfig | None = None, what: str = "") -> T:
+    """Run ``op`` retrying transient errors with exponential backoff; raise ``StorageError``."""
+    storage = storage or StorageConfig()
+    delay = storage.retry_backoff_s
+    attempts = max(storage.retries, 0) + 1
+    for attempt in range(1, attempts + 1):
+        try:
+            return op()
+        except FileNotFoundError:
+            raise
+        except OSError as err:
+            if attempt == attempts or not _is_transient(err):
+                raise StorageError(f"{what or 'storage operation'} failed for {uri}: {err}") from err
+            logger.warning("transient storage error on %s (attempt %d/%d): %s", uri, attempt, attempts, err)
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
+    loc = resolve(uri, storage)
+
+    def op() -> bytes:
+        with loc.filesystem.open_input_stream(loc.path) as stream:
+            return stream.read()
+
+    return with_retries(uri, op, storage, "read")
+
+
+def write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> None:
+    """Write ``data`` to ``uri``; local writes go through a temp file and an atomic rename."""
+    loc = resolve(uri, storage)
+    parent = loc.path.rsplit("/", 1)[0]
+
+    def op() -> None:
+        loc.filesystem.create_dir(parent, recursive=True)
+        if loc.is_local:
+            tmp = f"{loc.path}.tmp-{time.monotonic_ns()}"
+            with loc.filesystem.open_output_stream(tmp) as stream:
+                stream.write(data)
+            loc.filesystem.move(tmp, loc.path)
+        else:  # an S3 PUT is atomic: readers see the old object or the new one
+            with loc.filesystem.open_output_stream(loc.path) as stream:
+                stream.write(data)
+
+    with_retries(uri, op, storage, "write")
+
+
+def exists(uri: str, storage: StorageConfig | None = None) -> bool:
+    loc = resolve(uri, storage)
+    info = with_retries(uri, lambda: loc.filesystem.get_file_info(loc.path), storage, "stat")
+    return info.type != pafs.FileType.NotFound
+
+
+def list_dir(uri: str, storage: StorageConfig | None = None, recursive: bool = False) -> list[str]:
+    """URIs of the entries under ``uri`` (sorted); empty when it does not exist."""
+    loc = resolve(uri, storage)
+    selector = pafs.FileSelector(loc.path, allow_not_found=True, recursive=recursive)
+    infos = with_retries(uri, lambda: loc.filesystem.get_file_info(selector), storage, "list")
+    prefix = "s3://" if is_s3(uri) else ""
+    return sorted(prefix + info.path for info in infos)
+
+
+def delete_dir(uri: str, storage: StorageConfig | None = None) -> None:
+    loc = resolve(uri, storage)
+    info = loc.filesystem.get_file_info(loc.path)
+    if info.type == pafs.FileType.Directory:
+        with_retries(uri, lambda: loc.filesystem.delete_dir(loc.path), storage, "delete")
+
+
+def upload_dir(local_dir: str | Path, uri: str, storage: StorageConfig | None = None) -> None:
+    """Copy a local directory tree to ``uri`` (a checkpoint or a model folder)."""
+    local_dir = Path(local_dir)
+    for path in sorted(local_dir.rglob("*")):
+        if path.is_file():
+            write_bytes(join(uri, str(path.relative_to(local_dir))), path.read_bytes(), storage)
+
+
+def download_dir(uri: str, local_dir: str | Path, storage: StorageConfig | None = None) -> Path:
+    """Copy the tree under ``uri`` into ``local_dir`` and return it."""
+    local_dir = Path(local_dir)
+    loc = resolve(uri, storage)
+    selector = pafs.FileSelector(loc.path, allow_not_found=False, recursive=True)
+    try:
+        infos = with_retries(uri, lambda: loc.filesystem.get_file_info(selector), storage, "list")
+    except FileNotFoundError:
+        raise StorageError(f"nothing to download at {uri}") from None
+    for info in infos:
+        if info.type != pafs.FileType.File:
+            continue
+        rel = info.path[len(loc.path) :].lstrip("/")
+        target = local_dir / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(read_bytes(join(uri, rel), storage))
+    return local_dir
