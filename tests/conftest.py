@@ -77,7 +77,6 @@ def tiny_encoder_dir(tmp_path_factory, minilm_dir) -> Path:
     sentence-transformers folder: fast enough for any test that does not judge quality."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
-
     from whetstone.models.encoder import write_sentence_transformers_files
 
     torch.manual_seed(0)

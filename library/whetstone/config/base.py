@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
@@ -46,7 +47,7 @@ class StorageConfig(StrictModel):
     retries: int = Field(5, ge=0, le=20, description="attempts for transient errors")
     retry_backoff_s: float = Field(0.2, gt=0, description="first backoff; doubles each retry")
 
-    def resolved(self) -> "StorageConfig":
+    def resolved(self) -> StorageConfig:
         """Fill empty fields from the environment (so workers on other nodes see the same values)."""
         env = os.environ
         updates: dict[str, Any] = {}

@@ -1,0 +1,163 @@
+"""Contrastive training of an embedding model with live hard negatives (ANCE-style refresh).
+
+What it does, top to bottom:
+  1. embeds the corpus with the base model (Ray Data batch inference) and evaluates it;
+  2. publishes that as index v1 and deploys the index service (Ray Serve, FAISS);
+  3. trains with a Ray Train ``TorchTrainer``: each worker streams its shard of the pairs, asks
+     the index for its queries' neighbours every step, mines hard negatives from a rank window
+     and minimises InfoNCE over in-batch plus hard negatives, gathered across workers;
+  4. every ``refresh.every_steps`` steps rank 0 checkpoints and the refresher re-embeds the
+     corpus with that checkpoint and swaps a new index version in while training goes on;
+  5. embeds the corpus with the final model, evaluates it, promotes that index version and
+     writes a JSON report (the last printed line is its path).
+
+Papers: InfoNCE / MultipleNegativesRankingLoss (arXiv 1807.03748); ANCE (arXiv 2007.00808);
+STAR/ADORE dynamic negatives (arXiv 2104.08051).
+
+Launch:
+  local:           python -m jobs.train_contrastive --config jobs/configs/train_contrastive/smoke.yaml
+  ray job submit:  ray job submit --working-dir . -- python -m jobs.train_contrastive \
+                       --config jobs/configs/train_contrastive/scifact.yaml
+  KubeRay:         k8s/ray-job.train-contrastive.yaml
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import torch
+from whetstone.config.contrastive import ContrastiveJobConfig
+from whetstone.data.collate import collate_pairs
+from whetstone.data.stream import DocStore
+from whetstone.losses.gather import gather_documents
+from whetstone.losses.info_nce import InfoNCELoss, false_negative_mask
+from whetstone.models.encoder import Encoder
+from whetstone.train.contrastive import DualEncoder, LiveNegatives, linear_warmup_decay, stack_padded
+from whetstone.train.progress import StepLog
+
+
+def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
+    config = ContrastiveJobConfig.model_validate(raw_config["job"])
+    plan = raw_config["plan"]  # steps and checkpoint locations the driver worked out
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(config.optim.seed)
+    rng = np.random.default_rng([config.optim.seed, rank])
+
+    # Model first (resume replaces the weights), then DDP, then the optimiser over DDP's params.
+    start_step, model_uri = 0, plan["base_model"]
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            encoder = Encoder.load(folder, device="cpu")
+            with open(f"{folder}/trainer_state.json") as fh:
+                start_step = int(json.load(fh)["step"])
+    else:
+        encoder = Encoder.load(model_uri, device="cpu", storage=config.storage)
+    model = ray.train.torch.prepare_model(DualEncoder(encoder))
+    encoder = model.module.encoder if hasattr(model, "module") else model.encoder
+    device = encoder.device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    total_steps = plan["total_steps"]
+    warmup = int(total_steps * config.optim.warmup_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_warmup_decay(s, total_steps, warmup))
+    for _ in range(start_step):
+        scheduler.step()
+    loss_fn = InfoNCELoss(config.optim.temperature, config.optim.symmetric)
+    negatives = None
+    if config.negatives.source == "index":
+        from whetstone.index.client import IndexClient
+
+        negatives = LiveNegatives(
+            IndexClient.from_handle(timeout_s=config.negatives.search_timeout_s),
+            DocStore.load(config.store_uri, config.storage), config.negatives.mining, rng,
+            config.encoder.doc_max_length, config.negatives.search_timeout_s,
+            config.negatives.max_versions_behind,
+        )
+    refresher = ray.get_actor(plan["refresher"]) if (rank == 0 and plan.get("refresher")) else None
+    every = config.refresh.every_steps
+    log = StepLog(rank, total_steps, config.optim.log_every, config.optim.batch_size * world)
+
+    shard = ray.train.get_dataset_shard("train")
+    step = start_step
+    for epoch in range(step // plan["steps_per_epoch"], config.optim.epochs):
+        batches = shard.iter_batches(
+            batch_size=config.optim.batch_size, batch_format="numpy", drop_last=True, prefetch_batches=2,
+            local_shuffle_buffer_size=config.optim.shuffle_buffer or None,
+            local_shuffle_seed=config.optim.seed + epoch + 1000 * rank,
+        )
+        log.start_wait()
+        for raw_batch in batches:
+            if step >= total_steps or step >= (epoch + 1) * plan["steps_per_epoch"]:
+                break
+            batch = collate_pairs(raw_batch, pad_token_id=encoder.tokenizer.pad_token_id or 0)
+            log.end_wait()
+            queries = {"input_ids": batch["query_input_ids"].to(device),
+                       "attention_mask": batch["query_attention_mask"].to(device)}
+            doc_ids, doc_tok, doc_mask = list(batch["positive_id"]), batch["positive_input_ids"], batch["positive_attention_mask"]
+            hard = None
+            if negatives is not None:
+                expected_version = 1 + (step // every if every else 0)
+                hard = negatives.fetch(encoder, queries, batch["positive_ids"], expected_version)
+                if hard.input_ids is not None:
+                    doc_tok, doc_mask = stack_padded(doc_tok, doc_mask, hard.input_ids, hard.attention_mask)
+                    doc_ids += hard.ids
+
+            # One forward for queries and documents (DDP), then gather documents from all workers.
+            query_emb, doc_emb = model(queries["input_ids"], queries["attention_mask"],
+                                       doc_tok.to(device), doc_mask.to(device))
+            if config.optim.gather_across_workers:
+                all_docs, all_ids, offset = gather_documents(doc_emb, doc_ids)
+            else:
+                all_docs, all_ids, offset = doc_emb, doc_ids, 0
+            positive_column = torch.arange(len(batch["positive_id"]), device=device) + offset
+            mask = false_negative_mask(all_ids, positive_column, batch["positive_ids"])
+            out = loss_fn(query_emb, all_docs, positive_column, mask)
+            loss = out.losses.mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+
+            metrics = log.step(step, epoch, loss.item(), scheduler.get_last_lr()[0], out, hard)
+            saving = rank == 0 and every and step % every == 0 and step < total_steps
+            if saving or step == total_steps:
+                _report_with_checkpoint(metrics, encoder, step, rank, "final" if step == total_steps else None)
+                if saving and refresher is not None:
+                    refresher.request.remote(f"{plan['checkpoint_root']}/step-{step:06d}", step)
+            else:
+                ray.train.report(metrics)
+            log.start_wait()
+    log.finish()
+
+
+def _report_with_checkpoint(metrics: dict, encoder: Encoder, step: int, rank: int, name: str | None) -> None:
+    """Rank 0 saves the model (sentence-transformers layout) as a Ray Train checkpoint."""
+    import tempfile
+
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        encoder.save(folder)
+        with open(f"{folder}/trainer_state.json", "w") as fh:
+            json.dump({"step": step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}, fh)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                         checkpoint_dir_name=name or f"step-{step:06d}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from whetstone.train.pipeline import parse_job_args, run_contrastive
+
+    config = parse_job_args(ContrastiveJobConfig, argv, __doc__)
+    return run_contrastive(config, train_loop_per_worker)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Config of the contrastive training job (and the quickstart that wraps it)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from whetstone.config.base import StorageConfig, StrictModel
+from whetstone.index.mining import MiningConfig
+
+
+class EncoderConfig(StrictModel):
+    base_model: str = Field("all-MiniLM-L6-v2", description="path, storage URI or the MiniLM alias")
+    query_max_length: int = Field(48, ge=8, le=512)
+    doc_max_length: int = Field(256, ge=16, le=512)
+
+
+class OptimConfig(StrictModel):
+    num_workers: int = Field(2, ge=1, description="Ray Train workers")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    batch_size: int = Field(16, ge=2, description="queries per worker per step")
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many steps")
+    lr: float = Field(2e-5, gt=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    temperature: float = Field(0.05, gt=0, le=1)
+    symmetric: bool = False
+    gather_across_workers: bool = True
+    seed: int = 0
+    shuffle_buffer: int = Field(0, ge=0, description="extra local shuffle buffer (the dataset is already shuffled per epoch)")
+    log_every: int = Field(1, ge=1)
+
+
+class NegativesConfig(StrictModel):
+    source: Literal["index", "none"] = Field("index", description="'none' = in-batch negatives only")
+    mining: MiningConfig = MiningConfig()
+    search_timeout_s: float = Field(10.0, gt=0)
+    max_versions_behind: int = Field(1, ge=0, description="staleness bound: fall back past this")
+
+
+class RefreshConfig(StrictModel):
+    every_steps: int | None = Field(None, ge=1, description="checkpoint + re-embed + swap every N steps")
+    embed_batch_size: int = Field(32, ge=1)
+    embed_concurrency: int = Field(1, ge=1, description="embedding actors while training runs")
+    embed_cpus: float = Field(1.0, gt=0)
+
+
+class IndexSection(StrictModel):
+    kind: Literal["flat", "hnsw", "ivf", "ivfpq"] = "flat"
+    num_cpus: float = Field(0.25, gt=0, description="CPU share of each index replica")
+    num_replicas: int = Field(1, ge=1)
+    initial_embed_concurrency: int = Field(2, ge=1, description="embedding actors before training")
+
+
+class EvalConfig(StrictModel):
+    split: str | None = Field("test", description="qrels split to evaluate; None skips evaluation")
+    doc_max_length: int = Field(256, ge=16, le=512)
+    batch_size: int = Field(32, ge=1)
+
+
+class ContrastiveJobConfig(StrictModel):
+    """Train an embedding model with live hard negatives from the index service."""
+
+    run_name: str = Field("contrastive", pattern=r"^[A-Za-z0-9_.-]+$")
+    store_uri: str = Field(".whetstone/store", description="ingested shards (local path or s3://)")
+    output_uri: str | None = Field(None, description="run outputs; default <store_uri>/runs/<run_name>")
+    storage: StorageConfig = StorageConfig()
+    if_exists: Literal["error", "overwrite", "resume"] = Field(
+        "error", description="what to do when the run's outputs already exist")
+    train_split: str = "train"
+    encoder: EncoderConfig = EncoderConfig()
+    optim: OptimConfig = OptimConfig()
+    negatives: NegativesConfig = NegativesConfig()
+    refresh: RefreshConfig = RefreshConfig()
+    index: IndexSection = IndexSection()
+    eval: EvalConfig = EvalConfig()
+    ray_num_cpus: int = Field(8, ge=1, description="logical CPUs when this job starts its own local Ray")
+    ray_object_store_mb: int = Field(1024, ge=128)
+
+    @model_validator(mode="after")
+    def _refresh_needs_index(self) -> ContrastiveJobConfig:
+        if self.refresh.every_steps and self.negatives.source != "index":
+            raise ValueError("refresh.every_steps needs negatives.source=index")
+        return self
+
+    @property
+    def run_uri(self) -> str:
+        from whetstone.storage import join
+
+        return self.output_uri or join(self.store_uri, "runs", self.run_name)
+
+
+class IngestSpec(StrictModel):
+    source: str = Field(..., description="BEIR folder (local), e.g. data/scifact-subset")
+    format: Literal["beir"] = "beir"
+    rows_per_shard: int = Field(1000, ge=1)
+    skip_if_present: bool = True
+
+
+class QuickstartConfig(ContrastiveJobConfig):
+    """Ingest a BEIR folder into the store, then run the contrastive job on it."""
+
+    run_name: str = Field("quickstart", pattern=r"^[A-Za-z0-9_.-]+$")
+    ingest: IngestSpec

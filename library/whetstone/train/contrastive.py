@@ -1,0 +1,131 @@
+"""Pieces of the contrastive training step, kept out of the job file so the loop stays short.
+
+- :class:`DualEncoder` embeds queries and documents in ONE forward call, so DDP sees a single
+  forward per backward (two separate DDP forwards before one backward is not supported).
+- :class:`LiveNegatives` asks the index service for each query's neighbours, mines a rank window
+  and turns the chosen ids into tokens; it falls back to in-batch negatives (and says why) when
+  the service is down, slow or too stale.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from whetstone.index.mining import MiningConfig, mine_negatives
+from whetstone.models.encoder import Encoder
+
+
+class DualEncoder(nn.Module):
+    """One shared encoder applied to queries and documents in a single forward."""
+
+    def __init__(self, encoder: Encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(
+        self,
+        query_input_ids: torch.Tensor,
+        query_attention_mask: torch.Tensor,
+        doc_input_ids: torch.Tensor,
+        doc_attention_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (queries (B, D), documents (M, D)), unit-norm."""
+        queries = self.encoder(query_input_ids, query_attention_mask)  # (B, D)
+        docs = self.encoder(doc_input_ids, doc_attention_mask)  # (M, D)
+        return queries, docs
+
+
+def stack_padded(a_ids: torch.Tensor, a_mask: torch.Tensor, b_ids: torch.Tensor, b_mask: torch.Tensor,
+                 pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate two padded token batches (B1, L1) and (B2, L2) into (B1 + B2, max(L1, L2))."""
+    width = max(a_ids.shape[1], b_ids.shape[1])
+
+    def widen(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        extra = width - ids.shape[1]
+        return F.pad(ids, (0, extra), value=pad_id), F.pad(mask, (0, extra), value=0)
+
+    a_ids, a_mask = widen(a_ids, a_mask)
+    b_ids, b_mask = widen(b_ids, b_mask)
+    return torch.cat([a_ids, b_ids]), torch.cat([a_mask, b_mask])
+
+
+@dataclass
+class NegativeBatch:
+    """Hard negatives for one batch: flat ids (B * N) plus tokens, or nothing on fallback."""
+
+    ids: list[str] = field(default_factory=list)
+    input_ids: torch.Tensor | None = None  # (B * N, Ln)
+    attention_mask: torch.Tensor | None = None  # (B * N, Ln)
+    version: int | None = None
+    from_index: int = 0
+    random_fill: int = 0
+    dropped_by_margin: int = 0
+    fallback_reason: str | None = None
+    search_s: float = 0.0
+
+
+class LiveNegatives:
+    """Hard negatives from the live index, mined per batch.
+
+    Args:
+        client: an ``IndexClient`` (handle in the cluster, HTTP outside).
+        docs: a ``DocStore`` resolving ids to text.
+        mining: rank window, margins and random mix.
+        max_versions_behind: staleness bound against the versions the run has asked for.
+    """
+
+    def __init__(self, client, docs, mining: MiningConfig, rng: np.random.Generator,
+                 doc_max_length: int, timeout_s: float, max_versions_behind: int):
+        self.client = client
+        self.docs = docs
+        self.doc_ids = docs.ids
+        self.mining = mining
+        self.rng = rng
+        self.doc_max_length = doc_max_length
+        self.timeout_s = timeout_s
+        self.max_versions_behind = max_versions_behind
+
+    def fetch(self, encoder: Encoder, query_tokens: dict[str, torch.Tensor],
+              positive_ids: list[list[str]], expected_version: int) -> NegativeBatch:
+        """Embed the queries with the current weights (no grad), search, mine, tokenise."""
+        from whetstone.index.client import IndexUnavailable
+
+        started = time.monotonic()
+        with torch.no_grad():
+            was_training = encoder.training
+            encoder.eval()
+            vectors = encoder(query_tokens["input_ids"], query_tokens["attention_mask"])  # (B, D)
+            encoder.train(was_training)
+        try:
+            result = self.client.search(
+                vectors.float().cpu().numpy(), k=self.mining.rank_end,
+                exclude_ids=positive_ids, timeout_s=self.timeout_s,
+            )
+        except IndexUnavailable as err:
+            return NegativeBatch(fallback_reason=f"index unavailable: {err}",
+                                 search_s=time.monotonic() - started)
+        search_s = time.monotonic() - started
+        behind = expected_version - result.version
+        if behind > self.max_versions_behind:
+            return NegativeBatch(version=result.version, search_s=search_s,
+                                 fallback_reason=f"index v{result.version} is {behind} versions behind")
+        mined = mine_negatives(result.ids, result.scores, self.mining, self.rng, self.doc_ids,
+                               exclude=[set(p) for p in positive_ids])
+        flat = [doc_id for per_query in mined.ids for doc_id in per_query]
+        tokens = encoder.tokenize(self.docs.texts(flat), self.doc_max_length)
+        return NegativeBatch(flat, tokens["input_ids"], tokens["attention_mask"], result.version,
+                             mined.from_index, mined.random_fill, mined.dropped_by_margin, None, search_s)
+
+
+def linear_warmup_decay(step: int, total_steps: int, warmup_steps: int) -> float:
+    """LR multiplier: linear warm-up to 1, then linear decay to 0 at ``total_steps``."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    remaining = max(total_steps - step, 0)
+    return remaining / max(total_steps - warmup_steps, 1)

@@ -1,0 +1,243 @@
+"""Driver side of the contrastive job: index v1, Serve, TorchTrainer, refreshes, eval, report.
+
+Jobs call :func:`run_contrastive` with their ``train_loop_per_worker``; the loop itself stays in
+the job file (the recipe). Everything here runs on the driver.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+import ray
+
+from whetstone import storage as store
+from whetstone.config.base import ConfigError, dump_config, load_config
+from whetstone.config.contrastive import ContrastiveJobConfig
+from whetstone.models.assets import resolve_model_path
+from whetstone.train.memory import MemorySampler
+
+logger = logging.getLogger(__name__)
+ConfigT = TypeVar("ConfigT")
+
+
+def parse_job_args(cls: type[ConfigT], argv: Sequence[str] | None, doc: str | None) -> ConfigT:
+    """``--config file.yaml key=value ...`` -> validated config; exits 2 naming the bad field."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-5")
+    args = parser.parse_args(argv)
+    try:
+        return load_config(cls, args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def init_ray(num_cpus: int, object_store_mb: int) -> None:
+    """Join the cluster ``ray job submit`` runs us in, or start a local one sized for small hosts."""
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+                        "TOKENIZERS_PARALLELISM": "false"}}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=env, log_to_driver=True)
+    else:
+        # More logical CPUs than cores: Train workers, a Serve replica and Ray Data tasks each ask
+        # for CPUs and would otherwise wait on each other.
+        ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_mb * 1024**2,
+                 include_dashboard=False, runtime_env=env, log_to_driver=True)
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.marks: dict[str, float] = {}
+
+    def mark(self, name: str, since: float) -> float:
+        self.marks[name] = round(time.monotonic() - since, 2)
+        return self.marks[name]
+
+
+def evaluate_model(model_uri: str, config: ContrastiveJobConfig, split, doc_ids: list[str],
+                   doc_vectors: np.ndarray) -> dict[str, float]:
+    """Embed the split's queries with ``model_uri`` and rank the embedded corpus exactly."""
+    from whetstone.eval.retrieval import evaluate_rankings, exact_rankings
+    from whetstone.models.encoder import Encoder
+
+    encoder = Encoder.load(model_uri, storage=config.storage)
+    query_ids = list(split.queries)
+    vectors = encoder.encode([split.queries[q] for q in query_ids], batch_size=64,
+                             max_length=config.encoder.query_max_length)
+    rankings = exact_rankings(query_ids, vectors, doc_ids, doc_vectors, k=100)
+    return evaluate_rankings(rankings, split.qrels)
+
+
+def _prepare_run_dir(config: ContrastiveJobConfig) -> None:
+    if store.exists(config.run_uri, config.storage):
+        if config.if_exists == "error":
+            raise ConfigError(f"run_name: {config.run_uri} exists; set if_exists=overwrite or resume")
+        if config.if_exists == "overwrite":
+            print(f"[run] removing previous outputs at {config.run_uri}", flush=True)
+            store.delete_dir(config.run_uri, config.storage)
+
+
+def _deploy_index(config: ContrastiveJobConfig, index_uri: str) -> None:
+    from ray import serve
+
+    from services.index.app import APP_NAME, IndexServiceArgs, build_app
+
+    args = IndexServiceArgs(index_uri=index_uri, storage=config.storage.resolved(),
+                            num_cpus=config.index.num_cpus, num_replicas=config.index.num_replicas)
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/index", blocking=False)
+
+
+def _worker_config(config: ContrastiveJobConfig) -> dict[str, Any]:
+    job = config.model_dump(mode="json")
+    job["storage"] = config.storage.resolved().to_wire()  # workers need the real secrets
+    return job
+
+
+def run_contrastive(config: ContrastiveJobConfig, train_loop: Callable[[dict], None]) -> dict:
+    """Run the whole job; returns the report (also written to ``<run_uri>/report.json``)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from whetstone.data.stream import load_eval_split, pairs_dataset, read_dataset_table, tokenize_pairs
+    from whetstone.train.refresh import IndexRefresher, embed_corpus, publish_index
+
+    timer = Timer()
+    memory = MemorySampler(include_ray=bool(os.environ.get("RAY_ADDRESS"))).start()
+    print(f"[run] resolved config:\n{dump_config(config)}", flush=True)
+    init_ray(config.ray_num_cpus, config.ray_object_store_mb)
+    _prepare_run_dir(config)
+    run_uri, index_uri = config.run_uri, store.join(config.run_uri, "index")
+    base_model = resolve_model_path(config.encoder.base_model)
+    embed_kwargs = dict(batch_size=config.refresh.embed_batch_size, max_length=config.eval.doc_max_length)
+
+    t = time.monotonic()
+    doc_ids, doc_vectors = embed_corpus(config.store_uri, base_model, config.storage,
+                                        concurrency=config.index.initial_embed_concurrency, **embed_kwargs)
+    print(f"[index] embedded {len(doc_ids)} documents with the base model in {timer.mark('embed_base_s', t)} s",
+          flush=True)
+    split = load_eval_split(config.store_uri, config.eval.split, config.storage) if config.eval.split else None
+    before = evaluate_model(base_model, config, split, doc_ids, doc_vectors) if split else {}
+    if before:
+        print(f"[eval] before: nDCG@10 {before['ndcg@10']:.4f} Recall@100 {before['recall@100']:.4f}", flush=True)
+
+    refresher_name = None
+    if config.negatives.source == "index":
+        t = time.monotonic()
+        publish_index(doc_ids, doc_vectors, index_uri, 1, base_model, config.index.kind, config.storage)
+        _deploy_index(config, index_uri)
+        print(f"[index] v1 deployed ({config.index.kind}, {len(doc_ids)} docs) in {timer.mark('deploy_s', t)} s",
+              flush=True)
+        refresher_name = f"whetstone-refresher-{config.run_name}-{uuid.uuid4().hex[:6]}"
+        settings = {**config.refresh.model_dump(), "doc_max_length": config.eval.doc_max_length,
+                    "kind": config.index.kind}
+        refresher = IndexRefresher.options(name=refresher_name).remote(
+            config.store_uri, index_uri, config.storage.resolved().to_wire(), settings)
+
+    pairs = read_dataset_table(config.store_uri, f"pairs/{config.train_split}", config.storage).num_rows
+    world, batch = config.optim.num_workers, config.optim.batch_size
+    steps_per_epoch = pairs // world // batch
+    if steps_per_epoch == 0:
+        raise ConfigError(f"optim.batch_size: {pairs} pairs cannot fill one step of {world} x {batch}")
+    total_steps = steps_per_epoch * config.optim.epochs
+    total_steps = min(total_steps, config.optim.max_steps or total_steps)
+    dataset = tokenize_pairs(pairs_dataset(config.store_uri, config.train_split, config.storage,
+                                           seed=config.optim.seed, negatives_per_query=0),
+                             base_model, config.encoder.query_max_length, config.encoder.doc_max_length)
+    train_root = store.resolve(run_uri, config.storage)
+    plan = {"base_model": base_model, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
+            "refresher": refresher_name, "checkpoint_root": store.join(run_uri, "train")}
+    print(f"[train] {pairs} pairs, {world} workers x batch {batch}: {steps_per_epoch} steps/epoch, "
+          f"{total_steps} steps", flush=True)
+    t = time.monotonic()
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"job": _worker_config(config), "plan": plan},
+        scaling_config=ScalingConfig(num_workers=world, use_gpu=config.optim.use_gpu,
+                                     resources_per_worker={"CPU": config.optim.cpus_per_worker}),
+        datasets={"train": dataset},
+        run_config=RunConfig(name="train", storage_path=train_root.path,
+                             storage_filesystem=train_root.filesystem),
+    )
+    result = trainer.fit()
+    timer.mark("train_s", t)
+    train_metrics = dict(result.metrics or {})
+
+    refresh_status: dict = {"history": [], "errors": []}
+    if refresher_name:
+        refresh_status = ray.get(refresher.wait_idle.remote())
+        for err in refresh_status["errors"]:
+            print(f"[refresh] FAILED: {err}", flush=True)
+
+    final_model = store.join(run_uri, "train", "final")
+    t = time.monotonic()
+    final_ids, final_vectors = embed_corpus(config.store_uri, final_model, config.storage,
+                                            concurrency=config.index.initial_embed_concurrency, **embed_kwargs)
+    timer.mark("embed_final_s", t)
+    after = evaluate_model(final_model, config, split, final_ids, final_vectors) if split else {}
+    versions = [1] + [r["new_version"] for r in refresh_status["history"]]
+    if refresher_name:
+        from whetstone.index.client import IndexClient
+
+        final_version = max(versions) + 1
+        publish_index(final_ids, final_vectors, index_uri, final_version, final_model, config.index.kind,
+                      config.storage)
+        IndexClient.from_handle().swap(final_version)
+        versions.append(final_version)
+        print(f"[index] promoted v{final_version} built from the final model", flush=True)
+
+    report = {
+        "run_uri": run_uri,
+        "model_uri": final_model,
+        "eval_split": config.eval.split,
+        "before": before,
+        "after": after,
+        "steps": total_steps,
+        "negatives_served_by_index": train_metrics.get("total_negatives_from_index"),
+        "negatives_note": "rank-0 worker's count; every worker mines the same number per step",
+        "negatives_served_all_workers": (train_metrics.get("total_negatives_from_index") or 0) * world,
+        "fallback_steps_rank0": train_metrics.get("total_fallback_steps"),
+        "final_loss": train_metrics.get("loss"),
+        "data_wait_fraction": train_metrics.get("data_wait_fraction"),
+        "index_versions": versions,
+        "refreshes": refresh_status["history"],
+        "refresh_errors": refresh_status["errors"],
+        "timings_s": {**timer.marks, "total_s": round(time.monotonic() - timer.started, 2)},
+        "peak_memory_gib": round(memory.stop() / 1024**3, 2),
+    }
+    report_uri = store.join(run_uri, "report.json")
+    store.write_bytes(report_uri, json.dumps(report, indent=2).encode(), config.storage)
+    _print_summary(report, report_uri)
+    return report
+
+
+def _print_summary(report: dict, report_uri: str) -> None:
+    before, after = report["before"], report["after"]
+    lines = ["", "=== Whetstone contrastive run ==="]
+    if before and after:
+        lines.append(f"nDCG@10    before {before['ndcg@10']:.4f}  after {after['ndcg@10']:.4f}  "
+                     f"({after['ndcg@10'] - before['ndcg@10']:+.4f})")
+        lines.append(f"Recall@100 before {before['recall@100']:.4f}  after {after['recall@100']:.4f}")
+    lines.append(f"steps {report['steps']}, hard negatives served by the index: "
+                 f"{report['negatives_served_all_workers']} (fallback steps on rank 0: {report['fallback_steps_rank0']})")
+    for r in report["refreshes"]:
+        lines.append(f"refresh at step {r['step']}: index v{r['old_version']} -> v{r['new_version']} "
+                     f"({r['total_s']} s)")
+    lines.append(f"index versions {report['index_versions']}; peak memory {report['peak_memory_gib']} GiB; "
+                 f"total {report['timings_s']['total_s']} s")
+    lines.append(f"model: {report['model_uri']}")
+    lines.append(f"report: {report_uri}")
+    print("\n".join(lines), flush=True)

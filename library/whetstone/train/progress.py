@@ -1,0 +1,93 @@
+"""Per-step metrics and progress lines for training workers (a hook, so the loop stays short).
+
+Every worker computes the same metrics (they go to ``ray.train.report``); rank 0 prints a line
+every ``log_every`` steps: step, loss, learning rate, pairs/s, the share of time spent waiting
+for data, the index version the negatives came from, and fallbacks.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+class StepLog:
+    def __init__(self, rank: int, total_steps: int, log_every: int, global_batch: int):
+        self.rank = rank
+        self.total_steps = total_steps
+        self.log_every = log_every
+        self.global_batch = global_batch
+        self.started = time.monotonic()
+        self.wait_started: float | None = None
+        self.last_step_end = time.monotonic()
+        self.wait_s = 0.0
+        self.step_wait_s = 0.0
+        self.busy_s = 0.0
+        self.totals: dict[str, float] = {
+            "negatives_from_index": 0, "negatives_random_fill": 0, "negatives_dropped_margin": 0,
+            "fallback_steps": 0, "steps": 0,
+        }
+        self.versions_seen: set[int] = set()
+
+    def start_wait(self) -> None:
+        self.wait_started = time.monotonic()
+
+    def end_wait(self) -> None:
+        if self.wait_started is not None:
+            self.step_wait_s = time.monotonic() - self.wait_started
+            self.wait_s += self.step_wait_s
+            self.wait_started = None
+
+    def step(self, step: int, epoch: int, loss: float, lr: float, out, hard) -> dict[str, Any]:
+        now = time.monotonic()
+        step_s = now - self.last_step_end
+        self.last_step_end = now
+        self.busy_s += step_s
+        self.totals["steps"] += 1
+        metrics: dict[str, Any] = {
+            "step": step,
+            "epoch": epoch,
+            "loss": loss,
+            "lr": lr,
+            "step_s": step_s,
+            "data_wait_s": self.step_wait_s,
+            "data_wait_fraction": self.wait_s / max(self.busy_s, 1e-9),
+            "pairs_per_s": self.global_batch / max(step_s, 1e-9),
+            "score_gap": float((out.positive_scores - out.hardest_negative_scores).mean()),
+            "masked_fraction": out.masked_fraction,
+        }
+        if hard is not None:
+            self.totals["negatives_from_index"] += hard.from_index
+            self.totals["negatives_random_fill"] += hard.random_fill
+            self.totals["negatives_dropped_margin"] += hard.dropped_by_margin
+            if hard.fallback_reason:
+                self.totals["fallback_steps"] += 1
+            if hard.version is not None:
+                self.versions_seen.add(hard.version)
+            metrics.update(index_version=hard.version if hard.version is not None else -1,
+                           search_s=hard.search_s, fallback=hard.fallback_reason or "")
+        metrics.update({f"total_{k}": v for k, v in self.totals.items()})
+        if self.rank == 0 and (step % self.log_every == 0 or step == self.total_steps):
+            index = ""
+            if hard is not None:
+                index = f" | index v{hard.version} negs {hard.from_index}+{hard.random_fill}rnd"
+                if hard.fallback_reason:
+                    index = f" | FALLBACK to in-batch ({hard.fallback_reason})"
+            print(
+                f"[train] step {step}/{self.total_steps} epoch {epoch} loss {loss:.4f} lr {lr:.2e} "
+                f"{metrics['pairs_per_s']:.1f} pairs/s wait {100 * metrics['data_wait_fraction']:.1f}% "
+                f"gap {metrics['score_gap']:+.3f}{index}",
+                flush=True,
+            )
+        return metrics
+
+    def finish(self) -> None:
+        if self.rank == 0:
+            elapsed = time.monotonic() - self.started
+            print(
+                f"[train] done: {int(self.totals['steps'])} steps in {elapsed:.1f} s, "
+                f"data wait {100 * self.wait_s / max(self.busy_s, 1e-9):.1f}%, "
+                f"negatives from index {int(self.totals['negatives_from_index'])} (rank 0), "
+                f"fallback steps {int(self.totals['fallback_steps'])}, index versions {sorted(self.versions_seen)}",
+                flush=True,
+            )
