@@ -109,14 +109,20 @@ def _margin_limit(positive_score: float, config: MiningConfig) -> float:
 
 
 def _random_ids(pool: Sequence[str], n: int, rng: np.random.Generator, banned: set[str]) -> list[str]:
+    """``n`` distinct ids from ``pool`` outside ``banned``: rejection sampling, then an exact pass."""
     if n <= 0:
         return []
-    if len(pool) <= len(banned):
-        raise ValueError("corpus too small to draw random negatives")
     chosen: list[str] = []
-    while len(chosen) < n:
+    taken = set(banned)
+    for _ in range(20 * n):
         doc_id = pool[int(rng.integers(len(pool)))]
-        if doc_id not in banned:
-            banned = banned | {doc_id}
+        if doc_id not in taken:
+            taken.add(doc_id)
             chosen.append(doc_id)
-    return chosen
+            if len(chosen) == n:
+                return chosen
+    rest = [doc_id for doc_id in pool if doc_id not in taken]
+    if len(rest) < n - len(chosen):
+        raise ValueError(f"corpus of {len(pool)} documents is too small to draw {n} random negatives")
+    picks = rng.choice(len(rest), size=n - len(chosen), replace=False)
+    return chosen + [rest[i] for i in picks]

@@ -1,0 +1,290 @@
+"""Ingest: raw source files -> validated, sharded Parquet + manifest + quarantine, losing no row.
+
+Every non-blank source line is one row in: it is either written to a shard or written to
+``quarantine/<dataset>/`` with the reason, the file and the line, so for every dataset
+``rows_in == rows_written + rows_quarantined`` (:class:`IngestReport` checks it).
+
+First cut: a single-process streaming pyarrow path (the files are read line by line and shards are
+written as they fill, so memory is bounded by one shard plus the id sets needed for cross-row
+checks). It reads and writes local folders and ``s3://`` alike through :mod:`whetstone.storage`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+import whetstone.storage as wstorage
+from whetstone.config.base import StorageConfig
+from whetstone.data import schemas as S
+from whetstone.data.sources import SourceError, find_source_file, iter_lines, list_qrels_splits
+from whetstone.data.store import (
+    MANIFEST_NAME,
+    DatasetEntry,
+    QuarantineEntry,
+    QuarantineWriter,
+    ShardWriter,
+    new_manifest,
+    read_manifest,
+    write_manifest,
+)
+from whetstone.data.validate import (
+    RowRejected,
+    corpus_row,
+    is_qrels_header,
+    parse_json_object,
+    qrels_row,
+    query_row,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class IngestError(RuntimeError):
+    """Ingest cannot proceed (bad destination, missing split); the message names the URI."""
+
+
+class DatasetCounts(BaseModel):
+    """Row accounting for one dataset: ``rows_in == rows_written + rows_quarantined``."""
+
+    model_config = ConfigDict(extra="forbid")
+    rows_in: int = Field(ge=0)
+    rows_written: int = Field(ge=0)
+    rows_quarantined: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _adds_up(self) -> DatasetCounts:
+        if self.rows_in != self.rows_written + self.rows_quarantined:
+            raise ValueError(f"rows_in {self.rows_in} != written {self.rows_written} + "
+                             f"quarantined {self.rows_quarantined}")
+        return self
+
+
+class IngestReport(BaseModel):
+    """What an ingest did; JSON-serialisable (``report.model_dump_json()``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str
+    store_uri: str
+    manifest_uri: str
+    datasets: dict[str, DatasetCounts]
+    quarantine_files: dict[str, list[str]] = Field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def rows_quarantined(self) -> int:
+        return sum(c.rows_quarantined for c in self.datasets.values())
+
+    def summary(self) -> str:
+        """One line per dataset, for logs and the CLI."""
+        lines = [f"ingested {self.source} -> {self.store_uri} in {self.seconds:.1f}s"]
+        for name, c in sorted(self.datasets.items()):
+            lines.append(f"  {name:<20} in {c.rows_in:>9}  written {c.rows_written:>9}  "
+                         f"quarantined {c.rows_quarantined:>7}")
+        return "\n".join(lines)
+
+
+class _Sink:
+    """One dataset's shard writer + quarantine writer + its rows-in counter."""
+
+    def __init__(self, store_uri: str, dataset: str, schema: pa.Schema, rows_per_shard: int,
+                 storage_config: StorageConfig | None) -> None:
+        self.dataset = dataset
+        self.rows_in = 0
+        self.shards = ShardWriter(store_uri, dataset, schema, rows_per_shard, storage_config)
+        self.quarantine = QuarantineWriter(store_uri, dataset, storage_config)
+
+    def accept(self, row: dict[str, Any]) -> None:
+        self.shards.add(row)
+
+    def reject(self, reason: str, file: str, line: int, raw: bytes | str) -> None:
+        logger.debug("quarantined %s line %d: %s", file, line, reason)
+        self.quarantine.add(reason, file, line, raw)
+
+    def close(self) -> tuple[DatasetEntry, QuarantineEntry, DatasetCounts]:
+        entry = self.shards.close()
+        quarantined = self.quarantine.close()
+        counts = DatasetCounts(rows_in=self.rows_in, rows_written=entry.rows,
+                               rows_quarantined=quarantined.rows)
+        return entry, quarantined, counts
+
+
+def _ingest_jsonl(file_uri: str, sink: _Sink, validate: Callable[[dict[str, Any]], dict[str, Any]],
+                  id_column: str, seen: dict[str, int], storage_config: StorageConfig | None,
+                  on_accept: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Validate each JSONL line of ``file_uri`` into ``sink``; ``seen`` maps accepted id -> line."""
+    for line_number, raw in iter_lines(file_uri, storage_config):
+        if not raw.strip():
+            continue  # blank lines (a trailing newline, say) are not rows
+        sink.rows_in += 1
+        try:
+            row = validate(parse_json_object(raw))
+        except RowRejected as err:
+            sink.reject(str(err), file_uri, line_number, raw)
+            continue
+        key = row[id_column]
+        if key in seen:
+            sink.reject(f"duplicate {id_column} {key!r} (first at line {seen[key]})", file_uri, line_number, raw)
+            continue
+        seen[key] = line_number
+        sink.accept(row)
+        if on_accept is not None:
+            on_accept(row)
+
+
+def _qrels_fields(raw: bytes) -> list[str]:
+    try:
+        return raw.decode("utf-8").split("\t")
+    except UnicodeDecodeError as err:
+        raise RowRejected(f"line is not valid UTF-8 ({err.reason} at byte {err.start})") from None
+
+
+def _looks_like_header(raw: bytes) -> bool:
+    # A header's score column has no digits ("score"); a data row with a bad score such as "1.5"
+    # has some, and must be quarantined rather than skipped as a header.
+    fields = raw.decode("utf-8", errors="replace").split("\t")
+    return is_qrels_header(fields) and not any(ch.isdigit() for ch in fields[-1])
+
+
+def _ingest_qrels(file_uri: str, sink: _Sink, doc_ids: dict[str, int], query_ids: dict[str, int],
+                  storage_config: StorageConfig | None) -> dict[str, list[str]]:
+    """Validate a qrels TSV into ``sink``; return query id -> positive doc ids (score > 0), in order."""
+    positives: dict[str, list[str]] = {}
+    seen: dict[tuple[str, str], int] = {}
+    first = True
+    for line_number, raw in iter_lines(file_uri, storage_config):
+        if not raw.strip():
+            continue
+        if first:
+            first = False
+            if _looks_like_header(raw):
+                continue  # a header is not a row: it is neither written nor quarantined
+        sink.rows_in += 1
+        try:
+            row = qrels_row(_qrels_fields(raw))
+            if row[S.QUERY_ID] not in query_ids:
+                raise RowRejected(f"query-id {row[S.QUERY_ID]!r} is not in queries (or was quarantined)")
+            if row[S.DOC_ID] not in doc_ids:
+                raise RowRejected(f"corpus-id {row[S.DOC_ID]!r} is not in the corpus (or was quarantined)")
+            key = (row[S.QUERY_ID], row[S.DOC_ID])
+            if key in seen:
+                raise RowRejected(f"duplicate qrels pair {key[0]!r} -> {key[1]!r} (first at line {seen[key]})")
+        except RowRejected as err:
+            sink.reject(str(err), file_uri, line_number, raw)
+            continue
+        seen[key] = line_number
+        sink.accept(row)
+        if row[S.SCORE] > 0:
+            positives.setdefault(row[S.QUERY_ID], []).append(row[S.DOC_ID])
+    return positives
+
+
+def _prepare_destination(dest_uri: str, storage_config: StorageConfig | None) -> None:
+    """Refuse to write into a non-empty folder that is not a store; clear an old store's datasets."""
+    if wstorage.exists(wstorage.join(dest_uri, MANIFEST_NAME), storage_config):
+        old = read_manifest(dest_uri, storage_config)
+        # Remove what the old manifest owns so no stale shard or quarantine part survives a re-ingest.
+        for name in sorted(old.datasets):
+            wstorage.delete_dir(wstorage.join(dest_uri, name), storage_config)
+        wstorage.delete_dir(wstorage.join(dest_uri, "quarantine"), storage_config)
+        return
+    if wstorage.list_dir(dest_uri, storage_config):
+        raise IngestError(f"{dest_uri} is not empty and holds no {MANIFEST_NAME}; "
+                          "refusing to write a store into it")
+
+
+def ingest_beir(source: str, dest_uri: str, storage: StorageConfig | None = None,
+                rows_per_shard: int = 50_000, splits: Sequence[str] | None = None) -> IngestReport:
+    """Ingest a BEIR folder into a store.
+
+    Source layout: ``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``, each optionally
+    gzip-compressed (``.gz``). qrels may or may not start with a header row (detected). Writes
+    ``corpus``, ``queries``, ``qrels/<split>`` and ``pairs/<split>`` (one row per query with its
+    positive doc ids, qrels score > 0) plus ``quarantine/`` and ``manifest.json`` under ``dest_uri``.
+
+    Args:
+        source: the BEIR folder (local path or ``s3://``).
+        dest_uri: the store root (local path or ``s3://``); empty, missing, or an earlier store.
+        storage: how to reach ``s3://`` (defaults to the AWS environment variables).
+        rows_per_shard: rows per Parquet shard.
+        splits: qrels splits to ingest; default all found under ``qrels/``.
+
+    Returns:
+        The report; ``report.datasets[name].rows_in == rows_written + rows_quarantined``.
+
+    Raises:
+        SourceError: a source file is missing, ambiguous or breaks mid-stream (names the file).
+        IngestError: the destination is unusable, or a requested split has no qrels file.
+    """
+    started = time.monotonic()
+    storage_config = storage
+    corpus_uri = find_source_file(source, "corpus.jsonl", storage_config)
+    queries_uri = find_source_file(source, "queries.jsonl", storage_config)
+    available = list_qrels_splits(source, storage_config)
+    wanted = list(splits) if splits is not None else sorted(available)
+    missing = [s for s in wanted if s not in available]
+    if missing:
+        raise IngestError(f"no qrels for split(s) {missing} under {wstorage.join(source, 'qrels')}; "
+                          f"found {sorted(available)}")
+    _prepare_destination(dest_uri, storage_config)
+
+    def sink(name: str, schema: pa.Schema) -> _Sink:
+        return _Sink(dest_uri, name, schema, rows_per_shard, storage_config)
+
+    sinks: list[_Sink] = []
+    doc_ids: dict[str, int] = {}
+    corpus = sink("corpus", S.CORPUS_SCHEMA)
+    _ingest_jsonl(corpus_uri, corpus, corpus_row, S.DOC_ID, doc_ids, storage_config)
+    sinks.append(corpus)
+
+    query_ids: dict[str, int] = {}
+    query_texts: dict[str, str] = {}
+    queries = sink("queries", S.QUERIES_SCHEMA)
+    _ingest_jsonl(queries_uri, queries, query_row, S.QUERY_ID, query_ids, storage_config,
+                  on_accept=lambda row: query_texts.__setitem__(row[S.QUERY_ID], row[S.TEXT]))
+    sinks.append(queries)
+
+    for split in wanted:
+        qrels = sink(f"qrels/{split}", S.QRELS_SCHEMA)
+        positives = _ingest_qrels(available[split], qrels, doc_ids, query_ids, storage_config)
+        sinks.append(qrels)
+        pairs = sink(f"pairs/{split}", S.PAIRS_SCHEMA)
+        for query_id, positive_ids in positives.items():
+            pairs.rows_in += 1
+            pairs.accept({S.QUERY_ID: query_id, S.QUERY: query_texts[query_id], S.POSITIVE_IDS: positive_ids,
+                          S.NEGATIVE_IDS: [], S.SCORE: None})
+        sinks.append(pairs)
+    return _finish(source, dest_uri, sinks, storage_config, started)
+
+
+def _finish(source: str, dest_uri: str, sinks: list[_Sink], storage_config: StorageConfig | None,
+            started: float) -> IngestReport:
+    """Close every sink, write the manifest (last: its presence marks a complete store), report."""
+    datasets: dict[str, DatasetEntry] = {}
+    quarantine: dict[str, QuarantineEntry] = {}
+    counts: dict[str, DatasetCounts] = {}
+    for item in sinks:
+        entry, quarantined, item_counts = item.close()
+        datasets[item.dataset] = entry
+        counts[item.dataset] = item_counts
+        if quarantined.rows:
+            quarantine[item.dataset] = quarantined
+    manifest_uri = write_manifest(dest_uri, new_manifest(source, datasets, quarantine), storage_config)
+    report = IngestReport(
+        source=source,
+        store_uri=dest_uri,
+        manifest_uri=manifest_uri,
+        datasets=counts,
+        quarantine_files={name: [wstorage.join(dest_uri, f) for f in q.files] for name, q in quarantine.items()},
+        seconds=round(time.monotonic() - started, 3),
+    )
+    logger.info("%s", report.summary())
+    return report
+
+
+__all__ = ["DatasetCounts", "IngestError", "IngestReport", "SourceError", "ingest_beir"]

@@ -1,0 +1,91 @@
+"""Reading raw source files (local or ``s3://``, plain or gzip) line by line, with line numbers.
+
+Line numbers are 1-based physical lines of the decompressed file, so a quarantine record or an
+error message points at the line a person would open in an editor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pyarrow as pa
+
+from whetstone import storage
+from whetstone.config.base import StorageConfig
+
+READ_CHUNK_BYTES = 1 << 20
+COMPRESSED_SUFFIXES = (".gz",)
+
+
+class SourceError(ValueError):
+    """A source file is missing, ambiguous or unreadable; the message names the file."""
+
+
+def find_source_file(folder_uri: str, name: str, storage_config: StorageConfig | None = None,
+                     required: bool = True) -> str | None:
+    """The URI of ``name`` or ``name.gz`` inside ``folder_uri``.
+
+    Raises:
+        SourceError: neither exists (when ``required``) or both exist (which one is meant?).
+    """
+    found = [uri for uri in (storage.join(folder_uri, name), storage.join(folder_uri, name + ".gz"))
+             if storage.exists(uri, storage_config)]
+    if len(found) == 2:
+        raise SourceError(f"both {found[0]} and {found[1]} exist; remove one so the source is unambiguous")
+    if not found:
+        if required:
+            raise SourceError(f"{storage.join(folder_uri, name)} (or {name}.gz) does not exist")
+        return None
+    return found[0]
+
+
+def list_qrels_splits(folder_uri: str, storage_config: StorageConfig | None = None) -> dict[str, str]:
+    """Map split name -> qrels file URI for ``qrels/<split>.tsv[.gz]`` under a BEIR folder."""
+    splits: dict[str, str] = {}
+    for uri in storage.list_dir(storage.join(folder_uri, "qrels"), storage_config):
+        base = uri.rsplit("/", 1)[-1]
+        split = base.removesuffix(".gz").removesuffix(".tsv")
+        if not base.removesuffix(".gz").endswith(".tsv"):
+            continue
+        if split in splits:
+            raise SourceError(f"both {splits[split]} and {uri} exist; remove one")
+        splits[split] = uri
+    return splits
+
+
+def _open(uri: str, storage_config: StorageConfig | None) -> pa.NativeFile:
+    loc = storage.resolve(uri, storage_config)
+    compression = "gzip" if uri.endswith(".gz") else None
+    try:
+        return storage.with_retries(
+            uri, lambda: loc.filesystem.open_input_stream(loc.path, compression=compression),
+            storage_config, "open")
+    except FileNotFoundError:
+        raise SourceError(f"{uri} does not exist") from None
+
+
+def iter_lines(uri: str, storage_config: StorageConfig | None = None) -> Iterator[tuple[int, bytes]]:
+    """Yield ``(line_number, raw_line)`` for each line (without ``\\n`` / ``\\r\\n``), blank lines included.
+
+    Raises:
+        SourceError: the stream breaks mid-file (e.g. a truncated gzip); names the file and the
+            last complete line, because the rows after it cannot be counted, let alone kept.
+    """
+    stream = _open(uri, storage_config)
+    line_number = 0
+    pending = b""
+    with stream:
+        while True:
+            try:
+                chunk = stream.read(READ_CHUNK_BYTES)
+            except OSError as err:
+                raise SourceError(f"{uri}: cannot read past line {line_number}: {err}") from None
+            if not chunk:
+                break
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop()
+            for raw in lines:
+                line_number += 1
+                yield line_number, raw.removesuffix(b"\r")
+    if pending:
+        yield line_number + 1, pending.removesuffix(b"\r")

@@ -1,0 +1,328 @@
+"""Streaming a store into training: Ray Data from the shards to padded torch batches.
+
+The pipeline for contrastive pairs::
+
+    pairs_dataset(store, "train", seed=s)      read pairs shards, shuffle per epoch, resolve
+                                               the positive (and negatives) to text by id
+    tokenize_pairs(ds, tokenizer, Lq, Ld)      map_batches actors: token ids, unpadded
+    ... ray.train.get_dataset_shard("train").iter_batches(batch_size=B, batch_format="numpy")
+    collate_pairs(batch)                       pad to the longest sequence in the batch
+
+Pair files hold ids only; texts come from a :class:`DocStore` that the driver puts in the object
+store once and the resolving actors read zero-copy, so negatives mined later are passed as ids and
+never materialised into the pair files.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+import whetstone.storage as wstorage
+from whetstone.config.base import StorageConfig
+from whetstone.data import schemas as S
+from whetstone.data.collate import collate_pairs, pad_sequences
+from whetstone.data.store import read_manifest, read_shard
+
+if TYPE_CHECKING:
+    import ray.data
+
+logger = logging.getLogger(__name__)
+
+
+def read_dataset_table(store_uri: str, name: str, storage: StorageConfig | None = None,
+                       columns: Sequence[str] | None = None) -> pa.Table:
+    """Read every shard of dataset ``name`` (``"corpus"``, ``"qrels/test"``, ...) listed in the manifest.
+
+    Each shard's sha256 and row count are checked against the manifest.
+
+    Raises:
+        DataIntegrityError: no manifest, or a shard is missing, corrupt or altered (names the URI).
+        KeyError: the store has no dataset ``name``.
+    """
+    manifest = read_manifest(store_uri, storage)
+    entry = manifest.dataset(name, store_uri)
+    tables = []
+    for shard in entry.shards:
+        table = read_shard(wstorage.join(store_uri, shard.path), shard, storage)
+        tables.append(table.select(list(columns)) if columns is not None else table)
+    return pa.concat_tables(tables)
+
+
+class DocStore:
+    """Document id -> text lookup, kept small: Arrow columns plus a dict from id to row.
+
+    Args:
+        table: a corpus table with ``doc_id``, ``title`` and ``text`` columns.
+    """
+
+    def __init__(self, table: pa.Table) -> None:
+        self._table = table.select([S.DOC_ID, S.TITLE, S.TEXT]).combine_chunks()
+        self._ids: list[str] = self._table.column(S.DOC_ID).to_pylist()
+        self._row = {doc_id: i for i, doc_id in enumerate(self._ids)}
+        if len(self._row) != len(self._ids):
+            raise ValueError("corpus table has duplicate doc_id values")
+
+    @classmethod
+    def load(cls, store_uri: str, storage: StorageConfig | None = None) -> DocStore:
+        """Load the ``corpus`` dataset of a store."""
+        return cls(read_dataset_table(store_uri, "corpus", storage, columns=[S.DOC_ID, S.TITLE, S.TEXT]))
+
+    @property
+    def table(self) -> pa.Table:
+        return self._table
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, doc_id: object) -> bool:
+        return doc_id in self._row
+
+    def rows(self, ids: Sequence[str]) -> list[int]:
+        """Row numbers of ``ids``; raises ``KeyError`` naming the first unknown id."""
+        try:
+            return [self._row[doc_id] for doc_id in ids]
+        except KeyError as err:
+            raise KeyError(f"document id {err.args[0]!r} is not in the corpus") from None
+
+    def texts(self, ids: Sequence[str]) -> list[str]:
+        """:func:`~whetstone.data.schemas.document_text` of each id, in order."""
+        if not ids:
+            return []
+        taken = self._table.take(pa.array(self.rows(ids), type=pa.int64()))
+        titles = taken.column(S.TITLE).to_pylist()
+        texts = taken.column(S.TEXT).to_pylist()
+        return [S.document_text(title, text) for title, text in zip(titles, texts, strict=True)]
+
+    def sample_ids(self, n: int, rng: np.random.Generator, exclude: set[str] | frozenset[str] = frozenset()) -> list[str]:
+        """``n`` distinct random ids, none in ``exclude`` (e.g. the query's labelled positives).
+
+        Raises:
+            ValueError: fewer than ``n`` ids remain after excluding.
+        """
+        excluded_rows = {self._row[i] for i in exclude if i in self._row}
+        available = len(self._ids) - len(excluded_rows)
+        if n > available:
+            raise ValueError(f"cannot sample {n} ids: only {available} remain after excluding {len(exclude)}")
+        chosen: list[int] = []
+        taken: set[int] = set(excluded_rows)
+        # Rejection sampling is cheap while exclude is small relative to the corpus (the usual case).
+        while len(chosen) < n:
+            for row in rng.integers(0, len(self._ids), size=2 * (n - len(chosen)) + 4).tolist():
+                if row not in taken:
+                    taken.add(row)
+                    chosen.append(row)
+                    if len(chosen) == n:
+                        break
+        return [self._ids[row] for row in chosen]
+
+
+def _has_static_negatives(store_uri: str, name: str, storage: StorageConfig | None) -> bool:
+    table = read_dataset_table(store_uri, name, storage, columns=[S.NEGATIVE_IDS])
+    if table.num_rows == 0:
+        return False
+    return pc.max(pc.list_value_length(table.column(S.NEGATIVE_IDS))).as_py() > 0
+
+
+class _ResolvePairs:
+    """``map_batches`` actor: pick one positive per query and resolve ids to document text.
+
+    The positive is drawn with a generator seeded by ``(seed, the batch's query ids)``: the
+    per-epoch shuffle changes which queries share a batch, so the choice varies between epochs
+    yet a run with the same seed repeats it.
+    """
+
+    def __init__(self, corpus_ref: Any, seed: int | None, negatives_per_query: int | None) -> None:
+        import ray
+
+        corpus = corpus_ref if isinstance(corpus_ref, pa.Table) else ray.get(corpus_ref)
+        self.docs = DocStore(corpus)
+        self.seed = seed
+        self.negatives_per_query = negatives_per_query
+
+    def _rng(self, query_ids: list[str]) -> np.random.Generator:
+        if self.seed is None:
+            return np.random.default_rng()
+        return np.random.default_rng([self.seed, zlib.crc32("\x1f".join(query_ids).encode("utf-8"))])
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        query_ids = batch.column(S.QUERY_ID).to_pylist()
+        positive_lists = batch.column(S.POSITIVE_IDS).to_pylist()
+        rng = self._rng(query_ids)
+        positive_ids = [ids[int(rng.integers(len(ids)))] for ids in positive_lists]
+        out = {
+            S.QUERY_ID: batch.column(S.QUERY_ID),
+            S.QUERY: batch.column(S.QUERY),
+            S.POSITIVE_IDS: batch.column(S.POSITIVE_IDS),
+            S.POSITIVE_ID: pa.array(positive_ids, pa.string()),
+            S.POSITIVE_TEXT: pa.array(self.docs.texts(positive_ids), pa.string()),
+        }
+        if self.negatives_per_query != 0:
+            negative_ids = self._negatives(batch.column(S.NEGATIVE_IDS).to_pylist(), positive_lists, rng)
+            out[S.NEGATIVE_IDS] = pa.array(negative_ids, pa.list_(pa.string()))
+            out[S.NEGATIVE_TEXTS] = pa.array([self.docs.texts(ids) for ids in negative_ids],
+                                             pa.list_(pa.string()))
+        return pa.table(out)
+
+    def _negatives(self, static: list[list[str]], positives: list[list[str]],
+                   rng: np.random.Generator) -> list[list[str]]:
+        """All static negatives (``None``), or exactly ``k`` per query: static first, then random docs."""
+        k = self.negatives_per_query
+        if k is None:
+            return static
+        chosen = []
+        for negatives, positive_ids in zip(static, positives, strict=True):
+            negatives = [n for n in negatives if n not in set(positive_ids)]
+            if len(negatives) >= k:
+                picked = [negatives[i] for i in rng.choice(len(negatives), size=k, replace=False)]
+            else:
+                picked = negatives + self.docs.sample_ids(k - len(negatives), rng, set(positive_ids) | set(negatives))
+            chosen.append(picked)
+        return chosen
+
+
+def pairs_dataset(store_uri: str, split: str, storage: StorageConfig | None = None, seed: int | None = None,
+                  negatives_per_query: int | None = None, num_cpus: float = 0.25) -> ray.data.Dataset:
+    """Contrastive pairs of ``split`` as a Ray Dataset, shuffled per epoch, texts resolved by id.
+
+    Shuffling: a full ``random_shuffle`` with ``RandomSeedConfig(seed, reseed_after_execution=True)``;
+    each execution of the dataset (each epoch's ``iter_batches``) gets a different order, and the
+    sequence of orders repeats for the same seed. Pair rows are ids and a query, so the all-to-all
+    shuffle moves little data; the texts are attached after it.
+
+    Args:
+        store_uri: the store root (local or ``s3://``).
+        split: e.g. ``"train"`` (reads ``pairs/<split>``).
+        storage: how to reach ``s3://``.
+        seed: shuffle and positive-choice seed; ``None`` is non-deterministic.
+        negatives_per_query: ``None``: pass the static negatives when the pair file has any;
+            ``0``: no negatives; ``k``: exactly ``k`` per query, the static ones first, topped up
+            with random corpus documents that are not labelled positives.
+        num_cpus: CPUs per resolving actor.
+
+    Returns:
+        Rows with ``query_id``, ``query``, ``positive_ids`` (all labelled positives, for masking),
+        ``positive_id``, ``positive_text`` and, when negatives are on, ``negative_ids`` and
+        ``negative_texts`` (lists).
+    """
+    import ray
+    import ray.data
+    from ray.data import RandomSeedConfig
+
+    name = f"pairs/{split}"
+    manifest = read_manifest(store_uri, storage)
+    location = wstorage.resolve(store_uri, storage)
+    paths = [wstorage.resolve(uri, storage).path for uri in manifest.shard_uris(store_uri, name)]
+    if negatives_per_query is None and not _has_static_negatives(store_uri, name, storage):
+        negatives_per_query = 0
+    corpus_ref = ray.put(DocStore.load(store_uri, storage).table)
+    ds = ray.data.read_parquet(paths, filesystem=location.filesystem, schema=S.PAIRS_SCHEMA)
+    shuffle_seed = RandomSeedConfig(seed=seed, reseed_after_execution=True) if seed is not None else None
+    ds = ds.random_shuffle(seed=shuffle_seed)
+    return ds.map_batches(
+        _ResolvePairs,
+        fn_constructor_kwargs={"corpus_ref": corpus_ref, "seed": seed, "negatives_per_query": negatives_per_query},
+        batch_format="pyarrow",
+        batch_size=256,
+        concurrency=1,
+        num_cpus=num_cpus,
+    )
+
+
+class _TokenizePairs:
+    """``map_batches`` actor: the tokenizer loads once per actor; token ids are left unpadded."""
+
+    def __init__(self, tokenizer_path: str, query_max_length: int, doc_max_length: int) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.query_max_length = query_max_length
+        self.doc_max_length = doc_max_length
+
+    def _encode(self, texts: list[str], max_length: int) -> pa.Array:
+        ids = self.tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+        return pa.array(ids, pa.list_(pa.int32()))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = batch
+        out = out.append_column(S.QUERY_INPUT_IDS,
+                                self._encode(batch.column(S.QUERY).to_pylist(), self.query_max_length))
+        out = out.append_column(S.POSITIVE_INPUT_IDS,
+                                self._encode(batch.column(S.POSITIVE_TEXT).to_pylist(), self.doc_max_length))
+        if S.NEGATIVE_TEXTS in batch.column_names:
+            lists = batch.column(S.NEGATIVE_TEXTS).to_pylist()
+            flat = self._encode([t for texts in lists for t in texts], self.doc_max_length)
+            offsets = np.cumsum([0] + [len(texts) for texts in lists], dtype=np.int32)
+            out = out.append_column(S.NEGATIVE_INPUT_IDS, pa.ListArray.from_arrays(pa.array(offsets), flat))
+        return out
+
+
+def tokenize_pairs(ds: ray.data.Dataset, tokenizer_path: str, query_max_length: int, doc_max_length: int,
+                   num_cpus: float = 0.25, concurrency: int = 1, batch_size: int = 256) -> ray.data.Dataset:
+    """Add ``query_input_ids``, ``positive_input_ids`` (and ``negative_input_ids``) token id lists.
+
+    Tokenization runs in Ray Data actors, overlapped with training. Sequences are truncated to the
+    max lengths (special tokens included) but not padded: :func:`collate_pairs` pads per batch.
+    ``negative_input_ids`` is a list of sequences per row.
+    """
+    return ds.map_batches(
+        _TokenizePairs,
+        fn_constructor_kwargs={"tokenizer_path": str(tokenizer_path), "query_max_length": query_max_length,
+                               "doc_max_length": doc_max_length},
+        batch_format="pyarrow",
+        batch_size=batch_size,
+        concurrency=concurrency,
+        num_cpus=num_cpus,
+    )
+
+
+@dataclass(frozen=True)
+class EvalSplit:
+    """A retrieval evaluation split: the queries that have judgments, and the judgments.
+
+    Attributes:
+        queries: query id -> query text, only for queries with qrels in this split.
+        qrels: query id -> {doc id: graded relevance} (zeros kept: judged non-relevant).
+    """
+
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+
+
+def load_eval_split(store_uri: str, split: str, storage: StorageConfig | None = None) -> EvalSplit:
+    """Load ``qrels/<split>`` and the texts of the queries it judges."""
+    qrels_table = read_dataset_table(store_uri, f"qrels/{split}", storage)
+    qrels: dict[str, dict[str, int]] = {}
+    for query_id, doc_id, score in zip(qrels_table.column(S.QUERY_ID).to_pylist(),
+                                       qrels_table.column(S.DOC_ID).to_pylist(),
+                                       qrels_table.column(S.SCORE).to_pylist(), strict=True):
+        qrels.setdefault(query_id, {})[doc_id] = score
+    queries_table = read_dataset_table(store_uri, "queries", storage)
+    texts = dict(zip(queries_table.column(S.QUERY_ID).to_pylist(), queries_table.column(S.TEXT).to_pylist(), strict=True))
+    missing = [q for q in qrels if q not in texts]
+    if missing:
+        raise KeyError(f"qrels/{split} in {store_uri} names queries missing from queries: {missing[:5]}")
+    return EvalSplit(queries={q: texts[q] for q in qrels}, qrels=qrels)
+
+
+__all__ = [
+    "DocStore",
+    "EvalSplit",
+    "collate_pairs",
+    "load_eval_split",
+    "pad_sequences",
+    "pairs_dataset",
+    "read_dataset_table",
+    "tokenize_pairs",
+]

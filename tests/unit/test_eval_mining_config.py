@@ -1,0 +1,91 @@
+"""Retrieval metrics by hand, negative mining rules, and config errors that name the field."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from whetstone.config.base import ConfigError, load_config
+from whetstone.config.contrastive import ContrastiveJobConfig, QuickstartConfig
+from whetstone.eval.retrieval import evaluate_rankings, exact_rankings, ndcg_at_k, recall_at_k
+from whetstone.index.mining import MiningConfig, mine_negatives
+
+
+def test_ndcg_by_hand():
+    # rel a=1 at rank 2: DCG = 1/log2(3); IDCG = 1
+    assert ndcg_at_k(["b", "a"], {"a": 1}, 10) == pytest.approx(1 / math.log2(3))
+    # graded: ideal order [x(3), y(1)]; ranking [y, x]: DCG = 1 + 3/log2(3)
+    dcg = 1 + 3 / math.log2(3)
+    idcg = 3 + 1 / math.log2(3)
+    assert ndcg_at_k(["y", "x"], {"x": 3, "y": 1}, 10) == pytest.approx(dcg / idcg)
+    assert ndcg_at_k(["z"], {"x": 1}, 10) == 0.0
+
+
+def test_recall_and_skip_unjudged():
+    assert recall_at_k(["a", "c"], {"a": 1, "b": 1, "c": 0}, 100) == 0.5
+    metrics = evaluate_rankings({"q1": ["a"], "q2": ["b"]}, {"q1": {"a": 1}, "q2": {"x": 0}})
+    assert metrics["queries"] == 1 and metrics["ndcg@10"] == 1.0
+
+
+def test_exact_rankings_order():
+    docs = np.array([[1, 0], [0.8, 0.6], [0, 1]], dtype=np.float32)
+    ranked = exact_rankings(["q"], np.array([[1, 0]], dtype=np.float32), ["a", "b", "c"], docs, k=3)
+    assert ranked["q"] == ["a", "b", "c"]
+
+
+def test_mining_window_margin_and_fill():
+    ids = [["p", "a", "b", "c", "d"]]
+    scores = np.array([[0.99, 0.9, 0.8, 0.7, 0.6]])
+    config = MiningConfig(num_negatives=3, rank_start=1, rank_end=4, sampling="top", relative_margin=0.1)
+    out = mine_negatives(ids, scores, config, np.random.default_rng(0), ["x", "y", "z"],
+                         positive_scores=[0.95], exclude=[{"p"}])
+    # window ranks 1..3 = a(0.9), b(0.8), c(0.7); margin limit 0.95 * 0.9 = 0.855 drops a
+    assert out.ids[0][:2] == ["b", "c"]
+    assert out.dropped_by_margin == 1 and out.from_index == 2 and out.random_fill == 1
+    assert out.ids[0][2] in {"x", "y", "z"}
+
+
+def test_mining_never_returns_positives():
+    ids = [["p", "a", "b"]]
+    config = MiningConfig(num_negatives=2, rank_start=0, rank_end=3, sampling="random")
+    out = mine_negatives(ids, np.array([[0.9, 0.8, 0.7]]), config, np.random.default_rng(1), ["p", "q", "r"],
+                         exclude=[{"p"}])
+    assert "p" not in out.ids[0] and len(out.ids[0]) == 2
+
+
+def test_mining_window_must_be_ordered():
+    with pytest.raises(ValueError, match="rank_end"):
+        MiningConfig(rank_start=5, rank_end=5)
+
+
+def test_config_errors_name_the_field(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  batch_size: 1\n  lr: 2e-5\n")
+    with pytest.raises(ConfigError, match=r"optim\.batch_size"):
+        load_config(ContrastiveJobConfig, path)
+    with pytest.raises(ConfigError, match=r"optim\.learning_rate"):
+        load_config(ContrastiveJobConfig, None, ["optim.learning_rate=1"])
+    with pytest.raises(ConfigError, match="ingest"):
+        load_config(QuickstartConfig, None, [])
+
+
+def test_overrides_parse_values(tmp_path):
+    config = load_config(ContrastiveJobConfig, None, ["optim.lr=1e-5", "refresh.every_steps=3",
+                                                      "eval.split=null", "optim.symmetric=true"])
+    assert config.optim.lr == 1e-5 and config.refresh.every_steps == 3
+    assert config.eval.split is None and config.optim.symmetric is True
+
+
+def test_shipped_configs_validate():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+    models = {"quickstart": QuickstartConfig, "train_contrastive": ContrastiveJobConfig}
+    checked = 0
+    for job, model in models.items():
+        for path in sorted((root / job).glob("*.yaml")):
+            load_config(model, path)
+            checked += 1
+    assert checked >= 2
