@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-
 from whetstone.config.base import ConfigError, load_config
 from whetstone.config.contrastive import ContrastiveJobConfig, QuickstartConfig
 from whetstone.eval.retrieval import evaluate_rankings, exact_rankings, ndcg_at_k, recall_at_k

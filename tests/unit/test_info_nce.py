@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-
 from whetstone.losses.info_nce import InfoNCELoss, false_negative_mask
 
 
@@ -110,7 +109,6 @@ def _single_process():
 
 def _worker(rank: int, port: int, results):
     import torch.distributed as dist
-
     from whetstone.losses.gather import gather_documents
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
