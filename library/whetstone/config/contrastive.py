@@ -54,6 +54,8 @@ class IndexSection(StrictModel):
     num_cpus: float = Field(0.25, gt=0, description="CPU share of each index replica")
     num_replicas: int = Field(1, ge=1)
     initial_embed_concurrency: int = Field(2, ge=1, description="embedding actors before training")
+    http_host: str = Field("127.0.0.1", description="Serve HTTP proxy host (0.0.0.0 to expose it)")
+    http_port: int = Field(8000, ge=1, le=65535, description="Serve HTTP port for /index/search etc.")
 
 
 class EvalConfig(StrictModel):

@@ -98,6 +98,8 @@ def _deploy_index(config: ContrastiveJobConfig, index_uri: str) -> None:
 
     args = IndexServiceArgs(index_uri=index_uri, storage=config.storage.resolved(),
                             num_cpus=config.index.num_cpus, num_replicas=config.index.num_replicas)
+    # A no-op (with a warning) when Serve already runs in this cluster, e.g. under a RayService.
+    serve.start(http_options={"host": config.index.http_host, "port": config.index.http_port})
     serve.run(build_app(args), name=APP_NAME, route_prefix="/index", blocking=False)
 
 
@@ -139,8 +141,8 @@ def run_contrastive(config: ContrastiveJobConfig, train_loop: Callable[[dict], N
         t = time.monotonic()
         publish_index(doc_ids, doc_vectors, index_uri, 1, base_model, config.index.kind, config.storage)
         _deploy_index(config, index_uri)
-        print(f"[index] v1 deployed ({config.index.kind}, {len(doc_ids)} docs) in {timer.mark('deploy_s', t)} s",
-              flush=True)
+        print(f"[index] v1 deployed ({config.index.kind}, {len(doc_ids)} docs) in {timer.mark('deploy_s', t)} s; "
+              f"HTTP: http://{config.index.http_host}:{config.index.http_port}/index/stats", flush=True)
         refresher_name = f"whetstone-refresher-{config.run_name}-{uuid.uuid4().hex[:6]}"
         settings = {**config.refresh.model_dump(), "doc_max_length": config.eval.doc_max_length,
                     "kind": config.index.kind}
