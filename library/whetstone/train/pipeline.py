@@ -43,8 +43,16 @@ def parse_job_args(cls: type[ConfigT], argv: Sequence[str] | None, doc: str | No
         raise SystemExit(2) from None
 
 
+def quiet_ray_data() -> None:
+    """Our own progress lines replace Ray Data's (which log every 10 s on a non-interactive stdout)."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
 def init_ray(num_cpus: int, object_store_mb: int) -> None:
     """Join the cluster ``ray job submit`` runs us in, or start a local one sized for small hosts."""
+    quiet_ray_data()
     if ray.is_initialized():
         return
     env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),

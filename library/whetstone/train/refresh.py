@@ -64,7 +64,10 @@ def embed_corpus(
     """
     storage = storage or StorageConfig()
     corpus = store.resolve(store.join(store_uri, "corpus"), storage)
-    dataset = ray.data.read_parquet(corpus.path, filesystem=corpus.filesystem)
+    shards = [uri for uri in store.list_dir(store.join(store_uri, "corpus"), storage) if uri.endswith(".parquet")]
+    # Small corpora arrive as one block; split them so every embedding actor gets work.
+    dataset = ray.data.read_parquet(corpus.path, filesystem=corpus.filesystem,
+                                    override_num_blocks=max(len(shards), 4 * concurrency))
     embedded = dataset.map_batches(
         _EmbedBatch,
         fn_constructor_kwargs={
@@ -73,9 +76,9 @@ def embed_corpus(
             "max_length": max_length,
             "batch_size": batch_size,
         },
-        batch_size=256,
+        batch_size=128,
         batch_format="numpy",
-        concurrency=concurrency,
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_cpus=num_cpus,
     )
     ids: list[str] = []
@@ -113,6 +116,9 @@ class IndexRefresher:
         self.index_uri = index_uri
         self.storage = StorageConfig(**storage_wire)
         self.settings = settings
+        from whetstone.train.pipeline import quiet_ray_data
+
+        quiet_ray_data()
         self.pending: tuple[str, int] | None = None
         self.history: list[dict] = []
         self.errors: list[str] = []
