@@ -11,6 +11,7 @@ Peak extra memory is one chunk's (chunk_size, V) in float32 plus the (V, H) weig
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -26,7 +27,8 @@ class _ChunkedLabelLogProbs(torch.autograd.Function):
     """log softmax(h W^T + b)[label] per row, in chunks of rows; backward recomputes each chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size):  # noqa: D102 - documented in label_logps
+    @torch.amp.custom_fwd(device_type="cuda")  # backward then recomputes logits under the same autocast
+    def forward(ctx, hidden, weight, bias, labels, chunk_size):
         rows = hidden.shape[0]
         token_logps = torch.empty(rows, dtype=torch.float32, device=hidden.device)  # (N,)
         logsumexp = torch.empty(rows, dtype=torch.float32, device=hidden.device)  # (N,)
@@ -42,7 +44,8 @@ class _ChunkedLabelLogProbs(torch.autograd.Function):
         return token_logps
 
     @staticmethod
-    def backward(ctx, grad_token_logps):  # noqa: D102
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_token_logps):
         hidden, weight, bias, labels, logsumexp = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
@@ -100,32 +103,61 @@ def label_logps(
     return _ChunkedLabelLogProbs.apply(hidden, weight, bias, labels.long(), chunk_size)
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The causal LM inside a DistributedDataParallel wrapper (as Ray Train's prepare_model makes)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _accepts_logits_to_keep(core: nn.Module) -> bool:
+    target = core.get_base_model() if hasattr(core, "get_base_model") else core  # peft wraps the LM
+    return "logits_to_keep" in inspect.signature(target.forward).parameters
+
+
 def final_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Run a transformers causal LM's decoder (no LM head) and return its last hidden states.
+    """Run a transformers causal LM and return its decoder's last hidden states (after the final norm).
+
+    The call goes through ``model`` itself, not its decoder submodule, so a DDP wrapper still sees
+    the forward and synchronises gradients; a forward hook on the decoder captures the hidden
+    states, and ``logits_to_keep=1`` (where the model supports it) keeps the LM head to one
+    position, since the label log-probs are computed in chunks afterwards.
 
     Args:
-        model: a ``*ForCausalLM`` (or a peft wrapper around one).
+        model: a ``*ForCausalLM``, optionally wrapped by peft and/or DistributedDataParallel.
         input_ids: token ids, shape (B, L).
         attention_mask: 1 for real tokens, 0 for padding, shape (B, L); left or right padding.
 
     Returns:
-        Hidden states after the final norm, shape (B, L, H).
+        Hidden states, shape (B, L, H).
     """
-    config = getattr(model, "config", None)
+    core = unwrap_model(model)
+    config = getattr(core, "config", None)
     for attr in ("final_logit_softcapping", "logit_scale"):
         value = getattr(config, attr, None)
         if value not in (None, 1.0):
             raise NotImplementedError(
-                f"{type(model).__name__} sets config.{attr}={value}; chunked log-probs apply the plain "
+                f"{type(core).__name__} sets config.{attr}={value}; chunked log-probs apply the plain "
                 "linear LM head only, so they would be wrong for this model"
             )
-    decoder = model.get_decoder()
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(_module: nn.Module, _args: Any, output: Any) -> None:
+        captured["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
     # Positions follow the real tokens, so left padding gives the same numbers as right padding.
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
-    outputs = decoder(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    )
-    return outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+    kwargs: dict[str, Any] = {
+        "input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "use_cache": False
+    }  # fmt: skip
+    if _accepts_logits_to_keep(core):
+        kwargs["logits_to_keep"] = 1
+    handle = core.get_decoder().register_forward_hook(capture)
+    try:
+        model(**kwargs)
+    finally:
+        handle.remove()
+    if "hidden" not in captured:
+        raise RuntimeError(f"{type(core).__name__}: the decoder returned by get_decoder() did not run")
+    return captured["hidden"]
 
 
 def sequence_logps(
@@ -142,7 +174,8 @@ def sequence_logps(
     output layer, which is where the saving over scoring every position comes from.
 
     Args:
-        model: a transformers causal LM (plain linear LM head; tied or not).
+        model: a transformers causal LM (plain linear LM head; tied or not), optionally wrapped by
+            peft and/or DistributedDataParallel.
         input_ids: token ids, shape (B, L).
         attention_mask: 1 for real tokens, shape (B, L).
         loss_mask: 1 for tokens whose log-prob counts (completion tokens), shape (B, L).
@@ -159,7 +192,7 @@ def sequence_logps(
     hidden = final_hidden_states(model, input_ids, attention_mask)  # (B, L, H)
     label_mask = loss_mask[:, 1:].bool() & attention_mask[:, 1:].bool()  # (B, L-1)
     rows, positions = label_mask.nonzero(as_tuple=True)  # (N,), (N,)
-    head = model.get_output_embeddings()
+    head = unwrap_model(model).get_output_embeddings()
     token_logps = label_logps(
         hidden[rows, positions],  # (N, H): position t predicts token t + 1
         head.weight,
@@ -253,12 +286,16 @@ def _render_chat(tokenizer: Any, prompt: Prompt, completions: Sequence[str], row
     return prompt_text, completion_texts
 
 
-def _end_with_eos(ids: list[int], eos_id: int) -> list[int]:
-    """Make EOS the last token: cut what a chat template adds after its end-of-turn, else append."""
-    if eos_id in ids:
+def _end_with_eos(ids: list[int], eos_id: int, templated: bool) -> list[int]:
+    """Make EOS the last token of a completion.
+
+    A chat template closes the assistant turn with EOS and may add text after it (a newline);
+    that tail is cut. Plain text gets EOS appended unless it already ends with one.
+    """
+    if templated and eos_id in ids:
         last = len(ids) - 1 - ids[::-1].index(eos_id)
         return ids[: last + 1]
-    return [*ids, eos_id]
+    return ids if ids and ids[-1] == eos_id else [*ids, eos_id]
 
 
 def _truncate(
@@ -351,7 +388,7 @@ def build_preference_batch(
 
     sequences: list[tuple[list[int], list[int], bool]] = [([], [], False)] * (2 * len(prompts))
     for i in range(len(prompts)):
-        completions = [_end_with_eos(chosen_ids[i], eos_id), _end_with_eos(rejected_ids[i], eos_id)]
+        completions = [_end_with_eos(ids[i], eos_id, chat_template) for ids in (chosen_ids, rejected_ids)]
         prompt, completions, cut = _truncate(
             prompt_ids[i], completions, max_length, max_prompt_length, tokenizer.bos_token_id
         )
