@@ -88,3 +88,16 @@ def test_shipped_configs_validate():
             load_config(model, path)
             checked += 1
     assert checked >= 2
+
+
+def test_worker_config_round_trips_with_secrets(monkeypatch):
+    """The quickstart's config crosses to workers as a ContrastiveJobConfig, secrets included."""
+    from whetstone.train.pipeline import _worker_config
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cret")
+    config = QuickstartConfig.model_validate({"ingest": {"source": "builtin:scifact-subset"}})
+    job = _worker_config(config)
+    assert "ingest" not in job
+    restored = ContrastiveJobConfig.model_validate(job)
+    assert restored.storage.secret_access_key.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(restored)

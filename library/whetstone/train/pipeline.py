@@ -112,7 +112,8 @@ def _deploy_index(config: ContrastiveJobConfig, index_uri: str) -> None:
 
 
 def _worker_config(config: ContrastiveJobConfig) -> dict[str, Any]:
-    job = config.model_dump(mode="json")
+    # Only the contrastive job's fields: wrappers such as the quickstart add their own sections.
+    job = {k: v for k, v in config.model_dump(mode="json").items() if k in ContrastiveJobConfig.model_fields}
     job["storage"] = config.storage.resolved().to_wire()  # workers need the real secrets
     return job
 

@@ -65,9 +65,11 @@ def embed_corpus(
     storage = storage or StorageConfig()
     corpus = store.resolve(store.join(store_uri, "corpus"), storage)
     shards = [uri for uri in store.list_dir(store.join(store_uri, "corpus"), storage) if uri.endswith(".parquet")]
-    # Small corpora arrive as one block; split them so every embedding actor gets work.
-    dataset = ray.data.read_parquet(corpus.path, filesystem=corpus.filesystem,
-                                    override_num_blocks=max(len(shards), 4 * concurrency))
+    dataset = ray.data.read_parquet(corpus.path, filesystem=corpus.filesystem)
+    if len(shards) < 4 * concurrency:
+        # A small corpus is read as one block, which one actor would embed alone; splitting it
+        # (no shuffle) gives every embedding actor work. Large corpora have enough shards.
+        dataset = dataset.repartition(4 * concurrency, shuffle=False)
     embedded = dataset.map_batches(
         _EmbedBatch,
         fn_constructor_kwargs={
