@@ -101,3 +101,15 @@ def test_worker_config_round_trips_with_secrets(monkeypatch):
     restored = ContrastiveJobConfig.model_validate(job)
     assert restored.storage.secret_access_key.get_secret_value() == "s3cret"
     assert "s3cret" not in repr(restored)
+
+
+def test_local_paths_become_absolute(tmp_path, monkeypatch):
+    from whetstone.train.pipeline import absolute_local_paths
+
+    monkeypatch.chdir(tmp_path)
+    config = ContrastiveJobConfig.model_validate({"store_uri": ".whetstone/store/x"})
+    fixed = absolute_local_paths(config)
+    assert fixed.store_uri == str(tmp_path / ".whetstone/store/x")
+    assert fixed.run_uri.startswith(str(tmp_path))
+    s3 = absolute_local_paths(ContrastiveJobConfig.model_validate({"store_uri": "s3://b/p"}))
+    assert s3.store_uri == "s3://b/p"

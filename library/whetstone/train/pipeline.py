@@ -90,6 +90,23 @@ def evaluate_model(model_uri: str, config: ContrastiveJobConfig, split, doc_ids:
     return evaluate_rankings(rankings, split.qrels)
 
 
+def absolute_local_paths(config: ContrastiveJobConfig) -> ContrastiveJobConfig:
+    """Make local paths absolute on the driver: workers and actors run in other directories."""
+    from pathlib import Path
+
+    def fix(uri: str | None, must_exist: bool = False) -> str | None:
+        if uri is None or "://" in uri:
+            return uri
+        path = Path(uri).expanduser()
+        return str(path.resolve()) if (path.exists() or not must_exist) else uri
+
+    # A base model that is not a local folder (an object-storage URI) stays as it is.
+    base_model = fix(resolve_model_path(config.encoder.base_model), must_exist=True)
+    encoder = config.encoder.model_copy(update={"base_model": base_model})
+    return config.model_copy(update={"store_uri": fix(config.store_uri), "output_uri": fix(config.output_uri),
+                                     "encoder": encoder})
+
+
 def _prepare_run_dir(config: ContrastiveJobConfig) -> None:
     if store.exists(config.run_uri, config.storage):
         if config.if_exists == "error":
@@ -128,6 +145,7 @@ def run_contrastive(config: ContrastiveJobConfig, train_loop: Callable[[dict], N
 
     timer = Timer()
     memory = MemorySampler(include_ray=bool(os.environ.get("RAY_ADDRESS"))).start()
+    config = absolute_local_paths(config)
     print(f"[run] resolved config:\n{dump_config(config)}", flush=True)
     init_ray(config.ray_num_cpus, config.ray_object_store_mb)
     _prepare_run_dir(config)
