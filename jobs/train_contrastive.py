@@ -24,6 +24,7 @@ Launch:
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -82,30 +83,47 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
     every = config.refresh.every_steps
     log = StepLog(rank, total_steps, config.optim.log_every, config.optim.batch_size * world)
 
+    # Negatives for batch t+1 are searched and mined in a thread while batch t trains.
+    prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="negatives")
+    pad_id = encoder.tokenizer.pad_token_id or 0
+
+    def prepare(raw_batch, for_step: int):
+        batch = collate_pairs(raw_batch, pad_token_id=pad_id)
+        queries = {"input_ids": batch["query_input_ids"].to(device),
+                   "attention_mask": batch["query_attention_mask"].to(device)}
+        future = None
+        if negatives is not None:
+            expected_version = 1 + (for_step // every if every else 0)
+            vectors = negatives.embed_queries(encoder, queries)
+            future = prefetch.submit(negatives.fetch, vectors, batch["positive_ids"], expected_version,
+                                     encoder.tokenizer)
+        return batch, queries, future
+
     shard = ray.train.get_dataset_shard("train")
     step = start_step
     for epoch in range(step // plan["steps_per_epoch"], config.optim.epochs):
-        batches = shard.iter_batches(
+        epoch_end = min(total_steps, (epoch + 1) * plan["steps_per_epoch"])
+        batches = iter(shard.iter_batches(
             batch_size=config.optim.batch_size, batch_format="numpy", drop_last=True, prefetch_batches=2,
             local_shuffle_buffer_size=config.optim.shuffle_buffer or None,
             local_shuffle_seed=config.optim.seed + epoch + 1000 * rank,
-        )
+        ))
         log.start_wait()
-        for raw_batch in batches:
-            if step >= total_steps or step >= (epoch + 1) * plan["steps_per_epoch"]:
-                break
-            batch = collate_pairs(raw_batch, pad_token_id=encoder.tokenizer.pad_token_id or 0)
+        first = next(batches, None)
+        log.end_wait()
+        pending = prepare(first, step) if first is not None else None
+        while pending is not None and step < epoch_end:
+            log.start_wait()
+            upcoming_raw = next(batches, None) if step + 1 < epoch_end else None
             log.end_wait()
-            queries = {"input_ids": batch["query_input_ids"].to(device),
-                       "attention_mask": batch["query_attention_mask"].to(device)}
-            doc_ids, doc_tok, doc_mask = list(batch["positive_id"]), batch["positive_input_ids"], batch["positive_attention_mask"]
-            hard = None
-            if negatives is not None:
-                expected_version = 1 + (step // every if every else 0)
-                hard = negatives.fetch(encoder, queries, batch["positive_ids"], expected_version)
-                if hard.input_ids is not None:
-                    doc_tok, doc_mask = stack_padded(doc_tok, doc_mask, hard.input_ids, hard.attention_mask)
-                    doc_ids += hard.ids
+            upcoming = prepare(upcoming_raw, step + 1) if upcoming_raw is not None else None
+            batch, queries, future = pending
+            hard = future.result() if future is not None else None
+            doc_ids = list(batch["positive_id"])
+            doc_tok, doc_mask = batch["positive_input_ids"], batch["positive_attention_mask"]
+            if hard is not None and hard.input_ids is not None:
+                doc_tok, doc_mask = stack_padded(doc_tok, doc_mask, hard.input_ids, hard.attention_mask, pad_id)
+                doc_ids += hard.ids
 
             # One forward for queries and documents (DDP), then gather documents from all workers.
             query_emb, doc_emb = model(queries["input_ids"], queries["attention_mask"],
@@ -133,7 +151,8 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
                     refresher.request.remote(f"{plan['checkpoint_root']}/step-{step:06d}", step)
             else:
                 ray.train.report(metrics)
-            log.start_wait()
+            pending = upcoming
+    prefetch.shutdown(wait=True)
     log.finish()
 
 

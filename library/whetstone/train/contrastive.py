@@ -91,22 +91,29 @@ class LiveNegatives:
         self.timeout_s = timeout_s
         self.max_versions_behind = max_versions_behind
 
-    def fetch(self, encoder: Encoder, query_tokens: dict[str, torch.Tensor],
-              positive_ids: list[list[str]], expected_version: int) -> NegativeBatch:
-        """Embed the queries with the current weights (no grad), search, mine, tokenise."""
-        from whetstone.index.client import IndexUnavailable
-
-        started = time.monotonic()
+    @staticmethod
+    def embed_queries(encoder: Encoder, query_tokens: dict[str, torch.Tensor]) -> np.ndarray:
+        """(B, D) query vectors with the current weights, no grad (the search key)."""
         with torch.no_grad():
             was_training = encoder.training
             encoder.eval()
             vectors = encoder(query_tokens["input_ids"], query_tokens["attention_mask"])  # (B, D)
             encoder.train(was_training)
+        return vectors.float().cpu().numpy()
+
+    def fetch(self, vectors: np.ndarray, positive_ids: list[list[str]], expected_version: int,
+              tokenizer) -> NegativeBatch:
+        """Search, apply the staleness bound, mine, resolve ids to text and tokenise.
+
+        Thread-safe with respect to the training step (it touches no model weights), so the
+        loop runs it for the next batch while the current one trains.
+        """
+        from whetstone.index.client import IndexUnavailable
+
+        started = time.monotonic()
         try:
-            result = self.client.search(
-                vectors.float().cpu().numpy(), k=self.mining.rank_end,
-                exclude_ids=positive_ids, timeout_s=self.timeout_s,
-            )
+            result = self.client.search(vectors, k=self.mining.rank_end, exclude_ids=positive_ids,
+                                        timeout_s=self.timeout_s)
         except IndexUnavailable as err:
             return NegativeBatch(fallback_reason=f"index unavailable: {err}",
                                  search_s=time.monotonic() - started)
@@ -118,7 +125,8 @@ class LiveNegatives:
         mined = mine_negatives(result.ids, result.scores, self.mining, self.rng, self.doc_ids,
                                exclude=[set(p) for p in positive_ids])
         flat = [doc_id for per_query in mined.ids for doc_id in per_query]
-        tokens = encoder.tokenize(self.docs.texts(flat), self.doc_max_length)
+        tokens = tokenizer(self.docs.texts(flat), padding=True, truncation=True,
+                           max_length=self.doc_max_length, return_tensors="pt")
         return NegativeBatch(flat, tokens["input_ids"], tokens["attention_mask"], result.version,
                              mined.from_index, mined.random_fill, mined.dropped_by_margin, None, search_s)
 
