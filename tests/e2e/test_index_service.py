@@ -1,0 +1,371 @@
+"""The index service over real HTTP on loopback (and its Serve handle), on a local Ray.
+
+One application (2 replicas, LATEST polled every 0.5 s) serves three snapshots whose document ids
+carry their version (``v2-doc-17``), so a response mixing versions would show in its ids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import threading
+import time
+
+import faiss
+import httpx
+import numpy as np
+import pytest
+from whetstone.index.ann import AnnConfig, AnnIndex, latest_version
+from whetstone.index.client import IndexClient, IndexRequestError, IndexUnavailable
+
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.e2e
+
+DIM = 32
+DOCS = 400
+TOKEN = "test-token-123"
+APP = "whetstone-index-e2e"
+PREFIX = "/index-e2e"
+
+
+def version_docs(version: int) -> tuple[np.ndarray, list[str]]:
+    rng = np.random.default_rng(100 + version)
+    return rng.standard_normal((DOCS, DIM)).astype(np.float32), [f"v{version}-doc-{i}" for i in range(DOCS)]
+
+
+def wait_for(predicate, timeout_s: float = 60.0, interval_s: float = 0.25, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def serve_root_url(ray_cluster) -> str:
+    """Start Serve on a free loopback port (or reuse the running proxy) and return its root URL."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    config = ray_cluster.get(_get_global_client()._controller.get_http_config.remote())
+    return f"http://127.0.0.1:{config.port}"
+
+
+@pytest.fixture(scope="module")
+def index_root(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("index-service") / "index")
+    for version in (1, 2, 3):
+        docs, ids = version_docs(version)
+        AnnIndex.build(docs, ids, AnnConfig(kind="flat")).save(root, version, checkpoint="no-encoder")
+    return root  # LATEST = 3
+
+
+@pytest.fixture(scope="module")
+def service(ray_cluster, index_root):
+    from ray import serve
+
+    from services.index.app import IndexServiceArgs, deploy
+
+    root_url = serve_root_url(ray_cluster)
+    args = IndexServiceArgs(index_uri=index_root, auth_token=TOKEN, num_replicas=2, num_cpus=0.1,
+                            poll_interval_s=0.5, max_k=50, max_queries_per_request=64)
+    deploy(args, name=APP, route_prefix=PREFIX)
+    base = root_url + PREFIX
+    with httpx.Client(base_url=base, timeout=30) as http:
+        wait_for(lambda: len(http.get("/stats").json()["replicas"]) == 2, what="two replicas report")
+        yield {"base": base, "http": http, "root": index_root}
+    serve.delete(APP)
+
+
+def swap_everywhere(service, version: int) -> None:
+    """POST /swap and wait until every replica reports the version."""
+    response = service["http"].post("/swap", json={"version": version}, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 200, response.text
+    wait_converged(service, version)
+
+
+def wait_converged(service, version: int) -> None:
+    """Replicas other than the one that took a swap or mutation follow LATEST within a poll."""
+
+    def converged():
+        replicas = service["http"].get("/stats").json()["replicas"]
+        return len(replicas) == 2 and all(r["version"] == version for r in replicas)
+
+    wait_for(converged, what=f"all replicas at v{version}")
+
+
+def test_search_equals_direct_faiss(service):
+    swap_everywhere(service, 2)
+    docs, ids = version_docs(2)
+    queries = np.random.default_rng(7).standard_normal((5, DIM)).astype(np.float32)
+    excluded = [[ids[0], ids[1]]] * 5
+    response = service["http"].post("/search", json={"vectors": queries.tolist(), "k": 8, "exclude_ids": excluded})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["version"] == 2
+    # The reference: FAISS directly on the same unit vectors (exact inner product).
+    flat = faiss.IndexFlatIP(DIM)
+    unit_docs, unit_queries = docs.copy(), queries.copy()
+    faiss.normalize_L2(unit_docs)
+    faiss.normalize_L2(unit_queries)
+    flat.add(unit_docs)
+    scores, labels = flat.search(unit_queries, 10)
+    for row in range(5):
+        want = [(ids[j], s) for j, s in zip(labels[row], scores[row], strict=True) if ids[j] not in excluded[row]][:8]
+        assert body["ids"][row] == [doc for doc, _ in want]
+        np.testing.assert_allclose(body["scores"][row], [s for _, s in want], atol=1e-5)
+    # The handle path (what training workers use) returns the same.
+    from ray import serve
+
+    result = serve.get_deployment_handle("IndexService", APP).search_arrays.remote(queries, 8, excluded).result()
+    assert result["version"] == 2 and result["ids"] == body["ids"]
+
+
+def test_swap_under_concurrent_searches_never_mixes(service):
+    swap_everywhere(service, 1)
+    queries = np.random.default_rng(3).standard_normal((4, DIM)).astype(np.float32).tolist()
+    stop = threading.Event()
+    seen: list[tuple[int, int, list]] = []
+    failures: list[str] = []
+
+    def hammer():
+        with httpx.Client(base_url=service["base"], timeout=30) as http:
+            while not stop.is_set():
+                r = http.post("/search", json={"vectors": queries, "k": 5})
+                if r.status_code != 200:
+                    failures.append(f"{r.status_code} {r.text[:200]}")
+                    continue
+                body = r.json()
+                seen.append((body["version"], len(body["ids"]), body["ids"]))
+
+    threads = [threading.Thread(target=hammer) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    try:
+        for version in (2, 3, 1, 3, 2):
+            time.sleep(0.4)
+            r = service["http"].post("/swap", json={"version": version},
+                                     headers={"Authorization": f"Bearer {TOKEN}"})
+            assert r.status_code == 200, r.text
+        time.sleep(1.5)  # let the other replica follow LATEST while searches continue
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert not failures, failures[:3]
+    assert len(seen) > 50
+    for version, rows, ids in seen:
+        assert rows == 4
+        prefixes = {doc.split("-")[0] for row in ids for doc in row}
+        assert prefixes == {f"v{version}"}, f"response v{version} holds ids of {prefixes}"
+    assert {v for v, _, _ in seen} >= {1, 2, 3}, "searches saw every swapped-in version"
+    assert latest_version(service["root"]) == 2
+
+
+def test_bad_inputs_get_4xx_naming_the_field(service):
+    http = service["http"]
+    good = np.zeros((2, DIM)).tolist()
+    cases = [
+        ({"vectors": np.zeros((2, DIM - 1)).tolist(), "k": 3}, 422, "dimension 31"),
+        # NaN/Infinity literals are not JSON; as strings or overflowing numbers they parse to floats.
+        ('{"vectors": [[NaN' + ", 0.1" * (DIM - 1) + '], [0.2' + ", 0.1" * (DIM - 1) + ']], "k": 3}', 422, '"vectors",0,0'),
+        ('{"vectors": [[0.1, "NaN"' + ", 0.1" * (DIM - 2) + ']], "k": 3}', 422, '"vectors",0,1'),
+        ('{"vectors": [[1e999' + ", 0.1" * (DIM - 1) + ']], "k": 3}', 422, "finite"),
+        ({"vectors": good, "k": 0}, 422, "k"),
+        ({"vectors": good, "k": 51}, 422, "k: 51 is out of range"),
+        ({"vectors": np.zeros((65, DIM)).tolist(), "k": 3}, 413, "max_queries_per_request"),
+        ({"vectors": good, "k": 3, "exclude_ids": [["a"]]}, 422, "exclude_ids"),
+        ({"vectors": good, "texts": ["x", "y"], "k": 3}, 422, "exactly one"),
+        ({"vectors": [], "k": 3}, 422, "at least one"),
+        ({"vectors": good, "k": 3, "colour": "red"}, 422, "colour"),
+        ('{"vectors": [[0.1, ', 422, "JSON"),
+        ({"vectors": [["a"] * DIM], "k": 3}, 422, "vectors"),
+    ]
+    before = http.get("/stats").json()
+    for body, status, needle in cases:
+        if isinstance(body, str):
+            r = http.post("/search", content=body, headers={"Content-Type": "application/json"})
+        else:
+            r = http.post("/search", json=body)
+        assert r.status_code == status, (body if isinstance(body, str) else list(body), r.status_code, r.text)
+        assert needle.lower().replace(" ", "") in r.text.lower().replace(" ", ""), (needle, r.text)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    r = http.post("/swap", json={"version": 99}, headers=auth)
+    assert r.status_code == 404 and "no snapshot v99" in r.json()["detail"]
+    r = http.post("/swap", json={"version": -1}, headers=auth)
+    assert r.status_code == 422
+    r = http.post("/upsert", json={"ids": ["a", "b"], "vectors": [[0.0] * DIM]}, headers=auth)
+    assert r.status_code == 422 and "2 ids for 1 rows" in r.text
+    r = http.post("/upsert", json={"ids": ["a"], "vectors": [[0.0] * 3]}, headers=auth)
+    assert r.status_code == 422 and "dimension 3" in r.text
+    after = http.get("/stats").json()
+    assert after["version"] is not None and http.get("/healthz").status_code == 200
+    assert sum(1 for _ in cases) <= after["errors_total"] + before["errors_total"] + 2 * len(cases)
+
+
+def test_mutations_need_the_token_and_reads_can_be_protected(service, ray_cluster, index_root):
+    http = service["http"]
+    for path, body in (("/swap", {"version": 1}), ("/upsert", {"ids": ["x"], "vectors": [[0.1] * DIM]}),
+                       ("/delete", {"ids": ["x"]})):
+        r = http.post(path, json=body)
+        assert r.status_code == 401 and r.headers.get("www-authenticate") == "Bearer", (path, r.text)
+        r = http.post(path, json=body, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 403, (path, r.text)
+    assert http.post("/search", json={"vectors": [[0.1] * DIM], "k": 1}).status_code == 200
+
+    from ray import serve
+
+    from services.index.app import IndexServiceArgs, deploy
+
+    # A second app: reads protected; the token comes from the environment variable.
+    os.environ["WHETSTONE_INDEX_TOKEN"] = "from-env"
+    try:
+        args = IndexServiceArgs(index_uri=index_root, protect_reads=True, num_cpus=0.1)
+        assert args.auth_token is None
+        # Replicas read the env var in their own process: pass it as the config would.
+        args = args.model_copy(update={"auth_token": os.environ["WHETSTONE_INDEX_TOKEN"]})
+        deploy(args, name=APP + "-protected", route_prefix=PREFIX + "-protected")
+        base = service["base"] + "-protected"
+        body = {"vectors": [[0.1] * DIM], "k": 1}
+        assert httpx.post(base + "/search", json=body).status_code == 401
+        assert httpx.get(base + "/stats").status_code == 401
+        assert httpx.post(base + "/search", json=body, headers={"Authorization": "Bearer nope"}).status_code == 403
+        r = httpx.post(base + "/search", json=body, headers={"Authorization": "Bearer from-env"})
+        assert r.status_code == 200 and r.json()["version"] == latest_version(index_root)
+        assert httpx.get(base + "/healthz").status_code == 200  # liveness stays open
+    finally:
+        del os.environ["WHETSTONE_INDEX_TOKEN"]
+        serve.delete(APP + "-protected")
+
+
+def test_upsert_and_delete_publish_new_versions(service):
+    swap_everywhere(service, 3)
+    http, auth = service["http"], {"Authorization": f"Bearer {TOKEN}"}
+    query = np.random.default_rng(11).standard_normal((1, DIM)).astype(np.float32)
+    r = http.post("/upsert", json={"ids": ["fresh-doc"], "vectors": query.tolist()}, headers=auth)
+    assert r.status_code == 200, r.text
+    upserted = r.json()
+    assert upserted["previous_version"] == 3 and upserted["version"] == 4 and upserted["size"] == DOCS + 1
+    wait_converged(service, 4)
+    body = http.post("/search", json={"vectors": query.tolist(), "k": 1}).json()
+    assert body == {**body, "version": 4, "ids": [["fresh-doc"]]}
+    r = http.post("/delete", json={"ids": ["fresh-doc", "never-there"]}, headers=auth)
+    assert r.status_code == 200 and r.json()["version"] == 5 and r.json()["changed"] == 1
+    wait_converged(service, 5)
+    assert http.post("/search", json={"vectors": query.tolist(), "k": 1}).json()["ids"] != [["fresh-doc"]]
+    stored = AnnIndex.load(service["root"])
+    assert (stored.version, stored.size, "fresh-doc" in stored) == (5, DOCS, False)
+    assert stored.extra["parent_version"] == 4
+
+
+def test_killed_replica_comes_back_with_the_latest_version(service):
+    swap_everywhere(service, 2)
+    replicas = service["http"].get("/stats").json()["replicas"]
+    victim = replicas[0]
+    os.kill(victim["pid"], signal.SIGKILL)
+
+    # Searches keep working on the survivor meanwhile (Serve routes around the dead replica).
+    r = service["http"].post("/search", json={"vectors": [[0.3] * DIM], "k": 2})
+    assert r.status_code in (200, 500, 503)
+
+    def replaced():
+        now = service["http"].get("/stats").json()["replicas"]
+        fresh = [x for x in now if x["replica_id"] != victim["replica_id"] and x["pid"] != victim["pid"]]
+        return len(now) == 2 and all(x["version"] == 2 for x in now) and len(fresh) == 2 and now
+
+    now = wait_for(replaced, timeout_s=90, interval_s=0.5, what="a replacement replica at v2")
+    assert victim["replica_id"] not in {x["replica_id"] for x in now}
+    for _ in range(6):  # both replicas answer from v2
+        assert service["http"].post("/search", json={"vectors": [[0.3] * DIM], "k": 2}).json()["version"] == 2
+
+
+def test_client_handle_http_pickling_and_fallback(service, ray_cluster):
+    swap_everywhere(service, 1)
+    queries = np.random.default_rng(5).standard_normal((3, DIM)).astype(np.float32)
+    via_http = IndexClient.from_http(service["base"], token=TOKEN).search(queries, 4, exclude_ids=[["v1-doc-0"]] * 3)
+    handle_client = IndexClient.from_handle(app_name=APP, timeout_s=10)
+    via_handle = handle_client.search(queries, 4, exclude_ids=[["v1-doc-0"]] * 3)
+    assert via_http.version == via_handle.version == 1 and via_http.ids == via_handle.ids
+    np.testing.assert_allclose(via_http.scores, via_handle.scores, atol=1e-5)
+    assert via_handle.scores.shape == (3, 4)
+
+    # Built on the driver, used in another Ray worker (as a Train worker would).
+    @ray_cluster.remote(num_cpus=0.1)
+    def in_worker(client, vectors):
+        return client.search(vectors, 4).ids
+
+    assert ray_cluster.get(in_worker.remote(pickle.loads(pickle.dumps(handle_client)), queries)) == \
+        handle_client.search(queries, 4).ids
+
+    with pytest.raises(IndexRequestError, match="dimension"):
+        handle_client.search(queries[:, :5], 4)
+    nan_queries = queries.copy()
+    nan_queries[1, 2] = np.nan
+    with pytest.raises(IndexRequestError, match=r"vectors\[1\]\[2\] is nan"):
+        handle_client.search(nan_queries, 4)
+    with pytest.raises(IndexRequestError, match="k: 0 is out of range"):
+        handle_client.search(queries, 0)
+    with pytest.raises(IndexRequestError) as err:
+        IndexClient.from_http(service["base"]).swap(1)
+    assert err.value.status == 401
+    assert IndexClient.from_http(service["base"], token=TOKEN).swap(1)["version"] == 1
+    assert handle_client.stats()["version"] == 1
+
+    # Down, missing or slow: IndexUnavailable, and the breaker then fails fast.
+    down = IndexClient.from_http(f"http://127.0.0.1:{free_port()}/index", timeout_s=1, retry_after_s=30)
+    with pytest.raises(IndexUnavailable):
+        down.search(queries, 2)
+    started = time.monotonic()
+    with pytest.raises(IndexUnavailable, match="not retrying"):
+        down.search(queries, 2)
+    assert time.monotonic() - started < 0.1 and down.unavailable_count == 2
+    with pytest.raises(IndexUnavailable):
+        IndexClient.from_handle(app_name="no-such-app", timeout_s=2).search(queries, 2)
+    with pytest.raises(IndexUnavailable, match="timed out"):
+        IndexClient.from_handle(app_name=APP).search(queries, 2, timeout_s=1e-4)
+    with pytest.raises(IndexUnavailable):
+        IndexClient.from_http(service["base"].replace(PREFIX, "/nothing-here")).search(queries, 2)
+
+
+def test_health_metrics_and_openapi(service):
+    http = service["http"]
+    health = http.get("/healthz")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    http.post("/search", json={"vectors": [[0.2] * DIM], "k": 3})
+    metrics = http.get("/metrics")
+    assert metrics.status_code == 200 and "whetstone_index_version" in metrics.text
+    assert "whetstone_index_search_latency_seconds_bucket" in metrics.text
+    spec = http.get("/openapi.json").json()
+    assert {"/search", "/swap", "/upsert", "/delete", "/stats", "/healthz"} <= set(spec["paths"])
+    stats = http.get("/stats").json()
+    assert stats["kind"] == "flat" and stats["dim"] == DIM and stats["checkpoint"] == "no-encoder"
+    assert stats["queries_total"] >= 0 and stats["latency_ms_p99"] is None or stats["latency_ms_p99"] >= 0
+    assert json.loads(json.dumps(stats))["replica_id"]
+
+
+def test_text_queries_use_the_snapshots_encoder(service, tiny_encoder_dir, tmp_path):
+    from whetstone.models.encoder import Encoder
+
+    encoder = Encoder.load(tiny_encoder_dir, device="cpu")
+    texts = [f"passage number {i} about topic {i % 7}" for i in range(60)]
+    doc_vectors = encoder.encode(texts)
+    index = AnnIndex.build(doc_vectors, [f"t{i}" for i in range(60)], AnnConfig())
+    index.save(service["root"], 10, checkpoint=str(tiny_encoder_dir), set_latest=False)
+    swap_everywhere(service, 10)
+    queries = ["topic 3 passage", "number 12"]
+    r = service["http"].post("/search", json={"texts": queries, "k": 5})
+    assert r.status_code == 200, r.text
+    want_ids, want_scores = index.search(encoder.encode(queries), 5)
+    assert r.json()["version"] == 10 and r.json()["ids"] == want_ids
+    np.testing.assert_allclose(r.json()["scores"], want_scores, atol=1e-4)
+    via_handle = IndexClient.from_handle(app_name=APP, timeout_s=30).search_texts(queries, 5)
+    assert via_handle.version == 10 and via_handle.ids == want_ids
+    # A version whose checkpoint is not an encoder refuses texts with a 409, still takes vectors.
+    swap_everywhere(service, 1)
+    r = service["http"].post("/search", json={"texts": queries, "k": 5})
+    assert r.status_code == 409 and "no-encoder" in r.json()["detail"]
