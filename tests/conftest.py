@@ -154,3 +154,50 @@ def s3_bucket(s3_server, monkeypatch):
         aws_secret_access_key="testing",
     ).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture()
+def local_two_node_cluster(s3_server):
+    """A two-node Ray cluster on this machine, started with cluster/local.sh, token auth on.
+
+    The head has 4 logical CPUs and resource ``node_a``; the second node 4 CPUs and ``node_b``
+    (ask for ``{"node_b": 0.01}`` to pin work there). Both nodes see moto's S3 through the AWS_*
+    variables. Yields the environment for ``ray job submit`` (RAY_ADDRESS, RAY_AUTH_MODE=token,
+    RAY_AUTH_TOKEN_PATH, plus the AWS_* variables); stops both nodes, by PID, afterwards.
+    """
+    import shutil
+    import tempfile
+
+    # A short root: Ray's Unix socket paths under it must stay below 108 characters.
+    state_dir = Path(tempfile.mkdtemp(prefix="ws-ray-", dir="/tmp"))
+    env = dict(os.environ)
+    env.update({
+        "WHETSTONE_CLUSTER_DIR": str(state_dir),
+        "RAY_AUTH_TOKEN_PATH": str(state_dir / "auth_token"),
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": s3_server,
+        "HF_HUB_OFFLINE": "1",
+    })
+    env.pop("RAY_ADDRESS", None)
+    script = str(REPO_ROOT / "cluster" / "local.sh")
+
+    def local_sh(*args: str) -> str:
+        result = subprocess.run([script, *args], env=env, capture_output=True, text=True, timeout=300)
+        if result.returncode != 0:
+            raise RuntimeError(f"cluster/local.sh {' '.join(args)} failed:\n{result.stderr}")
+        return result.stdout
+
+    try:
+        local_sh("start", "--num-cpus", "4", "--object-store-mb", "256", "--resources", '{"node_a": 1}')
+        local_sh("join", "--num-cpus", "4", "--object-store-mb", "256", "--resources", '{"node_b": 1}')
+        submit_env = dict(env)
+        for line in local_sh("env").splitlines():
+            if line.startswith("export "):
+                key, value = line[len("export "):].split("=", 1)
+                submit_env[key] = value
+        yield submit_env
+    finally:
+        subprocess.run([script, "stop"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(state_dir, ignore_errors=True)
