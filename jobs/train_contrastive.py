@@ -82,6 +82,7 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
     refresher = ray.get_actor(plan["refresher"]) if (rank == 0 and plan.get("refresher")) else None
     every = config.refresh.every_steps
     log = StepLog(rank, total_steps, config.optim.log_every, config.optim.batch_size * world)
+    log.worker_nodes = _worker_nodes(world)
 
     # Negatives for batch t+1 are searched and mined in a thread while batch t trains.
     prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="negatives")
@@ -154,6 +155,18 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
             pending = upcoming
     prefetch.shutdown(wait=True)
     log.finish()
+
+
+def _worker_nodes(world: int) -> list[str]:
+    """Node id of every rank (rank order), for the report: where did the workers run?"""
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1 or not dist.is_initialized():
+        return [node]
+    nodes: list[str] = [""] * world
+    dist.all_gather_object(nodes, node)
+    return nodes
 
 
 def _report_with_checkpoint(metrics: dict, encoder: Encoder, step: int, rank: int, name: str | None) -> None:

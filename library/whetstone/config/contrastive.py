@@ -20,6 +20,8 @@ class OptimConfig(StrictModel):
     num_workers: int = Field(2, ge=1, description="Ray Train workers")
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="SPREAD puts workers on different nodes when it can")
     batch_size: int = Field(16, ge=2, description="queries per worker per step")
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps")

@@ -49,3 +49,25 @@ def gpt2_tokenizer_dir(target: str | Path) -> Path:
     )
     (target / "config.json").write_text('{"model_type": "gpt2"}')
     return target
+
+
+def localize(path_or_uri: str, storage=None) -> str:
+    """A local folder for a model given as a path, an alias or an object-storage URI.
+
+    URIs are downloaded once per process into a node-local temp dir (keyed by the URI), so the
+    same job config works on every node of a cluster without a shared filesystem.
+    """
+    import hashlib
+    import tempfile
+
+    path_or_uri = resolve_model_path(path_or_uri)
+    if "://" not in path_or_uri:
+        return path_or_uri
+    from whetstone import storage as store
+
+    key = hashlib.sha256(path_or_uri.encode()).hexdigest()[:16]
+    target = Path(tempfile.gettempdir()) / "whetstone-models" / key
+    if not (target / ".complete").exists():
+        store.download_dir(path_or_uri, target, storage)
+        (target / ".complete").write_text(path_or_uri)
+    return str(target)

@@ -9,7 +9,6 @@ The same weights load three ways: :meth:`Encoder.load` here, ``sentence_transfor
 from __future__ import annotations
 
 import json
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -95,13 +94,9 @@ class Encoder(nn.Module):
         cls, path: str | Path, device: str | torch.device | None = None, storage: StorageConfig | None = None
     ) -> Encoder:
         """Load from a local folder or a storage URI (``s3://...`` is downloaded to a temp dir)."""
-        from whetstone.models.assets import resolve_model_path
+        from whetstone.models.assets import localize
 
-        path = resolve_model_path(str(path))
-        if "://" in path:
-            from whetstone import storage as store
-
-            path = str(store.download_dir(path, tempfile.mkdtemp(prefix="whetstone-model-"), storage))
+        path = localize(str(path), storage)
         transformer = AutoModel.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         max_len = 256

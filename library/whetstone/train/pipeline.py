@@ -55,13 +55,14 @@ def init_ray(num_cpus: int, object_store_mb: int) -> None:
     quiet_ray_data()
     if ray.is_initialized():
         return
-    env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-                        "TOKENIZERS_PARALLELISM": "false"}}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=env, log_to_driver=True)
+        # Under `ray job submit` the job's runtime env applies; adding ours would conflict with it.
+        ray.init(log_to_driver=True)
     else:
         # More logical CPUs than cores: Train workers, a Serve replica and Ray Data tasks each ask
         # for CPUs and would otherwise wait on each other.
+        env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+                            "TOKENIZERS_PARALLELISM": "false"}}
         ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_mb * 1024**2,
                  include_dashboard=False, runtime_env=env, log_to_driver=True)
 
@@ -196,7 +197,8 @@ def run_contrastive(config: ContrastiveJobConfig, train_loop: Callable[[dict], N
         train_loop,
         train_loop_config={"job": _worker_config(config), "plan": plan},
         scaling_config=ScalingConfig(num_workers=world, use_gpu=config.optim.use_gpu,
-                                     resources_per_worker={"CPU": config.optim.cpus_per_worker}),
+                                     resources_per_worker={"CPU": config.optim.cpus_per_worker},
+                                     placement_strategy=config.optim.placement_strategy),
         datasets={"train": dataset},
         run_config=RunConfig(name="train", storage_path=train_root.path,
                              storage_filesystem=train_root.filesystem),
@@ -240,6 +242,7 @@ def run_contrastive(config: ContrastiveJobConfig, train_loop: Callable[[dict], N
         "negatives_served_all_workers": (train_metrics.get("total_negatives_from_index") or 0) * world,
         "fallback_steps_rank0": train_metrics.get("total_fallback_steps"),
         "final_loss": train_metrics.get("loss"),
+        "worker_nodes": train_metrics.get("worker_nodes"),
         "data_wait_fraction": train_metrics.get("data_wait_fraction"),
         "index_versions": versions,
         "refreshes": refresh_status["history"],

@@ -28,6 +28,7 @@ class StepLog:
             "fallback_steps": 0, "steps": 0,
         }
         self.versions_seen: set[int] = set()
+        self.worker_nodes: list[str] = []
 
     def start_wait(self) -> None:
         self.wait_started = time.monotonic()
@@ -67,6 +68,7 @@ class StepLog:
             metrics.update(index_version=hard.version if hard.version is not None else -1,
                            search_s=hard.search_s, fallback=hard.fallback_reason or "")
         metrics.update({f"total_{k}": v for k, v in self.totals.items()})
+        metrics["worker_nodes"] = self.worker_nodes
         if self.rank == 0 and (step % self.log_every == 0 or step == self.total_steps):
             index = ""
             if hard is not None:

@@ -1,0 +1,155 @@
+"""Config of the preference training job: DPO family / NS-DPO / SimPO / ORPO / NPO, or a reward model."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from whetstone.config.base import StorageConfig, StrictModel
+
+PolicyLossName = Literal["dpo", "ipo", "hinge", "cdpo", "ns_dpo", "simpo", "orpo", "npo"]
+# Losses that never look at the reference model: no precompute, no second model.
+REFERENCE_FREE_LOSSES = ("simpo", "orpo")
+
+
+class PolicyConfig(StrictModel):
+    """The causal LM to train (also the frozen reference: training starts from the reference)."""
+
+    path: str = Field(..., description="HF model folder, a storage URI of one, or a folder holding a GGUF file")
+    gguf_file: str | None = Field(None, description="GGUF file name inside `path` (transformers dequantises it)")
+    tokenizer: str | None = Field(None, description="tokenizer folder; default: `path` (with gguf_file for GGUF)")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    disable_dropout: bool = Field(True, description="DPO practice: dropout makes policy and reference log-probs "
+                                                    "disagree even before the first update")
+    chunk_size: int = Field(1024, ge=1, description="output-layer rows per chunk in the log-prob computation")
+
+
+class LossConfig(StrictModel):
+    """Which preference loss, with its arguments (see each loss's docstring for ranges)."""
+
+    name: PolicyLossName = "dpo"
+    beta: float = Field(0.1, gt=0, description="DPO beta (IPO: tau; SimPO: beta about 2)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cdpo: label flip probability")
+    target_margin: float = Field(1.0, ge=0, description="simpo: target reward margin gamma")
+    gamma: float = Field(0.9, gt=0, le=1, description="ns_dpo: time discount; 1 equals DPO")
+    time_column: str = Field("time", description="ns_dpo: timestamp column of the preference rows")
+    time_step_seconds: float = Field(86400.0, gt=0, description="ns_dpo: one time step = this many seconds")
+    missing_time: Literal["newest", "oldest"] = Field(
+        "newest", description="ns_dpo: time step of pairs with no timestamp: the newest step (weight 1) "
+                              "or the oldest one seen in the training pairs")
+    min_weight: float = Field(0.0, ge=0, le=1, description="ns_dpo: drop pairs whose weight is below this")
+
+
+class ReferenceConfig(StrictModel):
+    mode: Literal["precompute", "on_the_fly"] = Field(
+        "precompute", description="precompute: Ray Data batch inference once, joined by pair_id; "
+                                  "on_the_fly: every worker holds a frozen copy")
+    batch_size: int = Field(8, ge=1, description="pairs per batch in the precompute")
+    concurrency: int = Field(1, ge=1, description="precompute actors (each loads the reference model)")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per precompute actor")
+
+
+class LoRAConfig(StrictModel):
+    enabled: bool = False
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | str = Field("all-linear", description="peft target_modules")
+
+
+class OptimConfig(StrictModel):
+    num_workers: int = Field(2, ge=1, description="Ray Train workers")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    batch_size: int = Field(4, ge=1, description="pairs per worker per step")
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    lr: float = Field(5e-6, gt=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 0
+    log_every: int = Field(1, ge=1)
+    checkpoint_every: int | None = Field(None, ge=1, description="also checkpoint every N steps")
+    eval_batch_size: int = Field(8, ge=1)
+
+
+class DataConfig(StrictModel):
+    dataset: str = Field("train", description="preference split or dataset name, e.g. train or preference/test")
+    eval_dataset: str | None = Field(None, description="held-out dataset name; None: hash split by eval_fraction")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="share of pairs held out (seeded hash of pair_id)")
+    split_seed: int = 0
+    max_train_pairs: int | None = Field(None, ge=1, description="cap on training pairs (the lowest hashes)")
+    max_eval_pairs: int | None = Field(None, ge=1)
+    max_length: int = Field(512, ge=8)
+    max_prompt_length: int = Field(256, ge=1)
+    chat_template: bool = False
+
+    @model_validator(mode="after")
+    def _lengths(self) -> DataConfig:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length "
+                             f"({self.max_length})")
+        return self
+
+
+class LeakageConfig(StrictModel):
+    """Near-duplicate prompts between train and eval, found by embedding and nearest-neighbour search."""
+
+    mode: Literal["off", "report", "remove"] = Field("report", description="remove: drop flagged eval pairs")
+    threshold: float = Field(0.95, gt=0, le=1, description="cosine at or above which an eval prompt leaks")
+    encoder: str = Field("all-MiniLM-L6-v2", description="embedding model (path or the MiniLM alias)")
+    max_length: int = Field(128, ge=8, le=512)
+    batch_size: int = Field(64, ge=1)
+    max_examples: int = Field(20, ge=0, description="flagged pairs listed in the report")
+
+
+class RewardModelSection(StrictModel):
+    """mode=reward_model: an encoder with a scalar head trained with the Bradley-Terry loss."""
+
+    encoder: str = Field("all-MiniLM-L6-v2", description="encoder path or the MiniLM alias")
+    max_length: int = Field(256, ge=8, le=512)
+    max_prompt_length: int = Field(160, ge=1)
+    gamma: float | None = Field(None, gt=0, le=1, description="optional NS time discount of the BT loss")
+
+
+class PreferenceJobConfig(StrictModel):
+    """Train a policy on preference pairs (DPO family) or a reward model, on the Whetstone data plane."""
+
+    mode: Literal["policy", "reward_model"] = "policy"
+    run_name: str = Field("preference", pattern=r"^[A-Za-z0-9_.-]+$")
+    store_uri: str = Field(".whetstone/store", description="ingested store (local path or s3://)")
+    output_uri: str | None = Field(None, description="run outputs; default <store_uri>/runs/<run_name>")
+    storage: StorageConfig = StorageConfig()
+    if_exists: Literal["error", "overwrite", "resume"] = "error"
+    policy: PolicyConfig | None = None
+    loss: LossConfig = LossConfig()
+    reference: ReferenceConfig = ReferenceConfig()
+    lora: LoRAConfig = LoRAConfig()
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+    leakage: LeakageConfig = LeakageConfig()
+    reward_model: RewardModelSection = RewardModelSection()
+    ray_num_cpus: int = Field(8, ge=1, description="logical CPUs when this job starts its own local Ray")
+    ray_object_store_mb: int = Field(1024, ge=128)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PreferenceJobConfig:
+        if self.mode == "policy" and self.policy is None:
+            raise ValueError("policy: required when mode=policy (policy.path = a causal LM)")
+        if self.data.eval_dataset is None and self.data.eval_fraction == 0 and self.leakage.mode != "off":
+            raise ValueError("leakage.mode needs held-out pairs: set data.eval_fraction or data.eval_dataset")
+        if self.loss.name != "cdpo" and self.loss.label_smoothing:
+            raise ValueError(f"loss.label_smoothing applies to loss.name=cdpo, not {self.loss.name}")
+        return self
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.mode == "policy" and self.loss.name not in REFERENCE_FREE_LOSSES
+
+    @property
+    def run_uri(self) -> str:
+        from whetstone.storage import join
+
+        return self.output_uri or join(self.store_uri, "runs", self.run_name)
