@@ -1,43 +1,87 @@
-"""Ingest raw files (BEIR folders) into sharded, validated Parquet with a manifest.
+"""Ingest raw files into sharded, validated Parquet with a manifest (issue 3: the data plane).
 
-Rows that fail validation go to ``<store_uri>/quarantine/`` with the reason, file and line;
-the report shows rows in = rows written + rows quarantined for every dataset.
+Formats (``format:``):
+  beir        a BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv, each optionally .gz);
+              writes corpus, queries, qrels/<split>, pairs/<split> and replaces the whole store.
+  corpus      documents: id (``_id``/``id``/``doc_id``), text, optional title and metadata.
+  pairs       query, positive id(s), optional query_id, negative ids and score.
+  preference  prompt, chosen, rejected, optional pair_id and time.
+  hh-rlhf     Anthropic hh-rlhf dialogues, split into prompt / chosen / rejected on ingest.
+The record formats read ``.jsonl``, ``.jsonl.gz`` and ``.parquet``: one file or a folder (or
+``s3://`` prefix) of shards, and write one dataset (``dataset_name``) into the store, keeping the
+store's other datasets. Large multi-file sources run as a Ray Data job (files staged in parallel
+tasks); small ones in process (``engine: auto``; force with ``engine=local|ray``).
+
+Rows that fail validation go to ``<store_uri>/quarantine/`` with the reason, file and line (or
+Parquet row); the report shows rows in = rows written + rows quarantined for every dataset.
 
 Launch:
   local:           python -m jobs.ingest --config jobs/configs/ingest/smoke.yaml
+                   python -m jobs.ingest --config jobs/configs/ingest/hh_rlhf.yaml
   ray job submit:  ray job submit --working-dir . -- python -m jobs.ingest \
                        --config jobs/configs/ingest/s3.yaml
-  CLI:             whetstone ingest --config jobs/configs/ingest/smoke.yaml source=path/to/beir
+  CLI:             whetstone ingest --config jobs/configs/ingest/pairs.yaml source=s3://b/raw/pairs/
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from whetstone.config.base import StorageConfig, StrictModel
 
 
 class IngestJobConfig(StrictModel):
-    source: str = Field(..., description="BEIR folder: local path, s3:// URI or builtin:<name>")
-    format: Literal["beir"] = "beir"
+    source: str = Field(..., description="local path, s3:// URI or builtin:<name> (a built-in BEIR set)")
+    format: Literal["beir", "corpus", "pairs", "preference", "hh-rlhf"] = "beir"
     store_uri: str = Field(..., description="destination store (local path or s3://)")
+    dataset_name: str | None = Field(None, description="record formats: corpus, pairs/<split>, preference/<split>")
     storage: StorageConfig = StorageConfig()
     rows_per_shard: int = Field(50_000, ge=1)
-    splits: list[str] | None = None
+    splits: list[str] | None = Field(None, description="beir only: qrels splits (default all)")
+    engine: Literal["auto", "local", "ray"] = "auto"
+    ray_min_mb: float = Field(32.0, gt=0, description="auto: source size from which Ray Data is used")
+    ray_num_cpus: int = Field(8, ge=1, description="logical CPUs of a local Ray (ignored under a cluster)")
+    ray_object_store_mb: int = Field(512, ge=64)
+
+    @model_validator(mode="after")
+    def _options_fit_format(self) -> IngestJobConfig:
+        if self.format == "beir" and self.dataset_name is not None:
+            raise ValueError("dataset_name applies to the record formats, not beir")
+        if self.format != "beir" and self.splits is not None:
+            raise ValueError(f"splits applies to beir only; for {self.format} set dataset_name")
+        return self
+
+
+def _needs_ray(config: IngestJobConfig, source: str) -> bool:
+    """Start (or join) Ray only when the Ray Data engine will run: Ray start-up dwarfs small ingests."""
+    if config.format == "beir" or config.engine == "local":
+        return False
+    if config.engine == "ray" or os.environ.get("RAY_ADDRESS"):
+        return True
+    from whetstone.data.records import list_source_files
+
+    files = list_source_files(source, config.storage)
+    return len(files) > 1 and sum(size for _, size in files) >= config.ray_min_mb * 1024**2
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    from whetstone.data.ingest import ingest_beir
-    from whetstone.train.pipeline import parse_job_args
+    from whetstone.data.ingest import ingest
+    from whetstone.train.pipeline import init_ray, parse_job_args
 
     from jobs.quickstart import resolve_source
 
     config = parse_job_args(IngestJobConfig, argv, __doc__)
-    report = ingest_beir(resolve_source(config.source), config.store_uri, config.storage,
-                         rows_per_shard=config.rows_per_shard, splits=config.splits)
+    print(f"[ingest] config: {config.model_dump_json(exclude={'storage'})}", flush=True)  # no secrets
+    source = resolve_source(config.source) if config.format == "beir" else config.source
+    if _needs_ray(config, source):
+        init_ray(config.ray_num_cpus, config.ray_object_store_mb)
+    options = {} if config.format == "beir" else {"ray_min_bytes": int(config.ray_min_mb * 1024**2)}
+    report = ingest(source, config.store_uri, config.format, config.dataset_name, config.storage,
+                    rows_per_shard=config.rows_per_shard, splits=config.splits, engine=config.engine, **options)
     print(report.summary(), flush=True)
     print(f"manifest: {report.manifest_uri}", flush=True)
     return json.loads(report.model_dump_json())

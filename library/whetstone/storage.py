@@ -127,7 +127,9 @@ def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
     loc = resolve(uri, storage)
 
     def op() -> bytes:
-        with loc.filesystem.open_input_stream(loc.path) as stream:
+        # compression=None: bytes in, bytes out. pyarrow otherwise (de)compresses by extension,
+        # which double-gzipped ``.gz`` objects written to S3 (a local write goes via a temp name).
+        with loc.filesystem.open_input_stream(loc.path, compression=None) as stream:
             return stream.read()
 
     return with_retries(uri, op, storage, "read")
@@ -142,11 +144,11 @@ def write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> 
         loc.filesystem.create_dir(parent, recursive=True)
         if loc.is_local:
             tmp = f"{loc.path}.tmp-{time.monotonic_ns()}"
-            with loc.filesystem.open_output_stream(tmp) as stream:
+            with loc.filesystem.open_output_stream(tmp, compression=None) as stream:
                 stream.write(data)
             loc.filesystem.move(tmp, loc.path)
         else:  # an S3 PUT is atomic: readers see the old object or the new one
-            with loc.filesystem.open_output_stream(loc.path) as stream:
+            with loc.filesystem.open_output_stream(loc.path, compression=None) as stream:
                 stream.write(data)
 
     with_retries(uri, op, storage, "write")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -74,6 +74,9 @@ class IngestReport(BaseModel):
     manifest_uri: str
     datasets: dict[str, DatasetCounts]
     quarantine_files: dict[str, list[str]] = Field(default_factory=dict)
+    failed_files: dict[str, list[str]] = Field(
+        default_factory=dict, description="per dataset, files rejected whole (e.g. corrupt Parquet)")
+    engine: str = "local"
     seconds: float = 0.0
 
     @property
@@ -82,10 +85,12 @@ class IngestReport(BaseModel):
 
     def summary(self) -> str:
         """One line per dataset, for logs and the CLI."""
-        lines = [f"ingested {self.source} -> {self.store_uri} in {self.seconds:.1f}s"]
+        lines = [f"ingested {self.source} -> {self.store_uri} in {self.seconds:.1f}s ({self.engine})"]
         for name, c in sorted(self.datasets.items()):
             lines.append(f"  {name:<20} in {c.rows_in:>9}  written {c.rows_written:>9}  "
                          f"quarantined {c.rows_quarantined:>7}")
+        for name, files in sorted(self.failed_files.items()):
+            lines.extend(f"  {name:<20} whole file rejected: {file}" for file in files)
         return "\n".join(lines)
 
 
@@ -102,9 +107,12 @@ class _Sink:
     def accept(self, row: dict[str, Any]) -> None:
         self.shards.add(row)
 
-    def reject(self, reason: str, file: str, line: int, raw: bytes | str) -> None:
-        logger.debug("quarantined %s line %d: %s", file, line, reason)
-        self.quarantine.add(reason, file, line, raw)
+    def accept_table(self, table: pa.Table) -> None:
+        self.shards.add_table(table)
+
+    def reject(self, reason: str, file: str, line: int, raw: bytes | str, unit: str = "line") -> None:
+        logger.debug("quarantined %s %s %d: %s", file, unit, line, reason)
+        self.quarantine.add(reason, file, line, raw, unit)
 
     def close(self) -> tuple[DatasetEntry, QuarantineEntry, DatasetCounts]:
         entry = self.shards.close()
@@ -287,4 +295,40 @@ def _finish(source: str, dest_uri: str, sinks: list[_Sink], storage_config: Stor
     return report
 
 
-__all__ = ["DatasetCounts", "IngestError", "IngestReport", "SourceError", "ingest_beir"]
+IngestKind = Literal["beir", "corpus", "pairs", "preference", "hh-rlhf"]
+
+
+def ingest(source: str, dest_uri: str, kind: IngestKind, dataset_name: str | None = None,
+           storage: StorageConfig | None = None, rows_per_shard: int = 50_000, *,
+           splits: Sequence[str] | None = None, engine: str = "auto", **options: Any) -> IngestReport:
+    """Ingest any declared source format into a store: the one entry point for jobs and the CLI.
+
+    Args:
+        source: a BEIR folder (``kind="beir"``), or a ``.jsonl``/``.jsonl.gz``/``.parquet`` file or
+            folder/prefix of them (local or ``s3://``).
+        dest_uri: the store root.
+        kind: ``"beir"`` (writes corpus, queries, qrels/*, pairs/* and replaces the whole store),
+            or ``"corpus"``, ``"pairs"``, ``"preference"``, ``"hh-rlhf"`` (write one dataset,
+            keeping the store's others; see :func:`whetstone.data.ingest_files.ingest_records`).
+        dataset_name: for the record kinds: ``corpus``, ``pairs/<split>``, ``preference/<split>``.
+        storage: how to reach ``s3://``.
+        rows_per_shard: rows per Parquet shard.
+        splits: for ``beir``: the qrels splits to ingest (default all).
+        engine: for the record kinds: ``"auto"``, ``"local"`` or ``"ray"``.
+        **options: passed to :func:`~whetstone.data.ingest_files.ingest_records`.
+
+    Returns:
+        The report: rows in = rows written + rows quarantined for every dataset.
+    """
+    if kind == "beir":
+        if dataset_name is not None:
+            raise IngestError("dataset_name does not apply to kind 'beir' (it writes every BEIR dataset)")
+        return ingest_beir(source, dest_uri, storage, rows_per_shard=rows_per_shard, splits=splits)
+    if splits is not None:
+        raise IngestError(f"splits applies to kind 'beir' only; for {kind!r} name the split in dataset_name")
+    from whetstone.data.ingest_files import ingest_records
+
+    return ingest_records(source, dest_uri, kind, dataset_name, storage, rows_per_shard, engine=engine, **options)
+
+
+__all__ = ["DatasetCounts", "IngestError", "IngestKind", "IngestReport", "SourceError", "ingest", "ingest_beir"]

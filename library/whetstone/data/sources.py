@@ -6,6 +6,7 @@ error message points at the line a person would open in an editor.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator
 
 import pyarrow as pa
@@ -55,37 +56,63 @@ def list_qrels_splits(folder_uri: str, storage_config: StorageConfig | None = No
 
 def _open(uri: str, storage_config: StorageConfig | None) -> pa.NativeFile:
     loc = storage.resolve(uri, storage_config)
-    compression = "gzip" if uri.endswith(".gz") else None
     try:
-        return storage.with_retries(
-            uri, lambda: loc.filesystem.open_input_stream(loc.path, compression=compression),
-            storage_config, "open")
+        return storage.with_retries(uri, lambda: loc.filesystem.open_input_stream(loc.path, compression=None),
+                                     storage_config, "open")
     except FileNotFoundError:
         raise SourceError(f"{uri} does not exist") from None
+
+
+def _chunks(uri: str, storage_config: StorageConfig | None) -> Iterator[bytes]:
+    """The file's bytes in chunks, gunzipped when it ends in ``.gz``.
+
+    Decompression is done here with zlib rather than by the stream, so every byte before a
+    truncation point is delivered before the error (a truncated upload keeps its complete lines).
+    """
+    gzipped = uri.endswith(COMPRESSED_SUFFIXES)
+    decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS) if gzipped else None
+    with _open(uri, storage_config) as stream:
+        while True:
+            try:
+                chunk = stream.read(READ_CHUNK_BYTES)
+            except OSError as err:
+                raise SourceError(f"{uri}: read failed: {err}") from None
+            if decompressor is None:
+                if not chunk:
+                    return
+                yield chunk
+                continue
+            if not chunk:
+                if not decompressor.eof:
+                    raise SourceError(f"{uri}: gzip stream ends early (truncated file?)")
+                return
+            while chunk:
+                try:
+                    yield decompressor.decompress(chunk)
+                except zlib.error as err:
+                    raise SourceError(f"{uri}: not a valid gzip stream: {err}") from None
+                chunk = decompressor.unused_data if decompressor.eof else b""
+                if chunk:  # concatenated gzip members: start the next one
+                    decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
 
 
 def iter_lines(uri: str, storage_config: StorageConfig | None = None) -> Iterator[tuple[int, bytes]]:
     """Yield ``(line_number, raw_line)`` for each line (without ``\\n`` / ``\\r\\n``), blank lines included.
 
     Raises:
-        SourceError: the stream breaks mid-file (e.g. a truncated gzip); names the file and the
-            last complete line, because the rows after it cannot be counted, let alone kept.
+        SourceError: the stream breaks mid-file (e.g. a truncated gzip) after every complete line
+            before the break was yielded; the message names the file and the line that broke.
     """
-    stream = _open(uri, storage_config)
     line_number = 0
     pending = b""
-    with stream:
-        while True:
-            try:
-                chunk = stream.read(READ_CHUNK_BYTES)
-            except OSError as err:
-                raise SourceError(f"{uri}: cannot read past line {line_number}: {err}") from None
-            if not chunk:
-                break
+    try:
+        for chunk in _chunks(uri, storage_config):
             lines = (pending + chunk).split(b"\n")
             pending = lines.pop()
             for raw in lines:
                 line_number += 1
                 yield line_number, raw.removesuffix(b"\r")
+    except SourceError as err:
+        raise SourceError(f"{err}; line {line_number + 1} is incomplete, lines after it are lost") from None
     if pending:
         yield line_number + 1, pending.removesuffix(b"\r")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -18,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
+import whetstone.storage as wstorage
 from whetstone import storage
 from whetstone.config.base import StorageConfig
 
@@ -54,6 +56,7 @@ class DatasetEntry(_Model):
     rows: int = Field(ge=0)
     shards: list[ShardEntry]
     schema_fields: list[SchemaField] = Field(alias="schema")
+    source: str | None = None  # set when the dataset was ingested on its own (not with the store)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -160,7 +163,9 @@ class ShardWriter:
         self.rows_per_shard = rows_per_shard
         self.storage_config = storage_config
         self._buffer: dict[str, list[Any]] = {name: [] for name in schema.names}
-        self._buffered = 0
+        self._row_buffered = 0
+        self._tables: list[pa.Table] = []  # pending whole tables, in arrival order
+        self._buffered = 0  # rows in _buffer and _tables together
         self.shards: list[ShardEntry] = []
 
     @property
@@ -170,14 +175,37 @@ class ShardWriter:
     def add(self, row: dict[str, Any]) -> None:
         for name in self.schema.names:
             self._buffer[name].append(row.get(name))
+        self._row_buffered += 1
         self._buffered += 1
         if self._buffered >= self.rows_per_shard:
             self._flush()
 
+    def add_table(self, table: pa.Table) -> None:
+        """Append validated rows as a table (its columns are selected and cast to the schema)."""
+        if table.num_rows == 0:
+            return
+        self._rows_to_table()  # keep arrival order between add() and add_table()
+        self._tables.append(table.select(self.schema.names).cast(self.schema))
+        self._buffered += table.num_rows
+        while self._buffered >= self.rows_per_shard:
+            self._flush()
+
+    def _rows_to_table(self) -> None:
+        if self._row_buffered:
+            self._tables.append(pa.Table.from_pydict(self._buffer, schema=self.schema))
+            self._buffer = {name: [] for name in self.schema.names}
+            self._row_buffered = 0
+
     def _flush(self) -> None:
+        """Write the first ``rows_per_shard`` pending rows (or all of them, at close) as a shard."""
         if self._buffered == 0:
             return
-        table = pa.Table.from_pydict(self._buffer, schema=self.schema)
+        self._rows_to_table()
+        pending = pa.concat_tables(self._tables)
+        table, rest = pending.slice(0, self.rows_per_shard), pending.slice(self.rows_per_shard)
+        # One chunk per column: the bytes (and so the checksum) then depend on the rows alone,
+        # not on how the input happened to be chunked (local vs Ray Data ingest).
+        table = table.combine_chunks()
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
         data = sink.getvalue().to_pybytes()
@@ -185,14 +213,14 @@ class ShardWriter:
         storage.write_bytes(storage.join(self.store_uri, rel), data, self.storage_config)
         self.shards.append(ShardEntry(path=rel, rows=table.num_rows, bytes=len(data),
                                       sha256=hashlib.sha256(data).hexdigest()))
-        self._buffer = {name: [] for name in self.schema.names}
-        self._buffered = 0
+        self._tables = [rest] if rest.num_rows else []
+        self._buffered = rest.num_rows
 
     def close(self) -> DatasetEntry:
         """Write the last shard (an empty dataset still gets one empty shard, to carry the schema)."""
-        if self._buffered:
+        while self._buffered:
             self._flush()
-        elif not self.shards:
+        if not self.shards:
             self._write_empty()
         return DatasetEntry(rows=self.rows_written, shards=list(self.shards),
                             schema_fields=schema_fields(self.schema))
@@ -208,7 +236,7 @@ class ShardWriter:
 
 
 class QuarantineWriter:
-    """Collects rejected rows of one dataset as JSONL (``reason``, ``file``, ``line``, ``raw``).
+    """Collects rejected rows of one dataset as JSONL (``reason``, ``file``, ``line`` or ``row``, ``raw``).
 
     Rows are buffered and written in parts of ``rows_per_part``, so a corpus that is mostly bad
     does not sit in memory.
@@ -225,10 +253,11 @@ class QuarantineWriter:
         self.rows = 0
         self.files: list[str] = []
 
-    def add(self, reason: str, file: str, line: int, raw: bytes | str) -> None:
+    def add(self, reason: str, file: str, line: int, raw: bytes | str, unit: str = "line") -> None:
+        """Record one rejected row; ``unit`` names what ``line`` counts (``"row"`` for Parquet)."""
         if isinstance(raw, bytes):
             raw = raw.decode("utf-8", errors="replace")
-        record = {"reason": reason, "file": file, "line": line, "raw": raw}
+        record = {"reason": reason, "file": file, unit: line, "raw": raw}
         self._buffer.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._buffered += 1
         self.rows += 1
@@ -248,3 +277,22 @@ class QuarantineWriter:
     def close(self) -> QuarantineEntry:
         self._flush()
         return QuarantineEntry(rows=self.rows, files=list(self.files))
+
+
+def read_dataset_table(store_uri: str, name: str, storage: StorageConfig | None = None,
+                       columns: Sequence[str] | None = None) -> pa.Table:
+    """Read every shard of dataset ``name`` (``"corpus"``, ``"qrels/test"``, ...) listed in the manifest.
+
+    Each shard's sha256 and row count are checked against the manifest.
+
+    Raises:
+        DataIntegrityError: no manifest, or a shard is missing, corrupt or altered (names the URI).
+        KeyError: the store has no dataset ``name``.
+    """
+    manifest = read_manifest(store_uri, storage)
+    entry = manifest.dataset(name, store_uri)
+    tables = []
+    for shard in entry.shards:
+        table = read_shard(wstorage.join(store_uri, shard.path), shard, storage)
+        tables.append(table.select(list(columns)) if columns is not None else table)
+    return pa.concat_tables(tables)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,31 +29,12 @@ import whetstone.storage as wstorage
 from whetstone.config.base import StorageConfig
 from whetstone.data import schemas as S
 from whetstone.data.collate import collate_pairs, pad_sequences
-from whetstone.data.store import read_manifest, read_shard
+from whetstone.data.store import read_dataset_table, read_manifest, read_shard
 
 if TYPE_CHECKING:
     import ray.data
 
 logger = logging.getLogger(__name__)
-
-
-def read_dataset_table(store_uri: str, name: str, storage: StorageConfig | None = None,
-                       columns: Sequence[str] | None = None) -> pa.Table:
-    """Read every shard of dataset ``name`` (``"corpus"``, ``"qrels/test"``, ...) listed in the manifest.
-
-    Each shard's sha256 and row count are checked against the manifest.
-
-    Raises:
-        DataIntegrityError: no manifest, or a shard is missing, corrupt or altered (names the URI).
-        KeyError: the store has no dataset ``name``.
-    """
-    manifest = read_manifest(store_uri, storage)
-    entry = manifest.dataset(name, store_uri)
-    tables = []
-    for shard in entry.shards:
-        table = read_shard(wstorage.join(store_uri, shard.path), shard, storage)
-        tables.append(table.select(list(columns)) if columns is not None else table)
-    return pa.concat_tables(tables)
 
 
 class DocStore:
@@ -128,26 +109,76 @@ class DocStore:
         return [self._ids[row] for row in chosen]
 
 
-def _has_static_negatives(store_uri: str, name: str, storage: StorageConfig | None) -> bool:
-    table = read_dataset_table(store_uri, name, storage, columns=[S.NEGATIVE_IDS])
-    if table.num_rows == 0:
-        return False
-    return pc.max(pc.list_value_length(table.column(S.NEGATIVE_IDS))).as_py() > 0
+def _has_static_negatives(tables: Sequence[pa.Table]) -> bool:
+    return any(t.num_rows and pc.max(pc.list_value_length(t.column(S.NEGATIVE_IDS))).as_py() > 0 for t in tables)
+
+
+def _shard_tables(store_uri: str, name: str, storage: StorageConfig | None) -> list[pa.Table]:
+    """Every shard of ``name``, read once and checked against the manifest (sha256, rows)."""
+    manifest = read_manifest(store_uri, storage)
+    return [read_shard(wstorage.join(store_uri, shard.path), shard, storage)
+            for shard in manifest.dataset(name, store_uri).shards]
+
+
+def _in_memory_dataset(tables: list[pa.Table]) -> ray.data.Dataset:
+    """One object-store block per shard; each epoch re-shuffles blocks already in memory.
+
+    Pair and preference tables are small next to the corpus (ids and short texts), and a
+    ``read_parquet`` would re-list and re-read storage in fresh tasks every epoch, which costs
+    seconds before the first batch on a busy host.
+    """
+    import ray.data
+
+    rows = sum(t.num_rows for t in tables)
+    if rows == 0:
+        return ray.data.from_arrow(tables[:1])
+    # Blocks of a few thousand rows: downstream tasks then tokenize in parallel and the first batch
+    # waits for one block, not a whole shard; at most ~MAX_BLOCKS, since the all-to-all shuffle
+    # costs grow with the square of the block count.
+    block_rows = max(MIN_BLOCK_ROWS, -(-rows // MAX_BLOCKS))
+    blocks = [t.slice(offset, block_rows) for t in tables for offset in range(0, t.num_rows, block_rows)]
+    ds = ray.data.from_arrow(blocks)
+    # The seeded shuffle is only repeatable if its input blocks arrive in the same order; later
+    # operators copy this dataset's context, so the setting carries through tokenize_pairs.
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
+MIN_BLOCK_ROWS, MAX_BLOCKS = 1024, 64
+
+# Per worker process. Ray Data rebuilds an actor pool on every execution (every epoch), and an
+# actor that imports transformers and loads a tokenizer takes seconds to start on a busy host;
+# task worker processes are pooled and reused across epochs, so what the first task builds here
+# (a tokenizer, a DocStore) serves the later epochs' tasks too.
+_PROCESS_CACHE: dict[str, Any] = {}
+_PROCESS_CACHE_SIZE = 8
+
+
+def _cached(key: str, build: Callable[[], Any]) -> Any:
+    value = _PROCESS_CACHE.get(key)
+    if value is None:
+        if len(_PROCESS_CACHE) >= _PROCESS_CACHE_SIZE:
+            _PROCESS_CACHE.clear()  # a long-lived worker that served many runs: start over
+        value = _PROCESS_CACHE[key] = build()
+    return value
+
+
+def _docstore_from_ref(corpus_ref: Any) -> DocStore:
+    import ray
+
+    return DocStore(corpus_ref if isinstance(corpus_ref, pa.Table) else ray.get(corpus_ref))
 
 
 class _ResolvePairs:
-    """``map_batches`` actor: pick one positive per query and resolve ids to document text.
+    """Pick one positive per query and resolve ids to document text (run by :func:`_resolve_batch`).
 
     The positive is drawn with a generator seeded by ``(seed, the batch's query ids)``: the
     per-epoch shuffle changes which queries share a batch, so the choice varies between epochs
     yet a run with the same seed repeats it.
     """
 
-    def __init__(self, corpus_ref: Any, seed: int | None, negatives_per_query: int | None) -> None:
-        import ray
-
-        corpus = corpus_ref if isinstance(corpus_ref, pa.Table) else ray.get(corpus_ref)
-        self.docs = DocStore(corpus)
+    def __init__(self, docs: DocStore, seed: int | None, negatives_per_query: int | None) -> None:
+        self.docs = docs
         self.seed = seed
         self.negatives_per_query = negatives_per_query
 
@@ -199,7 +230,8 @@ def pairs_dataset(store_uri: str, split: str, storage: StorageConfig | None = No
     Shuffling: a full ``random_shuffle`` with ``RandomSeedConfig(seed, reseed_after_execution=True)``;
     each execution of the dataset (each epoch's ``iter_batches``) gets a different order, and the
     sequence of orders repeats for the same seed. Pair rows are ids and a query, so the all-to-all
-    shuffle moves little data; the texts are attached after it.
+    shuffle moves little data; the texts are attached after it. The pair shards are read once, on
+    the driver (sha256-checked), into the object store: epochs do not re-read storage.
 
     Args:
         store_uri: the store root (local or ``s3://``).
@@ -221,32 +253,40 @@ def pairs_dataset(store_uri: str, split: str, storage: StorageConfig | None = No
     from ray.data import RandomSeedConfig
 
     name = f"pairs/{split}"
-    manifest = read_manifest(store_uri, storage)
-    location = wstorage.resolve(store_uri, storage)
-    paths = [wstorage.resolve(uri, storage).path for uri in manifest.shard_uris(store_uri, name)]
-    if negatives_per_query is None and not _has_static_negatives(store_uri, name, storage):
+    tables = _shard_tables(store_uri, name, storage)
+    if negatives_per_query is None and not _has_static_negatives(tables):
         negatives_per_query = 0
     corpus_ref = ray.put(DocStore.load(store_uri, storage).table)
-    ds = ray.data.read_parquet(paths, filesystem=location.filesystem, schema=S.PAIRS_SCHEMA)
     shuffle_seed = RandomSeedConfig(seed=seed, reseed_after_execution=True) if seed is not None else None
-    ds = ds.random_shuffle(seed=shuffle_seed)
+    ds = _in_memory_dataset(tables).random_shuffle(seed=shuffle_seed)
+    # Tasks, not actors (see _PROCESS_CACHE): no per-epoch actor start-up before the first batch.
     return ds.map_batches(
-        _ResolvePairs,
-        fn_constructor_kwargs={"corpus_ref": corpus_ref, "seed": seed, "negatives_per_query": negatives_per_query},
+        _resolve_batch,
+        fn_kwargs={"corpus_ref": corpus_ref, "corpus_key": corpus_ref.hex(), "seed": seed,
+                   "negatives_per_query": negatives_per_query},
         batch_format="pyarrow",
         batch_size=256,
-        concurrency=1,
         num_cpus=num_cpus,
     )
 
 
+def _resolve_batch(batch: pa.Table, corpus_ref: Any, corpus_key: str, seed: int | None,
+                   negatives_per_query: int | None) -> pa.Table:
+    """``map_batches`` task: :class:`_ResolvePairs` over a DocStore cached per worker process."""
+    docs = _cached(f"docs:{corpus_key}", lambda: _docstore_from_ref(corpus_ref))
+    return _ResolvePairs(docs, seed, negatives_per_query)(batch)
+
+
 class _TokenizePairs:
-    """``map_batches`` actor: the tokenizer loads once per actor; token ids are left unpadded."""
+    """Tokenize a batch of pairs (run by :func:`_tokenize_batch`); token ids are left unpadded."""
 
     def __init__(self, tokenizer_path: str, query_max_length: int, doc_max_length: int) -> None:
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        from whetstone.models.assets import localize
+
+        # A model in object storage is fetched to a node-local folder once.
+        self.tokenizer = AutoTokenizer.from_pretrained(localize(tokenizer_path))
         self.query_max_length = query_max_length
         self.doc_max_length = doc_max_length
 
@@ -268,23 +308,58 @@ class _TokenizePairs:
         return out
 
 
+def _tokenize_batch(batch: pa.Table, tokenizer_path: str, query_max_length: int,
+                    doc_max_length: int) -> pa.Table:
+    """``map_batches`` task: :class:`_TokenizePairs` with the tokenizer cached per worker process."""
+    key = f"tokenize:{tokenizer_path}:{query_max_length}:{doc_max_length}"
+    return _cached(key, lambda: _TokenizePairs(tokenizer_path, query_max_length, doc_max_length))(batch)
+
+
 def tokenize_pairs(ds: ray.data.Dataset, tokenizer_path: str, query_max_length: int, doc_max_length: int,
-                   num_cpus: float = 0.25, concurrency: int = 1, batch_size: int = 256) -> ray.data.Dataset:
+                   num_cpus: float = 0.25, concurrency: int | None = 2, batch_size: int = 256) -> ray.data.Dataset:
     """Add ``query_input_ids``, ``positive_input_ids`` (and ``negative_input_ids``) token id lists.
 
-    Tokenization runs in Ray Data actors, overlapped with training. Sequences are truncated to the
-    max lengths (special tokens included) but not padded: :func:`collate_pairs` pads per batch.
+    Tokenization runs in Ray Data tasks, overlapped with training; each worker process loads the
+    tokenizer once and keeps it across epochs. Sequences are truncated to the max lengths
+    (special tokens included) but not padded: :func:`collate_pairs` pads per batch.
     ``negative_input_ids`` is a list of sequences per row.
+
+    Args:
+        concurrency: most tokenizing tasks at once (``None``: as many as the CPUs allow).
     """
     return ds.map_batches(
-        _TokenizePairs,
-        fn_constructor_kwargs={"tokenizer_path": str(tokenizer_path), "query_max_length": query_max_length,
-                               "doc_max_length": doc_max_length},
+        _tokenize_batch,
+        fn_kwargs={"tokenizer_path": str(tokenizer_path), "query_max_length": query_max_length,
+                   "doc_max_length": doc_max_length},
         batch_format="pyarrow",
         batch_size=batch_size,
         concurrency=concurrency,
         num_cpus=num_cpus,
     )
+
+
+def preference_dataset(store_uri: str, split_or_name: str, storage: StorageConfig | None = None,
+                       seed: int | None = None) -> ray.data.Dataset:
+    """Preference triples of a store as a Ray Dataset, shuffled per epoch like :func:`pairs_dataset`.
+
+    Args:
+        store_uri: the store root (local or ``s3://``).
+        split_or_name: a split (``"train"`` reads ``preference/train``) or a dataset name
+            (``"preference/test"``).
+        storage: how to reach ``s3://``.
+        seed: shuffle seed; each execution (epoch) gets a new order, the sequence of orders repeats
+            for the same seed. ``None`` is non-deterministic.
+
+    Returns:
+        Rows with ``pair_id``, ``prompt``, ``chosen``, ``rejected`` (strings) and ``time``
+        (timestamp, may be null), read from shards checked against the manifest's schema.
+    """
+    from ray.data import RandomSeedConfig
+
+    name = split_or_name if split_or_name.startswith("preference/") else f"preference/{split_or_name}"
+    shuffle_seed = RandomSeedConfig(seed=seed, reseed_after_execution=True) if seed is not None else None
+    ds = _in_memory_dataset(_shard_tables(store_uri, name, storage))
+    return ds.random_shuffle(seed=shuffle_seed)
 
 
 @dataclass(frozen=True)
@@ -323,6 +398,7 @@ __all__ = [
     "load_eval_split",
     "pad_sequences",
     "pairs_dataset",
+    "preference_dataset",
     "read_dataset_table",
     "tokenize_pairs",
 ]

@@ -82,13 +82,25 @@ def string_list(record: dict[str, Any], field: str, *, required: bool) -> list[s
     return value
 
 
+CORPUS_ID_FIELDS = ("_id", "id", S.DOC_ID)
+
+
 def corpus_row(record: dict[str, Any]) -> dict[str, Any]:
-    """A BEIR corpus record (``_id``, ``text``, optional ``title`` and ``metadata`` object)."""
+    """A corpus record: an id (``_id`` as in BEIR, ``id`` or ``doc_id``), ``text``, optional
+    ``title`` and ``metadata`` object (or a JSON object string, as a Parquet column holds it)."""
+    present = [name for name in CORPUS_ID_FIELDS if name in record]
+    if len(present) > 1:
+        raise RowRejected(f"fields {present} all name the document id; keep one")
     metadata = record.get("metadata")
+    if isinstance(metadata, str):  # Parquet sources carry metadata as a JSON string column
+        try:
+            metadata = json.loads(metadata) if metadata.strip() else None
+        except json.JSONDecodeError:
+            raise RowRejected("field 'metadata' is a string but not a JSON object") from None
     if metadata is not None and not isinstance(metadata, dict):
         raise RowRejected(f"field 'metadata' must be a JSON object, got {_type_name(metadata)}")
     return {
-        S.DOC_ID: require_string(record, "_id"),
+        S.DOC_ID: require_string(record, present[0] if present else "_id"),
         S.TITLE: optional_string(record, "title") or "",
         S.TEXT: require_string(record, "text"),
         S.METADATA: json.dumps(metadata, ensure_ascii=False, sort_keys=True) if metadata else None,
@@ -129,18 +141,37 @@ def is_qrels_header(fields: list[str]) -> bool:
     return False
 
 
-def pairs_row(record: dict[str, Any]) -> dict[str, Any]:
-    """A pairs record: ``query_id``, ``query``, ``positive_ids``, optional ``negative_ids``, ``score``."""
+def _first_present(record: dict[str, Any], names: tuple[str, ...]) -> str:
+    """The first of ``names`` that ``record`` has (else the first name, so errors cite it)."""
+    return next((name for name in names if name in record), names[0])
+
+
+def _default_id(record: dict[str, Any], field: str, default_id: str | None) -> str:
+    if field not in record and default_id is not None:
+        return default_id
+    return require_string(record, field)
+
+
+def pairs_row(record: dict[str, Any], default_id: str | None = None) -> dict[str, Any]:
+    """A pairs record: ``query``, ``positive_ids`` (or ``positive_id``), optional ``query_id``,
+    ``negative_ids`` (or ``negative_id``) and ``score``.
+
+    Args:
+        record: the parsed source record.
+        default_id: the ``query_id`` to use when the record has none (ingest passes
+            ``"<file name>:<line>"``); ``None`` makes ``query_id`` required.
+    """
     score = record.get("score")
     if score is not None:
         if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
             raise RowRejected(f"field 'score' must be a finite number or null, got {score!r}")
         score = float(score)
     return {
-        S.QUERY_ID: require_string(record, S.QUERY_ID),
+        S.QUERY_ID: _default_id(record, S.QUERY_ID, default_id),
         S.QUERY: require_string(record, S.QUERY),
-        S.POSITIVE_IDS: string_list(record, S.POSITIVE_IDS, required=True),
-        S.NEGATIVE_IDS: string_list(record, S.NEGATIVE_IDS, required=False),
+        S.POSITIVE_IDS: string_list(record, _first_present(record, (S.POSITIVE_IDS, S.POSITIVE_ID)), required=True),
+        S.NEGATIVE_IDS: string_list(record, _first_present(record, (S.NEGATIVE_IDS, "negative_id")),
+                                    required=False),
         S.SCORE: score,
     }
 
@@ -149,6 +180,8 @@ def parse_time(value: Any) -> datetime | None:
     """An optional timestamp: ISO-8601 string or Unix seconds; naive times are taken as UTC."""
     if value is None:
         return None
+    if isinstance(value, datetime):  # a Parquet timestamp column
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
     if isinstance(value, bool):
         raise RowRejected("field 'time' must be an ISO-8601 string or Unix seconds, got bool")
     if isinstance(value, (int, float)):
@@ -164,16 +197,47 @@ def parse_time(value: Any) -> datetime | None:
     raise RowRejected(f"field 'time' must be an ISO-8601 string or Unix seconds, got {_type_name(value)}")
 
 
-def preference_row(record: dict[str, Any]) -> dict[str, Any]:
-    """A preference record: ``pair_id``, ``prompt``, ``chosen``, ``rejected``, optional ``time``."""
+def preference_row(record: dict[str, Any], default_id: str | None = None) -> dict[str, Any]:
+    """A preference record: ``prompt``, ``chosen``, ``rejected``, optional ``pair_id`` and ``time``.
+
+    Args:
+        record: the parsed source record.
+        default_id: the ``pair_id`` when the record has none; ``None`` makes it required.
+    """
     chosen = require_string(record, S.CHOSEN)
     rejected = require_string(record, S.REJECTED)
     if chosen == rejected:
         raise RowRejected("fields 'chosen' and 'rejected' are identical")
     return {
-        S.PAIR_ID: require_string(record, S.PAIR_ID),
+        S.PAIR_ID: _default_id(record, S.PAIR_ID, default_id),
         S.PROMPT: require_string(record, S.PROMPT),
         S.CHOSEN: chosen,
         S.REJECTED: rejected,
+        S.TIME: parse_time(record.get(S.TIME)),
+    }
+
+
+def hh_rlhf_row(record: dict[str, Any], default_id: str | None = None) -> dict[str, Any]:
+    """An Anthropic hh-rlhf record (two whole dialogues) split into a preference row.
+
+    The split rule is :func:`whetstone.data.hh_rlhf.split_dialogue_pair`; a pair it cannot split
+    is rejected with its reason. ``pair_id`` and ``time`` are taken when present (hh-rlhf has
+    neither), else ``default_id`` and null.
+    """
+    from whetstone.data.hh_rlhf import split_dialogue_pair
+
+    chosen = require_string(record, S.CHOSEN)
+    rejected = require_string(record, S.REJECTED)
+    try:
+        prompt, chosen_completion, rejected_completion = split_dialogue_pair(chosen, rejected)
+    except ValueError as err:
+        raise RowRejected(f"hh-rlhf pair cannot be split: {err}") from None
+    # An empty completion is allowed here (unlike the generic preference format): in hh-rlhf the
+    # assistant saying nothing is a real, sometimes preferred, answer.
+    return {
+        S.PAIR_ID: _default_id(record, S.PAIR_ID, default_id),
+        S.PROMPT: prompt,
+        S.CHOSEN: chosen_completion,
+        S.REJECTED: rejected_completion,
         S.TIME: parse_time(record.get(S.TIME)),
     }
