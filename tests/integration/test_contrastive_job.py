@@ -66,7 +66,6 @@ def test_refresh_swapped_a_new_version(contrastive_report):
 
 def test_index_service_serves_the_promoted_version(contrastive_report):
     import numpy as np
-
     from whetstone.index.client import IndexClient
 
     client = IndexClient.from_handle()
