@@ -49,6 +49,9 @@ class RefreshConfig(StrictModel):
     embed_batch_size: int = Field(32, ge=1)
     embed_concurrency: int = Field(1, ge=1, description="embedding actors while training runs")
     embed_cpus: float = Field(1.0, gt=0)
+    doc_max_length: int | None = Field(None, ge=16, le=512,
+                                       description="document length for refreshed indexes (None: eval's)")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="bfloat16: faster refreshes on CPU")
 
 
 class IndexSection(StrictModel):

@@ -19,6 +19,7 @@ class MemorySampler:
         self.interval_s = interval_s
         self.include_ray = include_ray
         self.peak_bytes = 0
+        self.peak_breakdown: list[tuple[str, float]] = []  # (process, GiB) at the peak, largest first
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -36,17 +37,25 @@ class MemorySampler:
                 if "ray" in " ".join(proc.info.get("cmdline") or []):
                     procs.setdefault(proc.pid, proc)
         total = 0
+        sizes: list[tuple[str, float]] = []
         for proc in procs.values():
             try:
                 info = proc.memory_full_info()
-                total += getattr(info, "pss", info.rss)
+                size = getattr(info, "pss", info.rss)
+                name = proc.name()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
+            total += size
+            sizes.append((name, size / 1024**3))
+        self._last_breakdown = sorted(sizes, key=lambda item: -item[1])
         return total
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak_bytes = max(self.peak_bytes, self.sample())
+            total = self.sample()
+            if total > self.peak_bytes:
+                self.peak_bytes = total
+                self.peak_breakdown = [(n, round(g, 2)) for n, g in self._last_breakdown[:10]]
             self._stop.wait(self.interval_s)
 
     def stop(self) -> int:

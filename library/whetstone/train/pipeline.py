@@ -172,8 +172,8 @@ def run_contrastive(config: ContrastiveJobConfig, train_loop: Callable[[dict], N
         print(f"[index] v1 deployed ({config.index.kind}, {len(doc_ids)} docs) in {timer.mark('deploy_s', t)} s; "
               f"HTTP: http://{config.index.http_host}:{config.index.http_port}/index/stats", flush=True)
         refresher_name = f"whetstone-refresher-{config.run_name}-{uuid.uuid4().hex[:6]}"
-        settings = {**config.refresh.model_dump(), "doc_max_length": config.eval.doc_max_length,
-                    "kind": config.index.kind}
+        settings = {**config.refresh.model_dump(), "kind": config.index.kind,
+                    "index_max_length": config.refresh.doc_max_length or config.eval.doc_max_length}
         refresher = IndexRefresher.options(name=refresher_name).remote(
             config.store_uri, index_uri, config.storage.resolved().to_wire(), settings)
 
@@ -249,6 +249,7 @@ def run_contrastive(config: ContrastiveJobConfig, train_loop: Callable[[dict], N
         "refresh_errors": refresh_status["errors"],
         "timings_s": {**timer.marks, "total_s": round(time.monotonic() - timer.started, 2)},
         "peak_memory_gib": round(memory.stop() / 1024**3, 2),
+        "peak_memory_top_processes_gib": memory.peak_breakdown,
     }
     report_uri = store.join(run_uri, "report.json")
     store.write_bytes(report_uri, json.dumps(report, indent=2).encode(), config.storage)

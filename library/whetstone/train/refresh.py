@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 class _EmbedBatch:
     """Ray Data UDF: load the encoder once per actor, embed a batch of corpus rows."""
 
-    def __init__(self, model_uri: str, storage_wire: dict, max_length: int, batch_size: int):
+    def __init__(self, model_uri: str, storage_wire: dict, max_length: int, batch_size: int,
+                 dtype: str = "float32"):
         import torch
 
         from whetstone.models.encoder import Encoder
@@ -37,6 +38,7 @@ class _EmbedBatch:
         self.encoder = Encoder.load(model_uri, storage=StorageConfig(**storage_wire))
         self.max_length = max_length
         self.batch_size = batch_size
+        self.dtype = dtype
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         titles = batch.get("title")
@@ -44,7 +46,8 @@ class _EmbedBatch:
             document_text(str(titles[i]) if titles is not None and titles[i] is not None else "", str(t))
             for i, t in enumerate(batch["text"])
         ]
-        vectors = self.encoder.encode(texts, batch_size=self.batch_size, max_length=self.max_length)
+        vectors = self.encoder.encode(texts, batch_size=self.batch_size, max_length=self.max_length,
+                                      dtype=self.dtype)
         return {"doc_id": batch["doc_id"], "vector": vectors}
 
 
@@ -56,6 +59,7 @@ def embed_corpus(
     max_length: int = 256,
     concurrency: int = 1,
     num_cpus: float = 1.0,
+    dtype: str = "float32",
 ) -> tuple[list[str], np.ndarray]:
     """Embed every corpus document with ``model_uri`` using Ray Data.
 
@@ -77,6 +81,7 @@ def embed_corpus(
             "storage_wire": storage.resolved().to_wire(),
             "max_length": max_length,
             "batch_size": batch_size,
+            "dtype": dtype,
         },
         batch_size=128,
         batch_format="numpy",
@@ -181,9 +186,10 @@ class IndexRefresher:
             checkpoint_uri,
             self.storage,
             batch_size=self.settings["embed_batch_size"],
-            max_length=self.settings["doc_max_length"],
+            max_length=self.settings["index_max_length"],
             concurrency=self.settings["embed_concurrency"],
             num_cpus=self.settings["embed_cpus"],
+            dtype=self.settings["dtype"],
         )
         embedded = time.monotonic()
         old_version = latest_version(self.index_uri, self.storage) or 0
