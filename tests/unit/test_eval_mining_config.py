@@ -113,3 +113,19 @@ def test_local_paths_become_absolute(tmp_path, monkeypatch):
     assert fixed.run_uri.startswith(str(tmp_path))
     s3 = absolute_local_paths(ContrastiveJobConfig.model_validate({"store_uri": "s3://b/p"}))
     assert s3.store_uri == "s3://b/p"
+
+
+def test_every_job_config_validates_against_its_job():
+    import importlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+    models = {"evaluate": ("jobs.evaluate", "EvaluateJobConfig"),
+              "refresh_index": ("jobs.refresh_index", "RefreshIndexJobConfig"),
+              "ingest": ("jobs.ingest", "IngestJobConfig")}
+    for job, (module, name) in models.items():
+        model = getattr(importlib.import_module(module), name)
+        files = sorted((root / job).glob("*.yaml"))
+        assert files, job
+        for path in files:
+            load_config(model, path)

@@ -1,0 +1,67 @@
+"""Evaluate an embedding model on a BEIR-format split in the store: nDCG@10, Recall@100, MRR@10.
+
+The corpus is embedded with Ray Data batch inference and ranked exactly; the JSON result goes
+to ``output_uri`` (default ``<store_uri>/eval/<name>.json``) and the last line printed is its path.
+
+Launch:
+  local:           python -m jobs.evaluate --config jobs/configs/evaluate/smoke.yaml
+  ray job submit:  ray job submit --working-dir . -- python -m jobs.evaluate \
+                       --config jobs/configs/evaluate/scifact.yaml model=s3://bucket/runs/x/train/final
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+
+from pydantic import Field
+from whetstone.config.base import StorageConfig, StrictModel
+
+
+class EvaluateJobConfig(StrictModel):
+    model: str = Field("all-MiniLM-L6-v2", description="model folder, storage URI or alias")
+    store_uri: str = Field(..., description="an ingested store (local path or s3://)")
+    split: str = "test"
+    storage: StorageConfig = StorageConfig()
+    query_max_length: int = Field(64, ge=8, le=512)
+    doc_max_length: int = Field(256, ge=16, le=512)
+    batch_size: int = Field(32, ge=1)
+    embed_concurrency: int = Field(2, ge=1)
+    name: str = Field("eval", pattern=r"^[A-Za-z0-9_.-]+$")
+    output_uri: str | None = None
+    ray_num_cpus: int = Field(8, ge=1)
+    ray_object_store_mb: int = Field(512, ge=128)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    from whetstone import storage as store
+    from whetstone.data.stream import load_eval_split
+    from whetstone.eval.retrieval import evaluate_rankings, exact_rankings
+    from whetstone.models.encoder import Encoder
+    from whetstone.train.pipeline import init_ray, parse_job_args
+    from whetstone.train.refresh import embed_corpus
+
+    config = parse_job_args(EvaluateJobConfig, argv, __doc__)
+    init_ray(config.ray_num_cpus, config.ray_object_store_mb)
+    started = time.monotonic()
+    split = load_eval_split(config.store_uri, config.split, config.storage)
+    doc_ids, doc_vectors = embed_corpus(config.store_uri, config.model, config.storage, config.batch_size,
+                                        config.doc_max_length, config.embed_concurrency)
+    encoder = Encoder.load(config.model, storage=config.storage)
+    query_ids = list(split.queries)
+    query_vectors = encoder.encode([split.queries[q] for q in query_ids], max_length=config.query_max_length)
+    metrics = evaluate_rankings(exact_rankings(query_ids, query_vectors, doc_ids, doc_vectors, 100), split.qrels)
+    result = {"model": config.model, "store_uri": config.store_uri, "split": config.split,
+              "documents": len(doc_ids), **metrics, "seconds": round(time.monotonic() - started, 1)}
+    output = config.output_uri or store.join(config.store_uri, "eval", f"{config.name}.json")
+    store.write_bytes(output, json.dumps(result, indent=2).encode(), config.storage)
+    print(f"[eval] {config.model} on {config.split}: nDCG@10 {metrics['ndcg@10']:.4f} "
+          f"Recall@100 {metrics['recall@100']:.4f} MRR@10 {metrics['mrr@10']:.4f} "
+          f"({int(metrics['queries'])} queries, {len(doc_ids)} docs)", flush=True)
+    print(f"result: {output}", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
