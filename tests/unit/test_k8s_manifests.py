@@ -225,10 +225,8 @@ def test_rayjob_entrypoint_names_existing_module_and_config(source: str, doc: di
     module, config, overrides = argv[2], argv[4], argv[5:]
     assert all("=" in o for o in overrides), f"{source}: overrides must be key=value: {overrides}"
     module_file = REPO_ROOT / (module.replace(".", "/") + ".py")
-    if not module_file.is_file():
-        pytest.skip(f"{module_file.relative_to(REPO_ROOT)} does not exist yet (being written)")
-    if not (REPO_ROOT / config).is_file():
-        pytest.skip(f"{config} does not exist yet (being written)")
+    assert module_file.is_file(), f"{source}: {module_file.relative_to(REPO_ROOT)} does not exist"
+    assert (REPO_ROOT / config).is_file(), f"{source}: {config} does not exist"
     # The config with the entrypoint's overrides must load as the job's own config model.
     import importlib
 
@@ -237,8 +235,7 @@ def test_rayjob_entrypoint_names_existing_module_and_config(source: str, doc: di
     job = importlib.import_module(module)
     models = {v for k, v in vars(job).items() if isinstance(v, type) and issubclass(v, StrictModel)
               and k.endswith("JobConfig")}
-    if len(models) != 1:
-        pytest.skip(f"{module} has no single *JobConfig model to check the overrides against")
+    assert len(models) == 1, f"{module} must define one *JobConfig model to check the overrides against"
     load_config(models.pop(), REPO_ROOT / config, overrides)
 
 
