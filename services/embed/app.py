@@ -10,8 +10,7 @@ reloads the encoder when it changes, so queries embedded here match the served i
   curl -X POST localhost:8000/embed/ -H 'content-type: application/json' -d '{"texts": ["a claim"]}'
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI must see the request model as a class.
 import asyncio
 import logging
 import threading
@@ -39,7 +38,7 @@ class EmbedServiceArgs(StrictModel):
     poll_interval_s: float = Field(5.0, gt=0)
 
     @model_validator(mode="after")
-    def _one_source(self) -> EmbedServiceArgs:
+    def _one_source(self):
         if (self.index_uri is None) == (self.model_uri is None):
             raise ValueError("set exactly one of index_uri (follow promotions) or model_uri")
         return self
