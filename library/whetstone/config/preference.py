@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from whetstone.config.base import StorageConfig, StrictModel
 
@@ -103,6 +103,12 @@ class LeakageConfig(StrictModel):
     max_length: int = Field(128, ge=8, le=512)
     batch_size: int = Field(64, ge=1)
     max_examples: int = Field(20, ge=0, description="flagged pairs listed in the report")
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: object) -> object:
+        # YAML 1.1 reads a bare `off` as false; `leakage.mode: off` means the mode, not a boolean.
+        return "off" if value is False else value
 
 
 class RewardModelSection(StrictModel):

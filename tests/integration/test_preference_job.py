@@ -1,0 +1,141 @@
+"""The preference job end to end on a local Ray: DPO on a tiny random-init GPT-2, 2 workers.
+
+Runs ``jobs.train_preference.main`` on real hh-rlhf pairs (ingested from the shared data) with
+the real GPT-2 tokenizer, reference log-probs precomputed by Ray Data and joined by pair_id, a
+leakage report, held-out evaluation, a checkpoint, a JSON report and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.integration
+
+HH_RLHF = "preference/hh-rlhf-harmless-base/test.jsonl.gz"
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, gpt2_tokenizer_dir) -> Path:
+    """A random-init 2-layer GPT-2 (width 64, full 50,257 vocabulary) with the real tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-gpt2")
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=50257, n_positions=256)
+    GPT2LMHeadModel(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(gpt2_tokenizer_dir)).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def hh_store(tmp_path_factory, shared_data) -> str:
+    from whetstone.data.ingest import ingest
+
+    store = str(tmp_path_factory.mktemp("store") / "hh-rlhf")
+    report = ingest(str(shared_data / HH_RLHF), store, "hh-rlhf", "preference/test", rows_per_shard=1000)
+    assert report.datasets["preference/test"].rows_written == 2308
+    return store
+
+
+@pytest.fixture(scope="module")
+def dpo_report(ray_cluster, hh_store, tiny_gpt2_dir, tiny_encoder_dir) -> dict:
+    from jobs.train_preference import main
+
+    return main([
+        "--config", "jobs/configs/train_preference/smoke.yaml",
+        f"store_uri={hh_store}", f"policy.path={tiny_gpt2_dir}", f"leakage.encoder={tiny_encoder_dir}",
+    ])
+
+
+def _history(report: dict) -> list[dict]:
+    return json.loads(Path(report["history_uri"]).read_text())
+
+
+def test_loss_falls(dpo_report):
+    history = _history(dpo_report)
+    assert len(history) == dpo_report["steps"] == 2 * (160 // (2 * 8))
+    assert dpo_report["last_loss_mean"] < dpo_report["first_loss_mean"] - 0.05
+    # The chosen-vs-rejected reward accuracy on the training stream improves with the loss.
+    assert sum(m["reward_accuracy"] for m in history[-5:]) > sum(m["reward_accuracy"] for m in history[:5])
+
+
+def test_reference_precompute_joined_by_pair_id(dpo_report):
+    import pyarrow.parquet as pq
+
+    reference = pq.read_table(dpo_report["reference"]["uri"])
+    assert dpo_report["reference"]["mode"] == "precompute"
+    assert reference.num_rows == 160 + 32
+    assert len(set(reference.column("pair_id").to_pylist())) == reference.num_rows
+    # Before the first update the policy IS the reference: if the joined log-probs belonged to
+    # other pairs, the step-1 implicit rewards (beta * (policy - reference)) would be far from 0.
+    first = _history(dpo_report)[0]
+    assert abs(first["chosen_reward"]) < 1e-3 and abs(first["rejected_reward"]) < 1e-3
+    assert abs(first["loss"] - 0.6931) < 1e-3  # -log sigmoid(0)
+
+
+def test_eval_and_report(dpo_report):
+    ev = dpo_report["eval"]
+    assert ev["eval_pairs"] == 32
+    assert 0.0 <= ev["eval_reward_accuracy"] <= 1.0
+    assert dpo_report["kept_aside_at_ingest"] == {"preference/test": 4}
+    leak = dpo_report["leakage"]
+    assert leak["mode"] == "report" and leak["eval_prompts"] == 32 and leak["train_prompts"] == 160
+    assert Path(dpo_report["plot_uri"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report_file = Path(dpo_report["run_uri"]) / "report.json"
+    assert json.loads(report_file.read_text())["steps"] == dpo_report["steps"]
+
+
+def test_checkpoint_is_a_trained_hf_model(dpo_report, tiny_gpt2_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final = Path(dpo_report["model_uri"])
+    trained = AutoModelForCausalLM.from_pretrained(final)
+    base = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    assert AutoTokenizer.from_pretrained(final).eos_token == "<|endoftext|>"
+    state = json.loads((final / "trainer_state.json").read_text())
+    assert state["step"] == dpo_report["steps"]
+    moved = [not torch.equal(a, b) for a, b in zip(trained.parameters(), base.parameters(), strict=True)]
+    assert all(moved)
+
+
+def test_ns_dpo_with_on_the_fly_reference(ray_cluster, hh_store, tiny_gpt2_dir, tmp_path):
+    """NS-DPO (hh-rlhf has no timestamps: every pair takes the newest step, weight 1) with the
+    reference held by each worker instead of precomputed; leakage guard off."""
+    from jobs.train_preference import main
+
+    report = main([
+        "--config", "jobs/configs/train_preference/smoke.yaml", f"store_uri={hh_store}",
+        f"policy.path={tiny_gpt2_dir}", f"output_uri={tmp_path / 'ns'}", "loss.name=ns_dpo", "loss.gamma=0.9",
+        "reference.mode=on_the_fly", "leakage.mode=off", "optim.epochs=1", "optim.max_steps=3",
+        "data.max_eval_pairs=8",
+    ])
+    assert report["loss"] == "ns_dpo" and report["steps"] == 3
+    assert report["reference"] == {"mode": "on_the_fly", "uri": None}
+    first = _history(report)[0]
+    # Global normalisation: weights sum to 1 over both workers, so the step-1 loss is -log sigmoid(0).
+    assert abs(first["loss"] - 0.6931) < 1e-3 and abs(first["margin"]) < 1e-3
+    assert report["eval"]["eval_pairs"] == 8
+
+
+def test_reward_model_mode(ray_cluster, hh_store, tiny_encoder_dir, tmp_path):
+    from whetstone.models.reward import RewardModel
+
+    from jobs.train_preference import main
+
+    report = main([
+        "--config", "jobs/configs/train_preference/smoke.yaml", f"store_uri={hh_store}", "mode=reward_model",
+        f"reward_model.encoder={tiny_encoder_dir}", "reward_model.max_length=64", "reward_model.max_prompt_length=32",
+        f"output_uri={tmp_path / 'rm'}", "leakage.mode=off", "optim.epochs=1", "optim.max_steps=4",
+        "data.max_eval_pairs=16",
+    ])
+    assert report["mode"] == "reward_model" and report["loss"] == "bradley_terry" and report["steps"] == 4
+    assert report["eval"]["eval_pairs"] == 16
+    model = RewardModel.load(report["model_uri"])
+    scores = model.score(["\n\nHuman: hi\n\nAssistant:"] * 2, ["Hello! How can I help?", "Go away."])
+    assert scores.shape == (2,) and np.isfinite(scores).all()
