@@ -30,11 +30,8 @@ class _EmbedBatch:
 
     def __init__(self, model_uri: str, storage_wire: dict, max_length: int, batch_size: int,
                  dtype: str = "float32"):
-        import torch
-
         from whetstone.models.encoder import Encoder
 
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         self.encoder = Encoder.load(model_uri, storage=StorageConfig(**storage_wire))
         self.max_length = max_length
         self.batch_size = batch_size
