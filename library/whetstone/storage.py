@@ -55,6 +55,17 @@ def join(uri: str, *parts: str) -> str:
     return out
 
 
+def absolute_local(uri: str | None, must_exist: bool = False) -> str | None:
+    """A local path made absolute (workers run in other directories); URIs and None pass through.
+
+    With ``must_exist`` a path that does not exist is returned unchanged (e.g. a model alias).
+    """
+    if uri is None or "://" in uri:
+        return uri
+    path = Path(uri).expanduser()
+    return str(path.resolve()) if (path.exists() or not must_exist) else uri
+
+
 def _s3_filesystem(config: StorageConfig) -> pafs.S3FileSystem:
     cfg = config.resolved()
     kwargs: dict = {

@@ -93,13 +93,7 @@ def evaluate_model(model_uri: str, config: ContrastiveJobConfig, split, doc_ids:
 
 def absolute_local_paths(config: ContrastiveJobConfig) -> ContrastiveJobConfig:
     """Make local paths absolute on the driver: workers and actors run in other directories."""
-    from pathlib import Path
-
-    def fix(uri: str | None, must_exist: bool = False) -> str | None:
-        if uri is None or "://" in uri:
-            return uri
-        path = Path(uri).expanduser()
-        return str(path.resolve()) if (path.exists() or not must_exist) else uri
+    from whetstone.storage import absolute_local as fix
 
     # A base model that is not a local folder (an object-storage URI) stays as it is.
     base_model = fix(resolve_model_path(config.encoder.base_model), must_exist=True)

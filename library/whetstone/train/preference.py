@@ -273,15 +273,8 @@ def save_policy(model: nn.Module, tokenizer: Any, folder: str) -> None:
 
 def absolute_local_paths(config: PreferenceJobConfig) -> PreferenceJobConfig:
     """Make local paths absolute on the driver: Ray workers and actors run in other directories."""
-    from pathlib import Path
-
     from whetstone.models.assets import resolve_model_path
-
-    def fix(uri: str | None, must_exist: bool = False) -> str | None:
-        if uri is None or "://" in uri:
-            return uri
-        path = Path(uri).expanduser()
-        return str(path.resolve()) if (path.exists() or not must_exist) else uri
+    from whetstone.storage import absolute_local as fix
 
     update: dict[str, Any] = {"store_uri": fix(config.store_uri), "output_uri": fix(config.output_uri)}
     if config.policy is not None:
