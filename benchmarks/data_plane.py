@@ -9,7 +9,7 @@ port, into an S3 store.
 Measured, for each store (local, S3):
 
 * ``stream``: ``pairs_dataset -> tokenize_pairs`` (MiniLM tokenizer, query 32 / doc 128 tokens)
-  ``-> iter_batches(256) -> collate_pairs``, a consumer that does nothing else. Two epochs: the
+  ``-> iter_batches(256, local shuffle buffer 2048 seeded per epoch) -> collate_pairs``, a consumer that does nothing else. Two epochs: the
   first includes start-up, the second is the steady state a multi-epoch run sees.
 * ``pyarrow``: the same shards read directly with pyarrow (``pq.read_table`` on the same
   filesystem), permuted with numpy, positives resolved and texts tokenised in this process with
@@ -51,6 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 MSMARCO = REPO.parent / "shared" / "data" / "retrieval" / "msmarco-dl19-subset"
 RESULTS = REPO / "benchmarks" / "results" / "data_plane.json"
 QUERY_LEN, DOC_LEN, BATCH = 32, 128, 256
+SHUFFLE_BUFFER = 2048  # the contrastive job's default optim.shuffle_buffer
 
 
 def free_port() -> int:
@@ -104,10 +105,12 @@ def stream_epochs(store: str, storage, tokenizer: str, epochs: int = 2) -> list[
                         tokenizer, QUERY_LEN, DOC_LEN)
     iterator = ds.iterator()
     out = []
-    for _ in range(epochs):
+    for epoch in range(epochs):
         started = time.perf_counter()
         first, rows = None, 0
-        for batch in iterator.iter_batches(batch_size=BATCH, batch_format="numpy", prefetch_batches=4):
+        # Consumed as the training loop does: a seeded local shuffle buffer per epoch.
+        for batch in iterator.iter_batches(batch_size=BATCH, batch_format="numpy", prefetch_batches=4,
+                                           local_shuffle_buffer_size=SHUFFLE_BUFFER, local_shuffle_seed=epoch):
             first = first if first is not None else time.perf_counter() - started
             rows += len(collate_pairs(batch)["query_id"])
         seconds = time.perf_counter() - started
@@ -161,7 +164,8 @@ def train_wait(store: str, model_dir: str, steps: int, batch_size: int = 32) -> 
         return F.normalize(pooled, dim=-1)
 
     ds = tokenize_pairs(pairs_dataset(store, "train", seed=1, negatives_per_query=0), model_dir, QUERY_LEN, DOC_LEN)
-    batches = iter(ds.iterator().iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=4))
+    batches = iter(ds.iterator().iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=4,
+                                              local_shuffle_buffer_size=SHUFFLE_BUFFER, local_shuffle_seed=0))
     waits, computes = [], []
     started = time.perf_counter()
     for _ in range(steps):

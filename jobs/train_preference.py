@@ -95,7 +95,7 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
     step, metrics = start_step, {}
     for epoch in range(step // per_epoch, config.optim.epochs):
         for raw in shard.iter_batches(batch_size=config.optim.batch_size, batch_format="numpy", drop_last=True,
-                                      prefetch_batches=2):
+                                      prefetch_batches=2, **_shuffle_args(config, epoch, rank)):
             if step >= total_steps or step >= (epoch + 1) * per_epoch:
                 break
             batch = tokenize_pairs(tokenizer, raw, config).to(ctx_device(model))
@@ -126,6 +126,14 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
             print(f"[eval] held-out reward accuracy {metrics['eval_reward_accuracy']:.3f} margin "
                   f"{metrics['eval_margin']:+.4f} on {metrics['eval_pairs']} pairs", flush=True)
     _report({**metrics, "step": step}, model, tokenizer, step, rank, checkpoint=True, name="final")
+
+
+def _shuffle_args(config: PreferenceJobConfig, epoch: int, rank: int) -> dict:
+    """A seeded local shuffle buffer per epoch and worker: batches differ between epochs."""
+    if not config.optim.shuffle_buffer:
+        return {}
+    return {"local_shuffle_buffer_size": config.optim.shuffle_buffer,
+            "local_shuffle_seed": config.optim.seed + epoch + 1000 * rank}
 
 
 def ctx_device(model: torch.nn.Module) -> torch.device:
@@ -167,7 +175,8 @@ def reward_loop_per_worker(config: PreferenceJobConfig, plan: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     step, metrics = 0, {}
     for epoch in range(config.optim.epochs):
-        for raw in shard.iter_batches(batch_size=config.optim.batch_size, batch_format="numpy", drop_last=True):
+        for raw in shard.iter_batches(batch_size=config.optim.batch_size, batch_format="numpy", drop_last=True,
+                                      **_shuffle_args(config, epoch, rank)):
             if step >= total_steps or step >= (epoch + 1) * per_epoch:
                 break
             tokens = reward.tokenize(list(raw[S.PROMPT]) * 2, list(raw[S.CHOSEN]) + list(raw[S.REJECTED]))

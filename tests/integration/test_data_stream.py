@@ -35,9 +35,11 @@ def test_padded_batches_with_positive_text_from_the_corpus(ray_cluster, store, c
                         doc_max_length=48)
     iterator = ds.iterator()  # the same DataIterator API that ray.train.get_dataset_shard returns
     epoch_orders = []
-    for _ in range(2):
+    for epoch in range(2):
         order = []
-        for batch in iterator.iter_batches(batch_size=32, batch_format="numpy", prefetch_batches=2):
+        # As the training loop consumes it: a seeded local shuffle buffer per epoch.
+        for batch in iterator.iter_batches(batch_size=32, batch_format="numpy", prefetch_batches=2,
+                                           local_shuffle_buffer_size=256, local_shuffle_seed=epoch):
             assert S.NEGATIVE_IDS not in batch  # scifact pairs carry no static negatives
             for qid, pid, text in zip(batch[S.QUERY_ID], batch[S.POSITIVE_ID], batch[S.POSITIVE_TEXT], strict=True):
                 assert pid in pairs[qid][S.POSITIVE_IDS]

@@ -14,6 +14,8 @@ class EncoderConfig(StrictModel):
     base_model: str = Field("all-MiniLM-L6-v2", description="path, storage URI or the MiniLM alias")
     query_max_length: int = Field(48, ge=8, le=512)
     doc_max_length: int = Field(256, ge=16, le=512)
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward: about half the training memory, ~15% slower")
 
 
 class OptimConfig(StrictModel):
@@ -33,7 +35,8 @@ class OptimConfig(StrictModel):
     symmetric: bool = False
     gather_across_workers: bool = True
     seed: int = 0
-    shuffle_buffer: int = Field(0, ge=0, description="extra local shuffle buffer (the dataset is already shuffled per epoch)")
+    shuffle_buffer: int = Field(
+        2048, ge=0, description="rows in each worker's seeded local shuffle buffer (new batches every epoch)")
     log_every: int = Field(1, ge=1)
 
 

@@ -70,6 +70,8 @@ class OptimConfig(StrictModel):
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 0
+    shuffle_buffer: int = Field(
+        512, ge=0, description="rows in each worker's seeded local shuffle buffer (new batches every epoch)")
     log_every: int = Field(1, ge=1)
     checkpoint_every: int | None = Field(None, ge=1, description="also checkpoint every N steps")
     eval_batch_size: int = Field(8, ge=1)

@@ -120,31 +120,41 @@ def _shard_tables(store_uri: str, name: str, storage: StorageConfig | None) -> l
             for shard in manifest.dataset(name, store_uri).shards]
 
 
-def _in_memory_dataset(tables: list[pa.Table]) -> ray.data.Dataset:
-    """One object-store block per shard; each epoch re-shuffles blocks already in memory.
+def _in_memory_dataset(tables: list[pa.Table], seed: int | None = None) -> ray.data.Dataset:
+    """The shards' rows, permuted once, as object-store blocks whose order changes every epoch.
 
-    Pair and preference tables are small next to the corpus (ids and short texts), and a
-    ``read_parquet`` would re-list and re-read storage in fresh tasks every epoch, which costs
-    seconds before the first batch on a busy host.
+    Pair and preference tables are small next to the corpus (ids and short texts), so the driver
+    reads them once (a ``read_parquet`` would re-list and re-read storage in fresh tasks every
+    epoch) and permutes the rows with ``seed``. Each execution (epoch) then visits the blocks in
+    a new order (``randomize_block_order`` with ``RandomSeedConfig(seed, reseed_after_execution=True)``,
+    so the sequence of orders repeats for a seed); the consumer's seeded local shuffle buffer
+    (``iter_batches(local_shuffle_buffer_size=..., local_shuffle_seed=seed + epoch)``) mixes rows
+    across blocks, so batches differ between epochs. No all-to-all shuffle runs before the first
+    batch: that barrier cost more than the whole steady-state epoch in the data-plane benchmark.
     """
+    import numpy as np
     import ray.data
+    from ray.data import RandomSeedConfig
 
-    rows = sum(t.num_rows for t in tables)
-    if rows == 0:
-        return ray.data.from_arrow(tables[:1])
-    # Blocks of a few thousand rows: downstream tasks then tokenize in parallel and the first batch
-    # waits for one block, not a whole shard; at most ~MAX_BLOCKS, since the all-to-all shuffle
-    # costs grow with the square of the block count.
-    block_rows = max(MIN_BLOCK_ROWS, -(-rows // MAX_BLOCKS))
-    blocks = [t.slice(offset, block_rows) for t in tables for offset in range(0, t.num_rows, block_rows)]
-    ds = ray.data.from_arrow(blocks)
-    # The seeded shuffle is only repeatable if its input blocks arrive in the same order; later
-    # operators copy this dataset's context, so the setting carries through tokenize_pairs.
+    tables = [t for t in tables if t.num_rows] or tables[:1]
+    table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+    if table.num_rows == 0:
+        return ray.data.from_arrow(table)
+    table = table.take(pa.array(np.random.default_rng(seed).permutation(table.num_rows)))
+    # Blocks of at most a few hundred rows: the first batch waits for one resolve batch, and block
+    # order varies both the stream and the resolve step's grouping between epochs.
+    block_rows = max(MIN_BLOCK_ROWS, -(-table.num_rows // MAX_BLOCKS))
+    ds = ray.data.from_arrow([table.slice(offset, block_rows) for offset in range(0, table.num_rows, block_rows)])
+    # The seeded order is only repeatable if blocks arrive in order; later operators copy this
+    # dataset's context, so the setting carries through tokenize_pairs.
     ds.context.execution_options.preserve_order = True
-    return ds
+    seed_config = RandomSeedConfig(seed=seed, reseed_after_execution=True) if seed is not None else None
+    return ds.randomize_block_order(seed=seed_config)
 
 
-MIN_BLOCK_ROWS, MAX_BLOCKS = 1024, 64
+# Small blocks (many per resolve batch): the resolve step then groups different rows each epoch, so
+# its seeded choices (which positive of a multi-positive query, random negatives) vary by epoch.
+MIN_BLOCK_ROWS, MAX_BLOCKS, RESOLVE_BATCH = 8, 1024, 1024
 
 # Per worker process. Ray Data rebuilds an actor pool on every execution (every epoch), and an
 # actor that imports transformers and loads a tokenizer takes seconds to start on a busy host;
@@ -172,9 +182,9 @@ def _docstore_from_ref(corpus_ref: Any) -> DocStore:
 class _ResolvePairs:
     """Pick one positive per query and resolve ids to document text (run by :func:`_resolve_batch`).
 
-    The positive is drawn with a generator seeded by ``(seed, the batch's query ids)``: the
-    per-epoch shuffle changes which queries share a batch, so the choice varies between epochs
-    yet a run with the same seed repeats it.
+    The positive is drawn with a generator seeded by ``(seed, the batch's query ids in order)``:
+    the per-epoch block order changes which queries share a batch and in which order, so the
+    choice varies between epochs yet a run with the same seed repeats it.
     """
 
     def __init__(self, docs: DocStore, seed: int | None, negatives_per_query: int | None) -> None:
@@ -227,11 +237,10 @@ def pairs_dataset(store_uri: str, split: str, storage: StorageConfig | None = No
                   negatives_per_query: int | None = None, num_cpus: float = 0.25) -> ray.data.Dataset:
     """Contrastive pairs of ``split`` as a Ray Dataset, shuffled per epoch, texts resolved by id.
 
-    Shuffling: a full ``random_shuffle`` with ``RandomSeedConfig(seed, reseed_after_execution=True)``;
-    each execution of the dataset (each epoch's ``iter_batches``) gets a different order, and the
-    sequence of orders repeats for the same seed. Pair rows are ids and a query, so the all-to-all
-    shuffle moves little data; the texts are attached after it. The pair shards are read once, on
-    the driver (sha256-checked), into the object store: epochs do not re-read storage.
+    Shuffling (see :func:`_in_memory_dataset`): rows permuted once with ``seed``, block order
+    re-drawn every execution (epoch), repeatable per seed; consumers add a seeded local shuffle
+    buffer per epoch. Texts are attached after the shuffle. The pair shards are read once, on the
+    driver (sha256-checked), into the object store: epochs do not re-read storage.
 
     Args:
         store_uri: the store root (local or ``s3://``).
@@ -249,23 +258,20 @@ def pairs_dataset(store_uri: str, split: str, storage: StorageConfig | None = No
         ``negative_texts`` (lists).
     """
     import ray
-    import ray.data
-    from ray.data import RandomSeedConfig
 
     name = f"pairs/{split}"
     tables = _shard_tables(store_uri, name, storage)
     if negatives_per_query is None and not _has_static_negatives(tables):
         negatives_per_query = 0
     corpus_ref = ray.put(DocStore.load(store_uri, storage).table)
-    shuffle_seed = RandomSeedConfig(seed=seed, reseed_after_execution=True) if seed is not None else None
-    ds = _in_memory_dataset(tables).random_shuffle(seed=shuffle_seed)
+    ds = _in_memory_dataset(tables, seed)
     # Tasks, not actors (see _PROCESS_CACHE): no per-epoch actor start-up before the first batch.
     return ds.map_batches(
         _resolve_batch,
         fn_kwargs={"corpus_ref": corpus_ref, "corpus_key": corpus_ref.hex(), "seed": seed,
                    "negatives_per_query": negatives_per_query},
         batch_format="pyarrow",
-        batch_size=256,
+        batch_size=RESOLVE_BATCH,
         num_cpus=num_cpus,
     )
 
@@ -354,12 +360,8 @@ def preference_dataset(store_uri: str, split_or_name: str, storage: StorageConfi
         Rows with ``pair_id``, ``prompt``, ``chosen``, ``rejected`` (strings) and ``time``
         (timestamp, may be null), read from shards checked against the manifest's schema.
     """
-    from ray.data import RandomSeedConfig
-
     name = split_or_name if split_or_name.startswith("preference/") else f"preference/{split_or_name}"
-    shuffle_seed = RandomSeedConfig(seed=seed, reseed_after_execution=True) if seed is not None else None
-    ds = _in_memory_dataset(_shard_tables(store_uri, name, storage))
-    return ds.random_shuffle(seed=shuffle_seed)
+    return _in_memory_dataset(_shard_tables(store_uri, name, storage), seed)
 
 
 @dataclass(frozen=True)
