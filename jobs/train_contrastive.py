@@ -35,9 +35,15 @@ from whetstone.config.contrastive import ContrastiveJobConfig
 from whetstone.data.collate import collate_pairs
 from whetstone.data.stream import DocStore
 from whetstone.losses.gather import gather_documents
-from whetstone.losses.info_nce import InfoNCELoss, false_negative_mask
+from whetstone.losses.info_nce import false_negative_mask
 from whetstone.models.encoder import Encoder
-from whetstone.train.contrastive import DualEncoder, LiveNegatives, linear_warmup_decay, stack_padded
+from whetstone.train.contrastive import (
+    DualEncoder,
+    LiveNegatives,
+    build_loss,
+    linear_warmup_decay,
+    stack_padded,
+)
 from whetstone.train.progress import StepLog
 
 
@@ -57,6 +63,12 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
             encoder = Encoder.load(folder, device="cpu")
             with open(f"{folder}/trainer_state.json") as fh:
                 start_step = int(json.load(fh)["step"])
+    elif plan.get("resume_checkpoint"):  # a new attempt of a killed run (if_exists=resume)
+        from whetstone import storage as store
+
+        encoder = Encoder.load(plan["resume_checkpoint"], device="cpu", storage=config.storage)
+        state = store.read_bytes(store.join(plan["resume_checkpoint"], "trainer_state.json"), config.storage)
+        start_step = int(json.loads(state)["step"])
     else:
         encoder = Encoder.load(model_uri, device="cpu", storage=config.storage)
     if config.encoder.gradient_checkpointing:
@@ -71,7 +83,11 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_warmup_decay(s, total_steps, warmup))
     for _ in range(start_step):
         scheduler.step()
-    loss_fn = InfoNCELoss(config.optim.temperature, config.optim.symmetric)
+    loss_fn = build_loss(config.loss, config.optim.temperature, config.optim.symmetric)
+    guide = None
+    if config.loss.kind == "gist":  # frozen, never wrapped in DDP, never saved
+        guide = Encoder.load(config.loss.guide_model, device=str(device), storage=config.storage).eval()
+        guide.requires_grad_(False)
     negatives = None
     if config.negatives.source == "index":
         from whetstone.index.client import IndexClient
@@ -97,7 +113,8 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
                    "attention_mask": batch["query_attention_mask"].to(device)}
         future = None
         if negatives is not None:
-            expected_version = 1 + (for_step // every if every else 0)
+            # The version this step should see: one refresh per `every` steps since this attempt began.
+            expected_version = plan.get("first_version", 1) + ((for_step - start_step) // every if every else 0)
             vectors = negatives.embed_queries(encoder, queries)
             future = prefetch.submit(negatives.fetch, vectors, batch["positive_ids"], expected_version,
                                      encoder.tokenizer)
@@ -138,7 +155,11 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
                 all_docs, all_ids, offset = doc_emb, doc_ids, 0
             positive_column = torch.arange(len(batch["positive_id"]), device=device) + offset
             mask = false_negative_mask(all_ids, positive_column, batch["positive_ids"])
-            out = loss_fn(query_emb, all_docs, positive_column, mask)
+            extra = {}
+            if guide is not None:
+                extra["guide_scores"] = _guide_scores(guide, queries, doc_tok.to(device), doc_mask.to(device),
+                                                      doc_ids, config.optim.gather_across_workers)
+            out = loss_fn(query_emb, all_docs, positive_column, exclude_mask=mask, **extra)
             loss = out.losses.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -158,6 +179,17 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
             pending = upcoming
     prefetch.shutdown(wait=True)
     log.finish()
+
+
+@torch.no_grad()
+def _guide_scores(guide: Encoder, queries: dict, doc_ids_tokens: torch.Tensor, doc_mask: torch.Tensor,
+                  doc_ids: list[str], gather: bool) -> torch.Tensor:
+    """The guide's (B, M) similarities over the same (gathered) candidate columns as the loss."""
+    guide_queries = guide(queries["input_ids"], queries["attention_mask"])  # (B, D)
+    guide_docs = guide(doc_ids_tokens, doc_mask)  # (M_w, D)
+    if gather:
+        guide_docs, _, _ = gather_documents(guide_docs, doc_ids)  # (M, D)
+    return guide_queries @ guide_docs.T
 
 
 def _worker_nodes(world: int) -> list[str]:

@@ -286,12 +286,13 @@ class IndexService:
                 raise HTTPException(422, f"exclude_ids: a query excludes {longest} ids, more than "
                                          f"max_exclude_per_query={args.max_exclude_per_query}")
 
-    async def _search(self, snapshot: Snapshot, vectors: np.ndarray, k: int, exclude_ids) -> tuple:
+    async def _search(self, snapshot: Snapshot, vectors: np.ndarray, k: int, exclude_ids,
+                      score_excluded: bool = False) -> tuple:
         started = time.perf_counter()
-        version, ids, scores = await self._search_batch((snapshot, vectors, k, exclude_ids))
+        version, ids, scores, extra = await self._search_batch((snapshot, vectors, k, exclude_ids, score_excluded))
         latency_ms = (time.perf_counter() - started) * 1000
         self.recorder.searched(len(vectors), latency_ms)
-        return version, ids, scores, latency_ms
+        return version, ids, scores, latency_ms, extra
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _search_batch(self, items: list[tuple]) -> list[tuple]:
@@ -308,15 +309,18 @@ class IndexService:
             vectors = await self._encode(snapshot, request.texts)
         else:
             vectors = self._as_matrix(snapshot, request.vectors)
-        version, ids, scores, latency_ms = await self._search(snapshot, vectors, request.k, request.exclude_ids)
+        version, ids, scores, latency_ms, extra = await self._search(
+            snapshot, vectors, request.k, request.exclude_ids, request.score_excluded)
         wire_scores = [[None if not np.isfinite(s) else float(s) for s in row] for row in scores.tolist()]
-        return SearchResponse(version=version, ids=ids, scores=wire_scores, latency_ms=latency_ms)
+        return SearchResponse(version=version, ids=ids, scores=wire_scores, latency_ms=latency_ms,
+                              excluded_scores=extra)
 
-    async def search_arrays(self, vectors: np.ndarray, k: int, exclude_ids=None) -> dict:
+    async def search_arrays(self, vectors: np.ndarray, k: int, exclude_ids=None, score_excluded: bool = False) -> dict:
         """Handle-only fast path for training workers: numpy in, numpy out, no JSON-shaped lists.
 
         Returns:
-            ``{"version", "ids": Q lists of k, "scores": (Q, k) float32, "latency_ms"}``.
+            ``{"version", "ids": Q lists of k, "scores": (Q, k) float32, "latency_ms",
+            "excluded_scores": per query and excluded id, or None}``.
         """
         snapshot = self._current()
         vectors = np.asarray(vectors)
@@ -324,8 +328,9 @@ class IndexService:
             raise HTTPException(422, f"vectors: expected a non-empty (Q, D) array, got shape {vectors.shape}")
         self._check_query_shape(snapshot, len(vectors), int(k), exclude_ids)
         vectors = self._as_matrix(snapshot, vectors)
-        version, ids, scores, latency_ms = await self._search(snapshot, vectors, int(k), exclude_ids)
-        return {"version": version, "ids": ids, "scores": scores, "latency_ms": latency_ms}
+        version, ids, scores, latency_ms, extra = await self._search(snapshot, vectors, int(k), exclude_ids,
+                                                                     bool(score_excluded))
+        return {"version": version, "ids": ids, "scores": scores, "latency_ms": latency_ms, "excluded_scores": extra}
 
     @staticmethod
     def _as_matrix(snapshot: Snapshot, rows) -> np.ndarray:

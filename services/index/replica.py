@@ -179,10 +179,12 @@ def search_grouped(items: list[tuple]) -> list[tuple]:
     """Run batched requests, one FAISS search per pinned snapshot.
 
     Args:
-        items: ``(snapshot, vectors (q_i, D), k_i, exclude_ids_i | None)`` per request.
+        items: ``(snapshot, vectors (q_i, D), k_i, exclude_ids_i | None[, score_excluded_i])`` per
+            request.
 
     Returns:
-        ``(version, ids (q_i lists of k_i), scores (q_i, k_i))`` per request, in order.
+        ``(version, ids (q_i lists of k_i), scores (q_i, k_i), excluded scores or None)`` per
+        request, in order.
     """
     results: list[tuple | None] = [None] * len(items)
     groups: dict[int, list[int]] = {}
@@ -200,7 +202,10 @@ def search_grouped(items: list[tuple]) -> list[tuple]:
         for p in positions:
             count, k = len(items[p][1]), items[p][2]
             rows = slice(start, start + count)
-            results[p] = (snapshot.version, [row[:k] for row in ids[rows]], scores[rows, :k])
+            wants_scores = len(items[p]) > 4 and items[p][4]
+            excludes_p = items[p][3] or [[] for _ in range(count)]
+            extra = snapshot.index.scores_for(items[p][1], excludes_p) if wants_scores else None
+            results[p] = (snapshot.version, [row[:k] for row in ids[rows]], scores[rows, :k], extra)
             start += count
     return results
 

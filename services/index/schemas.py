@@ -28,6 +28,9 @@ class SearchRequest(_Wire):
     texts: list[str] | None = Field(None, description="Q query texts")
     k: int = Field(10, ge=1, description="results per query")
     exclude_ids: list[list[str]] | None = Field(None, description="per query, ids never to return")
+    score_excluded: bool = Field(
+        False, description="also return each excluded id's score (e.g. the labelled positives, for a "
+                           "false-negative margin); null where the id is unknown or the kind keeps no vectors")
 
     @model_validator(mode="after")
     def _one_input(self) -> "SearchRequest":
@@ -49,6 +52,7 @@ class SearchResponse(_Wire):
     ids: list[list[str]]
     scores: list[list[float | None]]
     latency_ms: float
+    excluded_scores: list[list[float | None]] | None = None
 
 
 class SwapRequest(_Wire):

@@ -124,6 +124,13 @@ def test_search_equals_direct_faiss(service):
 
     result = serve.get_deployment_handle("IndexService", APP).search_arrays.remote(queries, 8, excluded).result()
     assert result["version"] == 2 and result["ids"] == body["ids"]
+    # The excluded ids' scores (what training asks for its positives' false-negative margin).
+    response = service["http"].post("/search", json={"vectors": queries.tolist(), "k": 8, "exclude_ids": excluded,
+                                                     "score_excluded": True})
+    assert response.status_code == 200, response.text
+    want = unit_queries @ unit_docs[:2].T  # (5, 2): ids[0], ids[1]
+    np.testing.assert_allclose(response.json()["excluded_scores"], want, atol=1e-5)
+    assert response.json()["ids"] == body["ids"]
 
 
 def test_swap_under_concurrent_searches_never_mixes(service):

@@ -84,3 +84,51 @@ def test_model_loads_in_sentence_transformers_and_transformers(contrastive_repor
     assert AutoModel.from_pretrained(model_dir).config.hidden_size == 32
     report_file = Path(contrastive_report["run_uri"]) / "report.json"
     assert json.loads(report_file.read_text())["steps"] == 4
+
+
+def test_gist_matryoshka_and_false_negative_margin_in_the_job(ray_cluster, scifact_store, tiny_encoder_dir):
+    """The configurable parts of the loop: a frozen guide (GIST), Matryoshka widths evaluated one by
+    one, and the margin rule fed by the positives' scores from the index."""
+    from jobs.train_contrastive import main
+
+    report = main([
+        "--config", "jobs/configs/train_contrastive/smoke.yaml",
+        f"store_uri={scifact_store}", f"encoder.base_model={tiny_encoder_dir}", f"index.http_port={free_port()}",
+        "run_name=smoke-gist", "optim.max_steps=2", "refresh.every_steps=null",
+        "loss.kind=gist", f"loss.guide_model={tiny_encoder_dir}", "loss.matryoshka_dims=[32,16]",
+        # a relative margin of 0.9 keeps only candidates scoring under a tenth of the positive's score
+        "negatives.mining.relative_margin=0.9", "negatives.mining.rank_end=20",
+    ])
+    from ray import serve
+
+    serve.delete("whetstone-index")
+    assert report["steps"] == 2 and report["fallback_steps_rank0"] == 0
+    assert {"ndcg@10", "ndcg@10_dim16", "recall@100_dim16"} <= set(report["after"])
+    assert report["negatives_dropped_as_false_negatives"] > 0
+    assert 0 < report["false_negative_dropped_share"] <= 1
+    # dropped candidates are replaced (random fill), never silently lost: every query still gets one
+    assert report["negatives_served_by_index"] + report["negatives_random_fill"] == 2 * 8
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(ray_cluster, scifact_store, tiny_encoder_dir, tmp_path):
+    from ray import serve
+    from whetstone import storage
+
+    from jobs.train_contrastive import main
+
+    args = ["--config", "jobs/configs/train_contrastive/smoke.yaml", f"store_uri={scifact_store}",
+            f"encoder.base_model={tiny_encoder_dir}", f"output_uri={tmp_path / 'run'}", "refresh.every_steps=1",
+            "eval.split=null"]
+    first = main([*args, f"index.http_port={free_port()}", "optim.max_steps=2"])
+    serve.delete("whetstone-index")
+    assert first["resumed_from_step"] is None and first["index_versions"][-1] >= 2
+    # Simulate a run killed after its step-1 checkpoint: the final model and report never got written.
+    storage.delete_dir(str(tmp_path / "run" / "train" / "final"))
+    second = main([*args, f"index.http_port={free_port()}", "optim.max_steps=4", "if_exists=resume"])
+    serve.delete("whetstone-index")
+    assert second["resumed_from_step"] == 1
+    assert second["steps"] == 4
+    # the resumed run starts from the newest index version the first attempt published
+    assert second["index_versions"][0] == first["index_versions"][-1]
+    assert second["model_uri"].endswith("train-from-000001/final")
+    assert (tmp_path / "run" / "train-from-000001" / "final" / "model.safetensors").is_file()

@@ -71,11 +71,27 @@ def test_grouped_batch_equals_separate_searches_and_keeps_versions_apart(tmp_pat
              (new, rng.standard_normal((1, DIM)).astype(np.float32), 5, [["v1-0"]]),
              (old, rng.standard_normal((3, DIM)).astype(np.float32), 1, [["v2-1"], [], ["v2-2", "v2-3"]])]
     results = search_grouped(items)
-    for (snapshot, vectors, k, excludes), (version, ids, scores) in zip(items, results, strict=True):
+    for (snapshot, vectors, k, excludes), (version, ids, scores, extra) in zip(items, results, strict=True):
+        assert extra is None  # excluded ids' scores only when asked
         want_ids, want_scores = snapshot.index.search(vectors, k, exclude_ids=excludes)
         assert version == snapshot.version and ids == want_ids and scores.shape == (len(vectors), k)
         np.testing.assert_allclose(scores, want_scores, atol=1e-6)
         assert all(doc.startswith(f"v{version}-") for row in ids for doc in row)
+
+
+def test_excluded_ids_scores_come_from_the_stored_vectors(tmp_path):
+    root = make_root(tmp_path)
+    holder = SnapshotHolder(root, None)
+    holder.load_latest_if_newer()
+    snapshot = holder.current
+    queries = np.random.default_rng(4).standard_normal((2, DIM)).astype(np.float32)
+    excludes = [["v2-1", "nope"], []]
+    ((version, ids, _, extra),) = search_grouped([(snapshot, queries, 4, excludes, True)])
+    stored = snapshot.index.vectors_for(["v2-1"])[0]
+    assert extra[0][1] is None and extra[1] == []  # unknown id: no score, not an error
+    unit = queries[0] / np.linalg.norm(queries[0])  # scored like search scores (cosine)
+    np.testing.assert_allclose(extra[0][0], float(stored @ unit), atol=1e-5)
+    assert "v2-1" not in ids[0]
 
 
 def test_mutations_publish_versions_and_start_from_latest(tmp_path):

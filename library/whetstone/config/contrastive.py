@@ -40,6 +40,29 @@ class OptimConfig(StrictModel):
     log_every: int = Field(1, ge=1)
 
 
+class LossConfig(StrictModel):
+    """Which contrastive loss the job trains with (temperature and symmetry live in ``optim``)."""
+
+    kind: Literal["infonce", "gist"] = Field(
+        "infonce", description="infonce: in-batch + hard negatives; gist: InfoNCE with a frozen guide "
+                               "encoder masking candidates it scores above the positive (GISTEmbed)")
+    guide_model: str = Field("all-MiniLM-L6-v2", description="gist: frozen guide (path, storage URI or alias)")
+    guide_margin: float = Field(0.0, ge=0, description="gist: also drop candidates within this margin")
+    guide_margin_strategy: Literal["absolute", "relative"] = "absolute"
+    matryoshka_dims: list[int] | None = Field(
+        None, description="train every prefix of these widths too (Matryoshka), e.g. [384, 256, 128, 64]")
+    matryoshka_weights: list[float] | None = Field(None, description="one per dim; default all 1")
+
+    @model_validator(mode="after")
+    def _matryoshka(self) -> LossConfig:
+        dims, weights = self.matryoshka_dims, self.matryoshka_weights
+        if weights is not None and (dims is None or len(weights) != len(dims)):
+            raise ValueError("loss.matryoshka_weights needs one weight per loss.matryoshka_dims entry")
+        if dims is not None and (not dims or min(dims) < 1 or len(set(dims)) != len(dims)):
+            raise ValueError(f"loss.matryoshka_dims must be distinct positive widths, got {dims}")
+        return self
+
+
 class NegativesConfig(StrictModel):
     source: Literal["index", "none"] = Field("index", description="'none' = in-batch negatives only")
     mining: MiningConfig = MiningConfig()
@@ -84,6 +107,7 @@ class ContrastiveJobConfig(StrictModel):
     train_split: str = "train"
     encoder: EncoderConfig = EncoderConfig()
     optim: OptimConfig = OptimConfig()
+    loss: LossConfig = LossConfig()
     negatives: NegativesConfig = NegativesConfig()
     refresh: RefreshConfig = RefreshConfig()
     index: IndexSection = IndexSection()

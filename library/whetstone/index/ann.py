@@ -382,6 +382,27 @@ class AnnIndex:
                     break
         return out_ids, out_scores
 
+    def scores_for(self, queries: np.ndarray, ids_per_query: Sequence[Sequence[str]]) -> list[list[float | None]]:
+        """Similarity of each query to each of its listed documents, as ``search`` would score them.
+
+        ``None`` where the id is not in the index or the kind keeps no full vectors (IVF kinds):
+        training asks this for its labelled positives (the false-negative margin) and treats a
+        missing score as "no rule for this query".
+        """
+        array = check_vectors(queries, self.dim, "queries")
+        if len(ids_per_query) != array.shape[0]:
+            raise AnnInputError(f"ids_per_query: {len(ids_per_query)} lists for {array.shape[0]} queries")
+        if self.config.normalize:
+            faiss.normalize_L2(array)
+        out: list[list[float | None]] = []
+        for row, ids in enumerate(ids_per_query):
+            known = [doc_id for doc_id in ids if doc_id in self._id_to_label]
+            scores: dict[str, float] = {}
+            if known and self.kind in ("flat", "hnsw"):
+                scores = dict(zip(known, (self.vectors_for(known) @ array[row]).tolist(), strict=True))
+            out.append([scores.get(doc_id) for doc_id in ids])
+        return out
+
     def vectors_for(self, ids: Sequence[str]) -> np.ndarray:
         """The stored (normalised when ``normalize``) vectors of ``ids``, shape (len(ids), D).
 

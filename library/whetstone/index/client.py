@@ -70,6 +70,7 @@ class SearchResult:
     ids: list[list[str]]
     scores: np.ndarray
     latency_ms: float | None = None
+    excluded_scores: list[list[float | None]] | None = None  # per query, per excluded id (when asked)
 
 
 class IndexClient:
@@ -135,8 +136,13 @@ class IndexClient:
         k: int,
         exclude_ids: Sequence[Sequence[str]] | None = None,
         timeout_s: float | None = None,
+        score_excluded: bool = False,
     ) -> SearchResult:
         """The k nearest documents of each query vector (Q, D), excluding ``exclude_ids``.
+
+        With ``score_excluded`` the result also carries each excluded id's score (``None`` where
+        unknown): training passes the labelled positives there and gets their scores for the
+        false-negative margin in the same call.
 
         Raises:
             IndexUnavailable: timeout, connection failure, no deployment or no index version.
@@ -146,10 +152,11 @@ class IndexClient:
         excludes = [list(row) for row in exclude_ids] if exclude_ids is not None else None
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         if self.mode == "handle":
-            out = self._call_handle("search_arrays", (vectors, int(k), excludes), timeout_s)
+            out = self._call_handle("search_arrays", (vectors, int(k), excludes, score_excluded), timeout_s)
             return SearchResult(out["version"], out["ids"], np.asarray(out["scores"], np.float32),
-                                out["latency_ms"])
-        request = SearchRequest(vectors=vectors.tolist(), k=int(k), exclude_ids=excludes)
+                                out["latency_ms"], out.get("excluded_scores"))
+        request = SearchRequest(vectors=vectors.tolist(), k=int(k), exclude_ids=excludes,
+                                score_excluded=score_excluded)
         return self._result(SearchResponse.model_validate(self._post("/search", request, timeout_s)))
 
     def search_texts(self, texts: Sequence[str], k: int, exclude_ids=None, timeout_s: float | None = None):
@@ -191,7 +198,7 @@ class IndexClient:
     def _result(response: SearchResponse) -> SearchResult:
         scores = np.array([[-np.inf if s is None else s for s in row] for row in response.scores],
                           dtype=np.float32).reshape(len(response.ids), -1)
-        return SearchResult(response.version, response.ids, scores, response.latency_ms)
+        return SearchResult(response.version, response.ids, scores, response.latency_ms, response.excluded_scores)
 
     def _admin(self, method: str, path: str, request) -> dict:
         if self.mode == "handle":

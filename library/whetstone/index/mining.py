@@ -80,7 +80,8 @@ def mine_negatives(
             if doc_id and doc_id not in banned
         ]
         out.candidates += len(window)
-        if positive_scores is not None and (config.relative_margin or config.absolute_margin):
+        if (positive_scores is not None and (config.relative_margin or config.absolute_margin)
+                and np.isfinite(positive_scores[row])):
             limit = _margin_limit(float(positive_scores[row]), config)
             kept = [(d, s) for d, s in window if s <= limit]
             out.dropped_by_margin += len(window) - len(kept)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from whetstone.config.contrastive import LossConfig
 from whetstone.index.mining import MiningConfig, mine_negatives
 from whetstone.models.encoder import Encoder
 
@@ -68,6 +69,8 @@ class NegativeBatch:
     dropped_by_margin: int = 0
     fallback_reason: str | None = None
     search_s: float = 0.0
+    candidates: int = 0  # candidates inside the rank window (before the margin rule)
+    versions_behind: int = 0  # the version the step expected minus the version that answered
 
 
 class LiveNegatives:
@@ -111,9 +114,11 @@ class LiveNegatives:
         from whetstone.index.client import IndexUnavailable
 
         started = time.monotonic()
+        guard = bool(self.mining.relative_margin or self.mining.absolute_margin)
         try:
+            # With a false-negative margin, the same call returns the positives' scores.
             result = self.client.search(vectors, k=self.mining.rank_end, exclude_ids=positive_ids,
-                                        timeout_s=self.timeout_s)
+                                        timeout_s=self.timeout_s, score_excluded=guard)
         except IndexUnavailable as err:
             return NegativeBatch(fallback_reason=f"index unavailable: {err}",
                                  search_s=time.monotonic() - started)
@@ -122,13 +127,46 @@ class LiveNegatives:
         if behind > self.max_versions_behind:
             return NegativeBatch(version=result.version, search_s=search_s,
                                  fallback_reason=f"index v{result.version} is {behind} versions behind")
+        positive_scores = positive_reference_scores(result.excluded_scores) if guard else None
         mined = mine_negatives(result.ids, result.scores, self.mining, self.rng, self.doc_ids,
-                               exclude=[set(p) for p in positive_ids])
+                               positive_scores=positive_scores, exclude=[set(p) for p in positive_ids])
         flat = [doc_id for per_query in mined.ids for doc_id in per_query]
         tokens = tokenizer(self.docs.texts(flat), padding=True, truncation=True,
                            max_length=self.doc_max_length, return_tensors="pt")
         return NegativeBatch(flat, tokens["input_ids"], tokens["attention_mask"], result.version,
-                             mined.from_index, mined.random_fill, mined.dropped_by_margin, None, search_s)
+                             mined.from_index, mined.random_fill, mined.dropped_by_margin, None, search_s,
+                             mined.candidates, max(behind, 0))
+
+
+def positive_reference_scores(excluded_scores: list[list[float | None]] | None) -> np.ndarray | None:
+    """Per query, the highest score among its labelled positives (NaN when none is in the index).
+
+    The margin rule then drops candidates that score within the margin of a labelled positive;
+    a query whose positives are unknown to the index keeps its candidates (NaN skips the rule).
+    """
+    if excluded_scores is None:
+        return None
+    return np.array([max((s for s in row if s is not None), default=np.nan) for row in excluded_scores],
+                    dtype=np.float64)
+
+
+def build_loss(loss: LossConfig, temperature: float, symmetric: bool) -> nn.Module:
+    """The configured loss: InfoNCE or GIST, wrapped in Matryoshka when dims are given.
+
+    Every variant is called as ``loss_fn(queries (B, D), docs (M, D), positive_column (B,),
+    exclude_mask=(B, M), **extra)``; GIST takes ``guide_scores=(B, M)`` as the extra argument.
+    """
+    from whetstone.losses.gist import GISTLoss
+    from whetstone.losses.info_nce import InfoNCELoss
+    from whetstone.losses.matryoshka import MatryoshkaLoss
+
+    if loss.kind == "gist":
+        base: nn.Module = GISTLoss(loss.guide_margin, loss.guide_margin_strategy, temperature, symmetric)
+    else:
+        base = InfoNCELoss(temperature, symmetric)
+    if loss.matryoshka_dims:
+        return MatryoshkaLoss(base, loss.matryoshka_dims, loss.matryoshka_weights)
+    return base
 
 
 def linear_warmup_decay(step: int, total_steps: int, warmup_steps: int) -> float:

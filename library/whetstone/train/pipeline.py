@@ -88,7 +88,15 @@ def evaluate_model(model_uri: str, config: ContrastiveJobConfig, split, doc_ids:
     vectors = encoder.encode([split.queries[q] for q in query_ids], batch_size=64,
                              max_length=config.encoder.query_max_length)
     rankings = exact_rankings(query_ids, vectors, doc_ids, doc_vectors, k=100)
-    return evaluate_rankings(rankings, split.qrels)
+    metrics = evaluate_rankings(rankings, split.qrels)
+    # Matryoshka: the same stored vectors, truncated to each trained width and re-normalised.
+    for dim in sorted(set(config.loss.matryoshka_dims or []) - {vectors.shape[1]}, reverse=True):
+        from whetstone.losses.matryoshka import truncate_embeddings
+
+        per_dim = evaluate_rankings(exact_rankings(query_ids, truncate_embeddings(vectors, dim), doc_ids,
+                                                   truncate_embeddings(doc_vectors, dim), k=100), split.qrels)
+        metrics.update({f"{name}_dim{dim}": value for name, value in per_dim.items() if name != "queries"})
+    return metrics
 
 
 def absolute_local_paths(config: ContrastiveJobConfig) -> ContrastiveJobConfig:
@@ -98,8 +106,11 @@ def absolute_local_paths(config: ContrastiveJobConfig) -> ContrastiveJobConfig:
     # A base model that is not a local folder (an object-storage URI) stays as it is.
     base_model = fix(resolve_model_path(config.encoder.base_model), must_exist=True)
     encoder = config.encoder.model_copy(update={"base_model": base_model})
+    loss = config.loss
+    if loss.kind == "gist":
+        loss = loss.model_copy(update={"guide_model": fix(resolve_model_path(loss.guide_model), must_exist=True)})
     return config.model_copy(update={"store_uri": fix(config.store_uri), "output_uri": fix(config.output_uri),
-                                     "encoder": encoder})
+                                     "encoder": encoder, "loss": loss})
 
 
 def _prepare_run_dir(config: ContrastiveJobConfig) -> None:
@@ -109,6 +120,33 @@ def _prepare_run_dir(config: ContrastiveJobConfig) -> None:
         if config.if_exists == "overwrite":
             print(f"[run] removing previous outputs at {config.run_uri}", flush=True)
             store.delete_dir(config.run_uri, config.storage)
+
+
+def find_resume_checkpoint(config: ContrastiveJobConfig) -> tuple[str, int] | None:
+    """The newest ``step-N`` checkpoint of this run when ``if_exists=resume`` (None: start fresh).
+
+    Raises:
+        ConfigError: the run already finished (``train/final`` exists).
+    """
+    if config.if_exists != "resume":
+        return None
+    found: list[tuple[int, str]] = []
+    # Each attempt is its own Ray Train run: train/ first, then train-from-<step>/ per resume.
+    for attempt in store.list_dir(config.run_uri, config.storage):
+        if not attempt.rstrip("/").rsplit("/", 1)[-1].startswith("train"):
+            continue
+        for uri in store.list_dir(attempt, config.storage):
+            name = uri.rstrip("/").rsplit("/", 1)[-1]
+            if name == "final":
+                raise ConfigError(f"if_exists: {config.run_uri} already finished ({uri} exists); "
+                                  "use if_exists=overwrite or a new run_name")
+            if name.startswith("step-") and name[5:].isdigit() and \
+                    store.exists(store.join(uri, "trainer_state.json"), config.storage):
+                found.append((int(name[5:]), uri))
+    if not found:
+        return None
+    step, uri = max(found)
+    return uri, step
 
 
 def _deploy_index(config: ContrastiveJobConfig, index_uri: str) -> None:
@@ -158,12 +196,20 @@ def run_contrastive(config: ContrastiveJobConfig, train_loop: Callable[[dict], N
     if before:
         print(f"[eval] before: nDCG@10 {before['ndcg@10']:.4f} Recall@100 {before['recall@100']:.4f}", flush=True)
 
-    refresher_name = None
+    resume = find_resume_checkpoint(config)
+    refresher_name, first_version = None, 1
     if config.negatives.source == "index":
+        from whetstone.index.ann import latest_version
+
         t = time.monotonic()
-        publish_index(doc_ids, doc_vectors, index_uri, 1, base_model, config.index.kind, config.storage)
+        existing = latest_version(index_uri, config.storage) if resume else None
+        if existing:  # a resumed run keeps serving its newest index version
+            first_version = existing
+        else:
+            publish_index(doc_ids, doc_vectors, index_uri, 1, base_model, config.index.kind, config.storage)
         _deploy_index(config, index_uri)
-        print(f"[index] v1 deployed ({config.index.kind}, {len(doc_ids)} docs) in {timer.mark('deploy_s', t)} s; "
+        print(f"[index] v{first_version} deployed ({config.index.kind}, {len(doc_ids)} docs) in "
+              f"{timer.mark('deploy_s', t)} s; "
               f"HTTP: http://{config.index.http_host}:{config.index.http_port}/index/stats", flush=True)
         refresher_name = f"whetstone-refresher-{config.run_name}-{uuid.uuid4().hex[:6]}"
         settings = {**config.refresh.model_dump(), "kind": config.index.kind,
@@ -171,6 +217,7 @@ def run_contrastive(config: ContrastiveJobConfig, train_loop: Callable[[dict], N
         refresher = IndexRefresher.options(name=refresher_name).remote(
             config.store_uri, index_uri, config.storage.resolved().to_wire(), settings)
 
+    attempt = f"train-from-{resume[1]:06d}" if resume else "train"  # one Ray Train run per attempt
     pairs = read_dataset_table(config.store_uri, f"pairs/{config.train_split}", config.storage).num_rows
     world, batch = config.optim.num_workers, config.optim.batch_size
     steps_per_epoch = pairs // world // batch
@@ -183,9 +230,15 @@ def run_contrastive(config: ContrastiveJobConfig, train_loop: Callable[[dict], N
                              base_model, config.encoder.query_max_length, config.encoder.doc_max_length)
     train_root = store.resolve(run_uri, config.storage)
     plan = {"base_model": base_model, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-            "refresher": refresher_name, "checkpoint_root": store.join(run_uri, "train")}
+            "refresher": refresher_name, "checkpoint_root": store.join(run_uri, attempt),
+            "first_version": first_version}
     print(f"[train] {pairs} pairs, {world} workers x batch {batch}: {steps_per_epoch} steps/epoch, "
           f"{total_steps} steps", flush=True)
+    if resume:
+        # Train V2 deprecates resume_from_checkpoint: the workers load this URI themselves.
+        plan["resume_checkpoint"] = resume[0]
+        print(f"[train] resuming from {resume[0]} (step {resume[1]}, index v{first_version}); the "
+              "optimiser restarts from its defaults and the interrupted epoch's data order restarts", flush=True)
     t = time.monotonic()
     trainer = TorchTrainer(
         train_loop,
@@ -194,7 +247,7 @@ def run_contrastive(config: ContrastiveJobConfig, train_loop: Callable[[dict], N
                                      resources_per_worker={"CPU": config.optim.cpus_per_worker},
                                      placement_strategy=config.optim.placement_strategy),
         datasets={"train": dataset},
-        run_config=RunConfig(name="train", storage_path=train_root.path,
+        run_config=RunConfig(name=attempt, storage_path=train_root.path,
                              storage_filesystem=train_root.filesystem),
     )
     result = trainer.fit()
@@ -207,13 +260,13 @@ def run_contrastive(config: ContrastiveJobConfig, train_loop: Callable[[dict], N
         for err in refresh_status["errors"]:
             print(f"[refresh] FAILED: {err}", flush=True)
 
-    final_model = store.join(run_uri, "train", "final")
+    final_model = store.join(run_uri, attempt, "final")
     t = time.monotonic()
     final_ids, final_vectors = embed_corpus(config.store_uri, final_model, config.storage,
                                             concurrency=config.index.initial_embed_concurrency, **embed_kwargs)
     timer.mark("embed_final_s", t)
     after = evaluate_model(final_model, config, split, final_ids, final_vectors) if split else {}
-    versions = [1] + [r["new_version"] for r in refresh_status["history"]]
+    versions = [first_version] + [r["new_version"] for r in refresh_status["history"]]
     if refresher_name:
         from whetstone.index.client import IndexClient
 
@@ -231,10 +284,15 @@ def run_contrastive(config: ContrastiveJobConfig, train_loop: Callable[[dict], N
         "before": before,
         "after": after,
         "steps": total_steps,
+        "resumed_from_step": resume[1] if resume else None,
         "negatives_served_by_index": train_metrics.get("total_negatives_from_index"),
         "negatives_note": "rank-0 worker's count; every worker mines the same number per step",
         "negatives_served_all_workers": (train_metrics.get("total_negatives_from_index") or 0) * world,
         "fallback_steps_rank0": train_metrics.get("total_fallback_steps"),
+        "negatives_random_fill": train_metrics.get("total_negatives_random_fill"),
+        "negatives_dropped_as_false_negatives": train_metrics.get("total_negatives_dropped_margin"),
+        "false_negative_dropped_share": (train_metrics.get("total_negatives_dropped_margin") or 0)
+        / max(train_metrics.get("total_negative_candidates") or 0, 1),
         "final_loss": train_metrics.get("loss"),
         "worker_nodes": train_metrics.get("worker_nodes"),
         "data_wait_fraction": train_metrics.get("data_wait_fraction"),

@@ -25,7 +25,7 @@ class StepLog:
         self.busy_s = 0.0
         self.totals: dict[str, float] = {
             "negatives_from_index": 0, "negatives_random_fill": 0, "negatives_dropped_margin": 0,
-            "fallback_steps": 0, "steps": 0,
+            "fallback_steps": 0, "steps": 0, "negative_candidates": 0,
         }
         self.versions_seen: set[int] = set()
         self.worker_nodes: list[str] = []
@@ -61,18 +61,22 @@ class StepLog:
             self.totals["negatives_from_index"] += hard.from_index
             self.totals["negatives_random_fill"] += hard.random_fill
             self.totals["negatives_dropped_margin"] += hard.dropped_by_margin
+            self.totals["negative_candidates"] += hard.candidates
             if hard.fallback_reason:
                 self.totals["fallback_steps"] += 1
             if hard.version is not None:
                 self.versions_seen.add(hard.version)
             metrics.update(index_version=hard.version if hard.version is not None else -1,
+                           index_versions_behind=hard.versions_behind,
+                           false_negative_dropped_share=hard.dropped_by_margin / max(hard.candidates, 1),
                            search_s=hard.search_s, fallback=hard.fallback_reason or "")
         metrics.update({f"total_{k}": v for k, v in self.totals.items()})
         metrics["worker_nodes"] = self.worker_nodes
         if self.rank == 0 and (step % self.log_every == 0 or step == self.total_steps):
             index = ""
             if hard is not None:
-                index = f" | index v{hard.version} negs {hard.from_index}+{hard.random_fill}rnd"
+                index = (f" | index v{hard.version} (lag {hard.versions_behind}) negs {hard.from_index}"
+                         f"+{hard.random_fill}rnd, fn-dropped {100 * metrics['false_negative_dropped_share']:.0f}%")
                 if hard.fallback_reason:
                     index = f" | FALLBACK to in-batch ({hard.fallback_reason})"
             print(
