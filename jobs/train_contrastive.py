@@ -178,7 +178,7 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
                 ray.train.report(metrics)
             pending = upcoming
     prefetch.shutdown(wait=True)
-    log.finish()
+    log.finish(plan.get("history_uri"), config.storage)
 
 
 @torch.no_grad()

@@ -60,6 +60,8 @@ def test_refresh_swapped_a_new_version(contrastive_report):
     assert len(refreshes) == 1 and refreshes[0]["step"] == 2
     assert (refreshes[0]["old_version"], refreshes[0]["new_version"]) == (1, 2)
     assert refreshes[0]["checkpoint"].endswith("step-000002")
+    # periodic evaluation comes with each refresh (the corpus was just embedded for the index)
+    assert 0 <= refreshes[0]["ndcg@10_at_index_length"] <= 1 and 0 <= refreshes[0]["recall@100_at_index_length"] <= 1
     # the final model is promoted as the newest version
     assert contrastive_report["index_versions"] == [1, 2, 3]
 
@@ -82,6 +84,10 @@ def test_model_loads_in_sentence_transformers_and_transformers(contrastive_repor
     vectors = st.encode(["a claim about proteins"])
     assert vectors.shape == (1, 32)
     assert AutoModel.from_pretrained(model_dir).config.hidden_size == 32
+    plot = Path(contrastive_report["plot_uri"])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+    history = json.loads((Path(contrastive_report["run_uri"]) / "train-history.json").read_text())
+    assert [m["step"] for m in history] == [1, 2, 3, 4] and all("loss" in m and "score_gap" in m for m in history)
     report_file = Path(contrastive_report["run_uri"]) / "report.json"
     assert json.loads(report_file.read_text())["steps"] == 4
 

@@ -213,7 +213,8 @@ def run_contrastive(config: ContrastiveJobConfig, train_loop: Callable[[dict], N
               f"HTTP: http://{config.index.http_host}:{config.index.http_port}/index/stats", flush=True)
         refresher_name = f"whetstone-refresher-{config.run_name}-{uuid.uuid4().hex[:6]}"
         settings = {**config.refresh.model_dump(), "kind": config.index.kind,
-                    "index_max_length": config.refresh.doc_max_length or config.eval.doc_max_length}
+                    "index_max_length": config.refresh.doc_max_length or config.eval.doc_max_length,
+                    "eval_split": config.eval.split, "query_max_length": config.encoder.query_max_length}
         refresher = IndexRefresher.options(name=refresher_name).remote(
             config.store_uri, index_uri, config.storage.resolved().to_wire(), settings)
 
@@ -231,7 +232,7 @@ def run_contrastive(config: ContrastiveJobConfig, train_loop: Callable[[dict], N
     train_root = store.resolve(run_uri, config.storage)
     plan = {"base_model": base_model, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
             "refresher": refresher_name, "checkpoint_root": store.join(run_uri, attempt),
-            "first_version": first_version}
+            "first_version": first_version, "history_uri": store.join(run_uri, f"{attempt}-history.json")}
     print(f"[train] {pairs} pairs, {world} workers x batch {batch}: {steps_per_epoch} steps/epoch, "
           f"{total_steps} steps", flush=True)
     if resume:
@@ -303,10 +304,34 @@ def run_contrastive(config: ContrastiveJobConfig, train_loop: Callable[[dict], N
         "peak_memory_gib": round(memory.stop() / 1024**3, 2),
         "peak_memory_top_processes_gib": memory.peak_breakdown,
     }
+    report["plot_uri"] = _plot_run(config, plan, before, after, refresh_status["history"])
     report_uri = store.join(run_uri, "report.json")
     store.write_bytes(report_uri, json.dumps(report, indent=2).encode(), config.storage)
     _print_summary(report, report_uri)
     return report
+
+
+def _plot_run(config: ContrastiveJobConfig, plan: dict, before: dict, after: dict, refreshes: list[dict]) -> str | None:
+    """PNG of loss, score gap and nDCG@10 over steps, with refreshes marked (None if no history)."""
+    from whetstone.train.plots import plot_metrics
+
+    try:
+        history = json.loads(store.read_bytes(plan["history_uri"], config.storage))
+    except FileNotFoundError:
+        return None
+    points = list(history)
+    if before:
+        points.append({"step": 0, "ndcg@10": before["ndcg@10"]})
+    points += [{"step": r["step"], "ndcg@10": r["ndcg@10_at_index_length"]} for r in refreshes
+               if "ndcg@10_at_index_length" in r]
+    if after:
+        points.append({"step": plan["total_steps"], "ndcg@10": after["ndcg@10"]})
+    points.sort(key=lambda m: m["step"])
+    markers = [(r["step"], f"refresh v{r['old_version']}->v{r['new_version']}") for r in refreshes]
+    keys = ["loss", "score_gap"] + (["ndcg@10"] if before or after else [])
+    uri = store.join(config.run_uri, "training.png")
+    return plot_metrics(points, keys, uri, markers=markers, storage=config.storage,
+                        title=f"{config.run_name}: loss, positive-negative gap, nDCG@10 (refreshes dashed)")
 
 
 def _print_summary(report: dict, report_uri: str) -> None:
@@ -324,5 +349,7 @@ def _print_summary(report: dict, report_uri: str) -> None:
     lines.append(f"index versions {report['index_versions']}; peak memory {report['peak_memory_gib']} GiB; "
                  f"total {report['timings_s']['total_s']} s")
     lines.append(f"model: {report['model_uri']}")
+    if report.get("plot_uri"):
+        lines.append(f"plot: {report['plot_uri']}")
     lines.append(f"report: {report_uri}")
     print("\n".join(lines), flush=True)

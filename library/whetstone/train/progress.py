@@ -29,6 +29,7 @@ class StepLog:
         }
         self.versions_seen: set[int] = set()
         self.worker_nodes: list[str] = []
+        self.history: list[dict[str, float]] = []  # rank 0: the scalar metrics of every step
 
     def start_wait(self) -> None:
         self.wait_started = time.monotonic()
@@ -71,6 +72,9 @@ class StepLog:
                            false_negative_dropped_share=hard.dropped_by_margin / max(hard.candidates, 1),
                            search_s=hard.search_s, fallback=hard.fallback_reason or "")
         metrics.update({f"total_{k}": v for k, v in self.totals.items()})
+        if self.rank == 0:
+            self.history.append({k: v for k, v in metrics.items()
+                                 if isinstance(v, (int, float)) and not k.startswith("total_")})
         metrics["worker_nodes"] = self.worker_nodes
         if self.rank == 0 and (step % self.log_every == 0 or step == self.total_steps):
             index = ""
@@ -87,7 +91,14 @@ class StepLog:
             )
         return metrics
 
-    def finish(self) -> None:
+    def finish(self, history_uri: str | None = None, storage=None) -> None:
+        """Rank 0 prints the closing line and writes the per-step history (the driver plots it)."""
+        if self.rank == 0 and history_uri:
+            import json
+
+            from whetstone import storage as store
+
+            store.write_bytes(history_uri, json.dumps(self.history).encode(), storage)
         if self.rank == 0:
             elapsed = time.monotonic() - self.started
             print(

@@ -127,6 +127,7 @@ class IndexRefresher:
         self.history: list[dict] = []
         self.errors: list[str] = []
         self.busy = False
+        self._eval_split = None
         self.lock = threading.Lock()
         self.wakeup = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -173,6 +174,30 @@ class IndexRefresher:
                 with self.lock:
                     self.busy = False
 
+    def _evaluate(self, checkpoint_uri: str, ids: list[str], vectors: np.ndarray) -> dict:
+        """nDCG@10 / Recall@100 of the checkpoint on the eval split, from the vectors just indexed.
+
+        Periodic evaluation for free: the corpus was embedded for the index anyway, only the eval
+        queries are encoded here (at the index's document length, which may be shorter than the
+        final evaluation's, hence the ``_at_index_length`` names).
+        """
+        split_name = self.settings.get("eval_split")
+        if not split_name:
+            return {}
+        from whetstone.data.stream import load_eval_split
+        from whetstone.eval.retrieval import evaluate_rankings, exact_rankings
+        from whetstone.models.encoder import Encoder
+
+        if self._eval_split is None:
+            self._eval_split = load_eval_split(self.store_uri, split_name, self.storage)
+        split = self._eval_split
+        query_ids = list(split.queries)
+        encoder = Encoder.load(checkpoint_uri, storage=self.storage)
+        queries = encoder.encode([split.queries[q] for q in query_ids], batch_size=64,
+                                 max_length=self.settings["query_max_length"])
+        metrics = evaluate_rankings(exact_rankings(query_ids, queries, ids, vectors, k=100), split.qrels)
+        return {"ndcg@10_at_index_length": metrics["ndcg@10"], "recall@100_at_index_length": metrics["recall@100"]}
+
     def _refresh(self, checkpoint_uri: str, step: int) -> dict:
         from whetstone.index.ann import latest_version
         from whetstone.index.client import IndexClient
@@ -194,6 +219,7 @@ class IndexRefresher:
         publish_index(ids, vectors, self.index_uri, new_version, checkpoint_uri,
                       self.settings["kind"], self.storage)
         IndexClient.from_handle().swap(new_version)
+        quality = self._evaluate(checkpoint_uri, ids, vectors)
         record = {
             "step": step,
             "checkpoint": checkpoint_uri,
@@ -202,6 +228,7 @@ class IndexRefresher:
             "documents": len(ids),
             "embed_s": round(embedded - started, 2),
             "total_s": round(time.monotonic() - started, 2),
+            **quality,
         }
         print(f"[refresh] index v{old_version} -> v{new_version} from {checkpoint_uri} "
               f"(step {step}, {len(ids)} docs, {record['total_s']} s)", flush=True)

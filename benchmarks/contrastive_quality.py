@@ -1,0 +1,171 @@
+"""Contrastive training quality: Whetstone's live negatives against sentence-transformers baselines.
+
+One budget for every trained method: all-MiniLM-L6-v2, 15 steps of 32 pairs (Whetstone: 3 epochs
+of the 188 scifact-subset train queries on 2 workers x 16; sentence-transformers: max_steps 15 at
+batch 32), lr 2e-5 with 10% warm-up, temperature 0.05 (MNRL scale 20), documents truncated at 256
+tokens. Methods:
+
+* ``base``: the untrained model;
+* ``st_in_batch``: sentence-transformers MultipleNegativesRankingLoss, in-batch negatives;
+* ``st_mined``: the same with one negative per pair mined once, before training, by
+  ``sentence_transformers.util.mine_hard_negatives`` (rank 10 to 50, relative margin 0.05, random
+  pick in the window) with the base model;
+* ``whetstone_in_batch``: the Whetstone job without the index (in-batch negatives gathered across
+  both workers);
+* ``whetstone_live``: the Whetstone job with one hard negative per query from the live index
+  (rank 3 to 30, random pick), refreshed from a checkpoint every 5 steps.
+
+Every model is evaluated by the same function (exact cosine search, float32, documents at 256
+tokens): nDCG@10 on scifact-subset test (trained on its train split) and on msmarco-dl19-subset
+(transfer, never trained on). Seeds change sentence-transformers' data order and Whetstone's data
+order and negative sampling. Mean, standard deviation, min and max over seeds.
+
+Goal: ``whetstone_live`` beats the better sentence-transformers baseline by at least 1.0 nDCG@10
+point on scifact-subset test, and msmarco-dl19-subset stays within 0.5 points of the base model.
+
+Runs are cached per (method, seed) in ``benchmarks/results/contrastive_quality.partial.json``,
+so an interrupted run continues where it stopped (``--fresh`` starts over).
+
+Usage::
+
+    python -m benchmarks.contrastive_quality                     # 3 seeds, ~80 min on 2 cores
+    python -m benchmarks.contrastive_quality --seeds 0 --methods base,whetstone_live
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from benchmarks.contrastive_common import (
+    RESULTS,
+    SHARED,
+    evaluate,
+    ingest_scifact,
+    load_beir,
+    machine,
+    mean_spread,
+    run_whetstone,
+    train_pairs,
+    train_sentence_transformers,
+)
+
+STEPS, BATCH, LR, DOC_LEN = 15, 32, 2e-5, 256
+METHODS = ("base", "st_in_batch", "st_mined", "whetstone_in_batch", "whetstone_live")
+PARTIAL = RESULTS / "contrastive_quality.partial.json"
+
+
+def mined_rows(base: str, beir_train, corpus: dict[str, str]) -> tuple[list[tuple[str, str, str]], dict]:
+    """(anchor, positive, negative) rows mined once with the base model."""
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.util import mine_hard_negatives
+
+    model = SentenceTransformer(base, device="cpu")
+    model.max_seq_length = DOC_LEN
+    rows = train_pairs(beir_train)
+    dataset = Dataset.from_dict({"anchor": [q for _, q, _ in rows], "positive": [p for _, _, p in rows]})
+    mined = mine_hard_negatives(dataset, model, corpus=list(corpus.values()), range_min=10, range_max=50,
+                                relative_margin=0.05, num_negatives=1, sampling_strategy="random",
+                                batch_size=32, output_format="triplet", verbose=False)
+    out = [(r["anchor"], r["positive"], r["negative"]) for r in mined]
+    return out, {"pairs": len(rows), "triplets": len(out)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--fresh", action="store_true", help="ignore cached (method, seed) results")
+    parser.add_argument("--out", default=str(RESULTS / "contrastive_quality.json"))
+    opts = parser.parse_args()
+    from whetstone.models.assets import minilm_path
+
+    base = str(minilm_path())
+    seeds = [int(s) for s in opts.seeds.split(",")]
+    methods = [m for m in opts.methods.split(",") if m]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {METHODS}")
+    cache = json.loads(PARTIAL.read_text()) if PARTIAL.exists() and not opts.fresh else {}
+    scifact_train = load_beir(SHARED / "scifact-subset", "train")
+    scifact_test = load_beir(SHARED / "scifact-subset", "test")
+    msmarco = load_beir(SHARED / "msmarco-dl19-subset", "test")
+
+    def record(key: str, model_dir: str, extra: dict) -> None:
+        entry = {"scifact_test": evaluate(model_dir, scifact_test), "msmarco_dl19": evaluate(model_dir, msmarco),
+                 **extra, "machine": machine()}
+        cache[key] = entry
+        PARTIAL.write_text(json.dumps(cache, indent=2))
+        print(f"[bench] {key}: scifact nDCG@10 {entry['scifact_test']['ndcg@10']:.4f}, "
+              f"msmarco nDCG@10 {entry['msmarco_dl19']['ndcg@10']:.4f}", flush=True)
+
+    mined = None
+    with tempfile.TemporaryDirectory() as root:
+        store = None
+        for method in methods:
+            for seed in ([0] if method == "base" else seeds):
+                key = f"{method}/seed{seed}"
+                if key in cache:
+                    print(f"[bench] {key}: cached", flush=True)
+                    continue
+                print(f"[bench] {key} ...", flush=True)
+                out = str(Path(root) / key.replace("/", "-"))
+                if method == "base":
+                    record(key, base, {})
+                elif method.startswith("st_"):
+                    if method == "st_mined":
+                        if mined is None:
+                            mined = mined_rows(base, scifact_train, scifact_train.corpus)
+                        rows, info = mined[0], {"mining": mined[1]}
+                    else:
+                        rows, info = [(q, p) for _, q, p in train_pairs(scifact_train)], {}
+                    stats = train_sentence_transformers(base, rows, out, STEPS, BATCH, LR, DOC_LEN, seed)
+                    record(key, out, {**info, "train": stats})
+                else:
+                    store = store or ingest_scifact(root)
+                    live = method == "whetstone_live"
+                    report = run_whetstone(store, base, out, workers=2, batch_per_worker=BATCH // 2, epochs=3,
+                                           max_steps=None, lr=LR, live=live, seed=seed, doc_max_length=DOC_LEN,
+                                           refresh_every=5 if live else None, gradient_checkpointing=True)
+                    record(key, report["model_uri"], {"train": {
+                        "steps": report["steps"], "train_s": report["timings_s"].get("train_s"),
+                        "negatives_served_by_index": report["negatives_served_all_workers"],
+                        "fallback_steps_rank0": report["fallback_steps_rank0"],
+                        "refreshes": [{k: r[k] for k in ("step", "old_version", "new_version")}
+                                      for r in report["refreshes"]]}})
+
+    summary: dict = {}
+    for method in METHODS:
+        runs = [v for k, v in cache.items() if k.startswith(f"{method}/")]
+        if runs:
+            summary[method] = {
+                "scifact_test_ndcg@10": mean_spread([r["scifact_test"]["ndcg@10"] for r in runs]),
+                "msmarco_dl19_ndcg@10": mean_spread([r["msmarco_dl19"]["ndcg@10"] for r in runs]),
+            }
+    goals = {}
+    if {"whetstone_live", "base"} <= set(summary) and ({"st_in_batch", "st_mined"} & set(summary)):
+        best_st = max(summary[m]["scifact_test_ndcg@10"]["mean"] for m in ("st_in_batch", "st_mined") if m in summary)
+        live = summary["whetstone_live"]
+        goals["live_minus_best_st_scifact_ndcg_points"] = 100 * (live["scifact_test_ndcg@10"]["mean"] - best_st)
+        goals["live_minus_base_msmarco_ndcg_points"] = 100 * (live["msmarco_dl19_ndcg@10"]["mean"]
+                                                             - summary["base"]["msmarco_dl19_ndcg@10"]["mean"])
+        goals["goal_beats_best_st_by_1_point"] = goals["live_minus_best_st_scifact_ndcg_points"] >= 1.0
+        goals["goal_msmarco_within_0.5_of_base"] = goals["live_minus_base_msmarco_ndcg_points"] >= -0.5
+    result = {"settings": {"steps": STEPS, "global_batch": BATCH, "lr": LR, "doc_max_length": DOC_LEN,
+                           "seeds": seeds, "model": "all-MiniLM-L6-v2"},
+              "summary": summary, "goals": goals, "runs": cache}
+    print(f"\n{'method':22} {'scifact nDCG@10':>22} {'msmarco nDCG@10':>22}")
+    for method, s in summary.items():
+        a, b = s["scifact_test_ndcg@10"], s["msmarco_dl19_ndcg@10"]
+        print(f"{method:22} {a['mean']:.4f} ± {a['std']:.4f} (n={a['n']})  {b['mean']:.4f} ± {b['std']:.4f}")
+    for key, value in goals.items():
+        print(f"  {key:45} {value:.3f}" if isinstance(value, float) else f"  {key:45} {value}")
+    Path(opts.out).write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {opts.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Contrastive training throughput: Whetstone against the sentence-transformers trainer.
+
+Same settings for every run: all-MiniLM-L6-v2, global batch 32, documents truncated at 256
+tokens, lr 2e-5, scifact-subset train pairs. Measured, in one run:
+
+* sentence-transformers ``SentenceTransformerTrainer`` + MultipleNegativesRankingLoss, in-batch
+  only, and with one extra negative per pair (random corpus documents: the same compute as mined
+  ones, without a minute of mining first); ``max_seq_length`` 256 for queries and documents.
+* Whetstone's contrastive job, 1 and 2 Ray Train workers, live index negatives off and on (one
+  hard negative per query from the index service each step, fetched for the next batch while the
+  current one trains). Queries are truncated at 64 tokens, documents at 256.
+
+Throughput is training pairs per second over the steps after the first two (Whetstone: from the
+run's per-step history; sentence-transformers: its whole ``train()`` call, which has no start-up to
+speak of once the model is loaded). Peak memory: sentence-transformers' process peak RSS;
+Whetstone's peak PSS summed over the driver and every Ray process (what the job reports).
+
+Ratios named as in the issue: ``whetstone_<mode>_vs_st_<counterpart>``; goal >= 1.0 each, and live
+negatives on >= 1.0 of sentence-transformers' in-batch throughput.
+
+Usage::
+
+    python -m benchmarks.contrastive_throughput              # ~20 min on 2 cores
+    python -m benchmarks.contrastive_throughput --steps 6    # a quicker look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import random
+import tempfile
+
+from benchmarks.contrastive_common import (
+    RESULTS,
+    SHARED,
+    ingest_scifact,
+    load_beir,
+    machine,
+    run_whetstone,
+    steady_pairs_per_s,
+    train_pairs,
+    train_sentence_transformers,
+)
+
+BATCH, LR, DOC_LEN = 32, 2e-5, 256
+
+
+def _st_child(mode: str, steps: int, queue) -> None:
+    """One sentence-transformers run in a fresh process (its own peak RSS)."""
+    from whetstone.models.assets import minilm_path
+
+    beir = load_beir(SHARED / "scifact-subset", "train")
+    rows = [(q, p) for _, q, p in train_pairs(beir)]
+    if mode == "one_negative":
+        rng = random.Random(0)
+        docs = list(beir.corpus.values())
+        rows = [(q, p, rng.choice([d for d in rng.sample(docs, 3) if d != p])) for q, p in rows]
+    with tempfile.TemporaryDirectory() as out:
+        queue.put(train_sentence_transformers(str(minilm_path()), rows, out, steps, BATCH, LR, DOC_LEN, seed=0))
+
+
+def run_st(mode: str, steps: int) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_st_child, args=(mode, steps, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=10, help="training steps per run")
+    parser.add_argument("--out", default=str(RESULTS / "contrastive_throughput.json"))
+    opts = parser.parse_args()
+    from whetstone.models.assets import minilm_path
+
+    results: dict = {"settings": {"global_batch": BATCH, "lr": LR, "doc_max_length": DOC_LEN,
+                                  "whetstone_query_max_length": 64, "st_max_seq_length": DOC_LEN,
+                                  "steps": opts.steps, "model": "all-MiniLM-L6-v2", "data": "scifact-subset train"},
+                     "machine_before": machine(), "runs": {}}
+    for mode in ("in_batch", "one_negative"):
+        print(f"[bench] sentence-transformers, {mode} ...", flush=True)
+        results["runs"][f"st_{mode}"] = run_st(mode, opts.steps)
+        print(f"  {results['runs'][f'st_{mode}']}", flush=True)
+
+    with tempfile.TemporaryDirectory() as root:
+        store = ingest_scifact(root)
+        for workers in (1, 2):
+            for live in (False, True):
+                name = f"whetstone_{workers}w_{'live' if live else 'in_batch'}"
+                print(f"[bench] {name} ...", flush=True)
+                report = run_whetstone(store, str(minilm_path()), f"{root}/{name}", workers=workers,
+                                       batch_per_worker=BATCH // workers, epochs=10, max_steps=opts.steps,
+                                       lr=LR, live=live, seed=0, doc_max_length=DOC_LEN)
+                results["runs"][name] = {
+                    "pairs_per_s": round(steady_pairs_per_s(report["history"], BATCH), 3),
+                    "steps": report["steps"], "train_s": report["timings_s"].get("train_s"),
+                    "peak_memory_gib": report["peak_memory_gib"],
+                    "data_wait_fraction": report["data_wait_fraction"],
+                    "negatives_served_by_index": report["negatives_served_all_workers"],
+                    "fallback_steps_rank0": report["fallback_steps_rank0"],
+                    "step_s": [round(m["step_s"], 3) for m in report["history"]],
+                }
+                print(f"  {results['runs'][name]}", flush=True)
+
+    runs = results["runs"]
+    st_in, st_neg = runs["st_in_batch"]["pairs_per_s"], runs["st_one_negative"]["pairs_per_s"]
+    summary = {}
+    for workers in (1, 2):
+        off, on = runs[f"whetstone_{workers}w_in_batch"], runs[f"whetstone_{workers}w_live"]
+        summary[f"whetstone_{workers}w_in_batch_vs_st_in_batch"] = off["pairs_per_s"] / st_in
+        summary[f"whetstone_{workers}w_live_vs_st_one_negative"] = on["pairs_per_s"] / st_neg
+        summary[f"whetstone_{workers}w_live_vs_st_in_batch"] = on["pairs_per_s"] / st_in
+        summary[f"whetstone_{workers}w_live_peak_memory_gib"] = on["peak_memory_gib"]
+    summary["st_in_batch_peak_rss_gib"] = runs["st_in_batch"]["peak_rss_gib"]
+    summary["st_one_negative_peak_rss_gib"] = runs["st_one_negative"]["peak_rss_gib"]
+    ratios = [v for k, v in summary.items() if "_vs_" in k]
+    summary["goal_all_ratios_ge_1"] = all(r >= 1.0 for r in ratios)
+    results["summary"] = summary
+    results["machine_after"] = machine()
+
+    print(f"\n{'run':32} {'pairs/s':>9} {'peak GiB':>9}")
+    for name, run in runs.items():
+        memory = run.get("peak_memory_gib", run.get("peak_rss_gib"))
+        print(f"{name:32} {run['pairs_per_s']:9.2f} {memory:9.2f}")
+    print("\nsummary:")
+    for key, value in summary.items():
+        print(f"  {key:45} {value:.3f}" if isinstance(value, float) else f"  {key:45} {value}")
+    with open(opts.out, "w") as fh:
+        json.dump(results, fh, indent=2)
+    print(f"\nwrote {opts.out}")
+
+
+if __name__ == "__main__":
+    main()
