@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import random
 import tempfile
 
@@ -93,9 +94,13 @@ def main() -> None:
             for live in (False, True):
                 name = f"whetstone_{workers}w_{'live' if live else 'in_batch'}"
                 print(f"[bench] {name} ...", flush=True)
+                # Every run uses all cores, as sentence-transformers does: Ray Train gives each worker
+                # as many torch threads as CPUs it asked for.
+                cpus = max(1, (os.cpu_count() or 2) // workers)
                 report = run_whetstone(store, str(minilm_path()), f"{root}/{name}", workers=workers,
                                        batch_per_worker=BATCH // workers, epochs=10, max_steps=opts.steps,
-                                       lr=LR, live=live, seed=0, doc_max_length=DOC_LEN)
+                                       lr=LR, live=live, seed=0, doc_max_length=DOC_LEN,
+                                       extra={"optim.cpus_per_worker": cpus})
                 results["runs"][name] = {
                     "pairs_per_s": round(steady_pairs_per_s(report["history"], BATCH), 3),
                     "steps": report["steps"], "train_s": report["timings_s"].get("train_s"),

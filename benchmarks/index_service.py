@@ -212,8 +212,9 @@ def service_suite(index_root: str, root_url: str, pool: np.ndarray, seconds: flo
     from services.index.app import IndexServiceArgs, deploy
 
     app, prefix = f"bench-{tag}", f"/bench-{tag}"
+    # The replica's FAISS gets the same OpenMP threads as the in-process baseline (all cores).
     deploy(IndexServiceArgs(index_uri=index_root, num_cpus=1, batch_max_size=32, batch_wait_timeout_s=0.001,
-                            max_ongoing_requests=256), name=app, route_prefix=prefix)
+                            max_ongoing_requests=256, search_threads=os.cpu_count()), name=app, route_prefix=prefix)
     out: dict = {}
     try:
         client = IndexClient.from_handle(app_name=app, timeout_s=60)

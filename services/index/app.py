@@ -94,6 +94,9 @@ class IndexServiceArgs(StrictModel):
     poll_interval_s: float = Field(2.0, gt=0, description="how often replicas follow LATEST")
     encoder_device: str | None = Field(None, description="device for text queries; None = auto")
     health_check_period_s: float = Field(5.0, gt=0)
+    search_threads: int | None = Field(
+        None, ge=1, description="FAISS (OpenMP) threads per replica; None keeps Ray's setting, one thread "
+                                "per whole CPU the replica asked for (at least one)")
     access_log: bool = Field(False, description="Serve's per-request log lines (CPU at high QPS)")
 
 
@@ -203,6 +206,10 @@ class IndexService:
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
         self.recorder = StatsRecorder(self.replica_id)
+        if self.args.search_threads:
+            import faiss
+
+            faiss.omp_set_num_threads(self.args.search_threads)
         self.holder = SnapshotHolder(self.args.index_uri, self.args.storage, self.args.encoder_device)
         self._apply_batch_settings()
         # Load LATEST before serving (a restarted replica comes back with it); an empty root

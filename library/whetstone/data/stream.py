@@ -234,7 +234,8 @@ class _ResolvePairs:
 
 
 def pairs_dataset(store_uri: str, split: str, storage: StorageConfig | None = None, seed: int | None = None,
-                  negatives_per_query: int | None = None, num_cpus: float = 0.25) -> ray.data.Dataset:
+                  negatives_per_query: int | None = None, num_cpus: float = 0.25,
+                  concurrency: int | None = 2) -> ray.data.Dataset:
     """Contrastive pairs of ``split`` as a Ray Dataset, shuffled per epoch, texts resolved by id.
 
     Shuffling (see :func:`_in_memory_dataset`): rows permuted once with ``seed``, block order
@@ -250,7 +251,10 @@ def pairs_dataset(store_uri: str, split: str, storage: StorageConfig | None = No
         negatives_per_query: ``None``: pass the static negatives when the pair file has any;
             ``0``: no negatives; ``k``: exactly ``k`` per query, the static ones first, topped up
             with random corpus documents that are not labelled positives.
-        num_cpus: CPUs per resolving actor.
+        num_cpus: CPUs per resolving task.
+        concurrency: most resolving tasks at once. With :func:`tokenize_pairs`' defaults (same
+            CPUs, concurrency and batch size) Ray Data fuses resolve and tokenize into one task
+            per batch: one object-store hop and one worker process pool instead of two.
 
     Returns:
         Rows with ``query_id``, ``query``, ``positive_ids`` (all labelled positives, for masking),
@@ -258,6 +262,7 @@ def pairs_dataset(store_uri: str, split: str, storage: StorageConfig | None = No
         ``negative_texts`` (lists).
     """
     import ray
+    import ray.data
 
     name = f"pairs/{split}"
     tables = _shard_tables(store_uri, name, storage)
@@ -272,6 +277,7 @@ def pairs_dataset(store_uri: str, split: str, storage: StorageConfig | None = No
                    "negatives_per_query": negatives_per_query},
         batch_format="pyarrow",
         batch_size=RESOLVE_BATCH,
+        compute=ray.data.TaskPoolStrategy(size=concurrency),
         num_cpus=num_cpus,
     )
 
@@ -322,7 +328,8 @@ def _tokenize_batch(batch: pa.Table, tokenizer_path: str, query_max_length: int,
 
 
 def tokenize_pairs(ds: ray.data.Dataset, tokenizer_path: str, query_max_length: int, doc_max_length: int,
-                   num_cpus: float = 0.25, concurrency: int | None = 2, batch_size: int = 256) -> ray.data.Dataset:
+                   num_cpus: float = 0.25, concurrency: int | None = 2,
+                   batch_size: int | None = None) -> ray.data.Dataset:
     """Add ``query_input_ids``, ``positive_input_ids`` (and ``negative_input_ids``) token id lists.
 
     Tokenization runs in Ray Data tasks, overlapped with training; each worker process loads the
@@ -332,14 +339,18 @@ def tokenize_pairs(ds: ray.data.Dataset, tokenizer_path: str, query_max_length: 
 
     Args:
         concurrency: most tokenizing tasks at once (``None``: as many as the CPUs allow).
+        batch_size: rows per task; ``None`` matches :func:`pairs_dataset`'s resolve batches so the
+            two steps fuse into one task.
     """
+    import ray.data
+
     return ds.map_batches(
         _tokenize_batch,
         fn_kwargs={"tokenizer_path": str(tokenizer_path), "query_max_length": query_max_length,
                    "doc_max_length": doc_max_length},
         batch_format="pyarrow",
-        batch_size=batch_size,
-        concurrency=concurrency,
+        batch_size=batch_size or RESOLVE_BATCH,
+        compute=ray.data.TaskPoolStrategy(size=concurrency),
         num_cpus=num_cpus,
     )
 
