@@ -133,7 +133,9 @@ def find_resume_checkpoint(config: ContrastiveJobConfig) -> tuple[str, int] | No
     found: list[tuple[int, str]] = []
     # Each attempt is its own Ray Train run: train/ first, then train-from-<step>/ per resume.
     for attempt in store.list_dir(config.run_uri, config.storage):
-        if not attempt.rstrip("/").rsplit("/", 1)[-1].startswith("train"):
+        name = attempt.rstrip("/").rsplit("/", 1)[-1]
+        # attempt folders only: train/, train-from-<step>/ (not train-history.json and the like)
+        if not (name == "train" or (name.startswith("train-from-") and name[11:].isdigit())):
             continue
         for uri in store.list_dir(attempt, config.storage):
             name = uri.rstrip("/").rsplit("/", 1)[-1]
