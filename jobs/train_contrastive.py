@@ -73,7 +73,7 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
         encoder = Encoder.load(model_uri, device="cpu", storage=config.storage)
     if config.encoder.gradient_checkpointing:
         # Non-reentrant checkpointing works with DDP and with inputs that need no grad.
-        encoder.transformer.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        encoder.transformer.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = ray.train.torch.prepare_model(DualEncoder(encoder))
     encoder = model.module.encoder if hasattr(model, "module") else model.encoder
     device = encoder.device

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from whetstone.config.base import ConfigError, load_config
 from whetstone.config.contrastive import ContrastiveJobConfig, QuickstartConfig
-from whetstone.eval.retrieval import evaluate_rankings, exact_rankings, ndcg_at_k, recall_at_k
+from whetstone.eval.retrieval import evaluate_encoder, evaluate_rankings, exact_rankings, ndcg_at_k, recall_at_k
 from whetstone.index.mining import MiningConfig, mine_negatives
 
 
@@ -32,6 +32,33 @@ def test_exact_rankings_order():
     docs = np.array([[1, 0], [0.8, 0.6], [0, 1]], dtype=np.float32)
     ranked = exact_rankings(["q"], np.array([[1, 0]], dtype=np.float32), ["a", "b", "c"], docs, k=3)
     assert ranked["q"] == ["a", "b", "c"]
+
+
+class _TableEncoder:
+    """Looks each text up in a fixed table of vectors (the metric path, not a model, is under test)."""
+
+    def __init__(self, table: dict[str, np.ndarray]) -> None:
+        self.table = table
+        self.calls: list[int] = []
+
+    def encode(self, texts, batch_size: int, max_length: int) -> np.ndarray:
+        self.calls.append(max_length)
+        return np.stack([self.table[t] for t in texts]).astype(np.float32)
+
+
+def test_evaluate_encoder_ranks_the_given_corpus_and_each_matryoshka_width():
+    unit = lambda v: np.asarray(v, np.float32) / np.linalg.norm(v)  # noqa: E731
+    # At full width q1 is nearest to d2 (the relevant one); on the first two coordinates d1 wins.
+    docs = {"d1": unit([1.0, 0.0, 0.0]), "d2": unit([0.2, 0.3, 0.9]), "d3": unit([-1.0, 0.2, 0.0])}
+    encoder = _TableEncoder({"q one": unit([0.6, 0.1, 0.8])})
+    metrics = evaluate_encoder(encoder, {"q1": "q one"}, {"q1": {"d2": 1}}, list(docs),
+                               np.stack(list(docs.values())), query_max_length=7, dims=(2, 3))
+    assert encoder.calls == [7]
+    assert metrics["ndcg@10"] == pytest.approx(1.0)  # d2 first at full width
+    assert set(metrics) >= {"ndcg@10", "recall@100", "mrr@10", "queries", "ndcg@10_dim2"}
+    assert "ndcg@10_dim3" not in metrics  # the full width is not repeated
+    assert metrics["ndcg@10_dim2"] == pytest.approx(1 / math.log2(3))  # d2 second
+    assert metrics["mrr@10_dim2"] == pytest.approx(0.5)
 
 
 def test_mining_window_margin_and_fill():

@@ -80,3 +80,42 @@ def exact_rankings(
     order = np.argsort(-scores[rows, top], axis=1, kind="stable")
     ranked = top[rows, order]  # (Q, k)
     return {qid: [doc_ids[j] for j in ranked[i]] for i, qid in enumerate(query_ids)}
+
+
+def evaluate_encoder(
+    encoder,
+    queries: Mapping[str, str],
+    qrels: Mapping[str, Mapping[str, int]],
+    doc_ids: Sequence[str],
+    doc_vectors: np.ndarray,
+    query_max_length: int,
+    dims: Sequence[int] = (),
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Encode ``queries`` with ``encoder`` and rank an already embedded corpus exactly.
+
+    One path for every evaluation (the final report, each refresh, the benchmarks): only the
+    queries are encoded here; the corpus vectors come from whoever embedded it.
+
+    Args:
+        encoder: a :class:`whetstone.models.encoder.Encoder` (anything with ``encode(texts,
+            batch_size=, max_length=)`` returning unit-norm (Q, D) float32).
+        queries: query id -> text.
+        qrels: query id -> {doc id: graded relevance}.
+        doc_ids, doc_vectors: the corpus, (N, D) float32, unit norm.
+        dims: Matryoshka widths to report too (``<metric>_dim<d>``: both sides truncated to the
+            first d coordinates and re-normalised); the full width is always reported.
+
+    Returns:
+        ``ndcg@10``, ``recall@100``, ``mrr@10``, ``queries``, plus the per-width metrics.
+    """
+    query_ids = list(queries)
+    vectors = encoder.encode([queries[q] for q in query_ids], batch_size=batch_size, max_length=query_max_length)
+    metrics = evaluate_rankings(exact_rankings(query_ids, vectors, doc_ids, doc_vectors, k=100), qrels)
+    for dim in sorted(set(dims) - {vectors.shape[1]}, reverse=True):
+        from whetstone.losses.matryoshka import truncate_embeddings
+
+        per_dim = evaluate_rankings(exact_rankings(query_ids, truncate_embeddings(vectors, dim), doc_ids,
+                                                   truncate_embeddings(doc_vectors, dim), k=100), qrels)
+        metrics.update({f"{name}_dim{dim}": value for name, value in per_dim.items() if name != "queries"})
+    return metrics

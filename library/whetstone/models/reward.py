@@ -192,11 +192,14 @@ def fit_reward_model(
     seed: int = 0,
     max_steps: int | None = None,
     on_step: Callable[[dict], None] | None = None,
+    on_epoch_end: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """Train in this process with the Bradley–Terry loss (AdamW, linear decay); the job's
     ``mode: reward_model`` runs the same step under Ray Train.
 
     The head gets a larger learning rate than the encoder: it starts from scratch.
+
+    ``on_epoch_end(epoch)`` (1-based) runs after each full epoch, e.g. to evaluate.
 
     Returns:
         Per-step history dicts: step, loss, reward_accuracy, margin.
@@ -211,7 +214,7 @@ def fit_reward_model(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / max(total, 1)))
     history: list[dict] = []
     model.train()
-    for _epoch in range(epochs):
+    for epoch in range(epochs):
         order = rng.permutation(len(prompts))
         for begin in range(0, steps_per_epoch * batch_size, batch_size):
             if len(history) >= total:
@@ -231,6 +234,9 @@ def fit_reward_model(
             history.append(record)
             if on_step is not None:
                 on_step(record)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1)
+            model.train()
     return history
 
 

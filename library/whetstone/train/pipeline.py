@@ -79,24 +79,14 @@ class Timer:
 
 def evaluate_model(model_uri: str, config: ContrastiveJobConfig, split, doc_ids: list[str],
                    doc_vectors: np.ndarray) -> dict[str, float]:
-    """Embed the split's queries with ``model_uri`` and rank the embedded corpus exactly."""
-    from whetstone.eval.retrieval import evaluate_rankings, exact_rankings
+    """Embed the split's queries with ``model_uri`` and rank the embedded corpus exactly (and at
+    every Matryoshka width the loss trained)."""
+    from whetstone.eval.retrieval import evaluate_encoder
     from whetstone.models.encoder import Encoder
 
     encoder = Encoder.load(model_uri, storage=config.storage)
-    query_ids = list(split.queries)
-    vectors = encoder.encode([split.queries[q] for q in query_ids], batch_size=64,
-                             max_length=config.encoder.query_max_length)
-    rankings = exact_rankings(query_ids, vectors, doc_ids, doc_vectors, k=100)
-    metrics = evaluate_rankings(rankings, split.qrels)
-    # Matryoshka: the same stored vectors, truncated to each trained width and re-normalised.
-    for dim in sorted(set(config.loss.matryoshka_dims or []) - {vectors.shape[1]}, reverse=True):
-        from whetstone.losses.matryoshka import truncate_embeddings
-
-        per_dim = evaluate_rankings(exact_rankings(query_ids, truncate_embeddings(vectors, dim), doc_ids,
-                                                   truncate_embeddings(doc_vectors, dim), k=100), split.qrels)
-        metrics.update({f"{name}_dim{dim}": value for name, value in per_dim.items() if name != "queries"})
-    return metrics
+    return evaluate_encoder(encoder, split.queries, split.qrels, doc_ids, doc_vectors,
+                            config.encoder.query_max_length, dims=config.loss.matryoshka_dims or ())
 
 
 def absolute_local_paths(config: ContrastiveJobConfig) -> ContrastiveJobConfig:

@@ -185,17 +185,14 @@ class IndexRefresher:
         if not split_name:
             return {}
         from whetstone.data.stream import load_eval_split
-        from whetstone.eval.retrieval import evaluate_rankings, exact_rankings
+        from whetstone.eval.retrieval import evaluate_encoder
         from whetstone.models.encoder import Encoder
 
         if self._eval_split is None:
             self._eval_split = load_eval_split(self.store_uri, split_name, self.storage)
         split = self._eval_split
-        query_ids = list(split.queries)
-        encoder = Encoder.load(checkpoint_uri, storage=self.storage)
-        queries = encoder.encode([split.queries[q] for q in query_ids], batch_size=64,
-                                 max_length=self.settings["query_max_length"])
-        metrics = evaluate_rankings(exact_rankings(query_ids, queries, ids, vectors, k=100), split.qrels)
+        metrics = evaluate_encoder(Encoder.load(checkpoint_uri, storage=self.storage), split.queries, split.qrels,
+                                   ids, vectors, self.settings["query_max_length"])
         return {"ndcg@10_at_index_length": metrics["ndcg@10"], "recall@100_at_index_length": metrics["recall@100"]}
 
     def _refresh(self, checkpoint_uri: str, step: int) -> dict:
