@@ -32,6 +32,7 @@ import ray
 import ray.train
 import torch
 from whetstone.config.contrastive import ContrastiveJobConfig
+from whetstone.data import schemas as S
 from whetstone.data.collate import collate_pairs
 from whetstone.data.stream import DocStore
 from whetstone.losses.gather import gather_documents
@@ -45,6 +46,7 @@ from whetstone.train.contrastive import (
     stack_padded,
 )
 from whetstone.train.progress import StepLog
+from whetstone.train.tas_balanced import TopicRegrouper
 
 
 def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
@@ -122,13 +124,18 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     step = start_step
+    topic_batches = None
     for epoch in range(step // plan["steps_per_epoch"], config.optim.epochs):
         epoch_end = min(total_steps, (epoch + 1) * plan["steps_per_epoch"])
-        batches = iter(shard.iter_batches(
+        batches = shard.iter_batches(
             batch_size=config.optim.batch_size, batch_format="numpy", drop_last=True, prefetch_batches=2,
             local_shuffle_buffer_size=config.optim.shuffle_buffer or None,
             local_shuffle_seed=config.optim.seed + epoch + 1000 * rank,
-        ))
+        )
+        if config.optim.topic_clusters:  # TAS: same rows, regrouped into one-topic batches
+            topic_batches = TopicRegrouper(batches, config.optim.batch_size, S.TOPIC)
+            batches = topic_batches
+        batches = iter(batches)
         log.start_wait()
         first = next(batches, None)
         log.end_wait()
@@ -169,6 +176,8 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
             step += 1
 
             metrics = log.step(step, epoch, loss.item(), scheduler.get_last_lr()[0], out, hard)
+            if topic_batches is not None:
+                metrics["topic_pure_batch_share"] = topic_batches.pure_share
             saving = rank == 0 and every and step % every == 0 and step < total_steps
             if saving or step == total_steps:
                 _report_with_checkpoint(metrics, encoder, step, rank, "final" if step == total_steps else None)

@@ -27,6 +27,14 @@ def scifact_store(tmp_path_factory) -> str:
     return store
 
 
+def scifact_train_counts(store: str) -> tuple[int, int]:
+    """(queries, (query, positive) pairs) in the store's train split, read straight from the shards."""
+    from whetstone.data.store import read_dataset_table
+
+    table = read_dataset_table(store, "pairs/train")
+    return table.num_rows, sum(len(p) for p in table.column("positive_ids").to_pylist())
+
+
 @pytest.fixture(scope="module")
 def contrastive_report(ray_cluster, scifact_store, tiny_encoder_dir) -> dict:
     from jobs.train_contrastive import main
@@ -94,7 +102,8 @@ def test_model_loads_in_sentence_transformers_and_transformers(contrastive_repor
 
 def test_gist_matryoshka_and_false_negative_margin_in_the_job(ray_cluster, scifact_store, tiny_encoder_dir):
     """The configurable parts of the loop: a frozen guide (GIST), Matryoshka widths evaluated one by
-    one, and the margin rule fed by the positives' scores from the index."""
+    one, the margin rule fed by the positives' scores from the index, every (query, positive) pair
+    as a row (the decoupled softmax) and topic-aware batches (TAS)."""
     from jobs.train_contrastive import main
 
     report = main([
@@ -103,12 +112,18 @@ def test_gist_matryoshka_and_false_negative_margin_in_the_job(ray_cluster, scifa
         "run_name=smoke-gist", "optim.max_steps=2", "refresh.every_steps=null",
         "loss.kind=gist", f"loss.guide_model={tiny_encoder_dir}", "loss.matryoshka_dims=[32,16]",
         # a relative margin of 0.9 keeps only candidates scoring under a tenth of the positive's score
-        "negatives.mining.relative_margin=0.9", "negatives.mining.rank_end=20",
+        "negatives.mining.relative_margin=0.9", "negatives.mining.rank_end=20", "loss.positives=all",
+        "optim.topic_clusters=4",
     ])
     from ray import serve
 
     serve.delete("whetstone-index")
     assert report["steps"] == 2 and report["fallback_steps_rank0"] == 0
+    queries, pairs = scifact_train_counts(scifact_store)
+    assert pairs > queries  # scifact has multi-positive queries: one row per (query, positive)
+    assert report["positives"] == "all" and report["train_rows_per_epoch"] == pairs
+    # topic-aware batches: rank 0's batches so far were drawn from one k-means topic each
+    assert report["topic_clusters"] == 4 and report["topic_pure_batch_share"] == 1.0
     assert {"ndcg@10", "ndcg@10_dim16", "recall@100_dim16"} <= set(report["after"])
     assert report["negatives_dropped_as_false_negatives"] > 0
     assert 0 < report["false_negative_dropped_share"] <= 1

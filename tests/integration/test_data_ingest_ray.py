@@ -12,7 +12,13 @@ import pytest
 from whetstone.data import schemas as S
 from whetstone.data.ingest import ingest
 from whetstone.data.store import read_dataset_table, read_manifest
-from whetstone.data.stream import collate_pairs, pairs_dataset, preference_dataset, tokenize_pairs
+from whetstone.data.stream import (
+    collate_pairs,
+    count_training_rows,
+    pairs_dataset,
+    preference_dataset,
+    tokenize_pairs,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -118,3 +124,13 @@ def test_epoch_first_batch_latency_and_multi_positive_queries(ray_cluster, tmp_p
         latencies.append(round(first, 2))
     print(f"first-batch latency per epoch (s): {latencies}")
     assert any(len(p) > 1 for p in picked.values())  # the positive choice changes between epochs
+
+    # positives="all" (the decoupled softmax): every (query, positive) pair once per epoch.
+    assert count_training_rows(store, "train", positives="all") == 60
+    assert count_training_rows(store, "train") == 20
+    seen: list[tuple[str, str]] = []
+    for batch in pairs_dataset(store, "train", seed=5, positives="all").iter_batches(batch_size=16,
+                                                                                      batch_format="numpy"):
+        seen += list(zip(batch[S.QUERY_ID], batch[S.POSITIVE_ID], strict=True))
+        assert all(len(p) == 3 for p in batch[S.POSITIVE_IDS])
+    assert sorted(seen) == sorted((f"q{i}", f"d{i + k}") for i in range(20) for k in (0, 20, 40))

@@ -451,3 +451,25 @@ def test_task_scheduler_follows_dataset_sizes():
     assert flattened.shares() == pytest.approx({"big": 0.75, "small": 0.25})
     with pytest.raises(ValueError, match=r"\['empty'\] have no examples"):
         TaskScheduler.from_sizes({"empty": 0, "x": 3})
+
+
+def test_exploded_rows_with_the_jobs_mask_are_the_decoupled_softmax():
+    """`loss.positives: all`: one row per (query, positive), each row's other labelled positives
+    masked by false_negative_mask, InfoNCE per row. Summed per query this is exactly the decoupled
+    softmax's sum over that query's positives (DecoupledSoftmaxLoss returns the mean)."""
+    # Query A has positives a1, a2, a3; query B has b1. Columns: the rows' positives plus a negative.
+    labelled = {"A": ["a1", "a2", "a3"], "B": ["b1"]}
+    rows = [("A", "a1"), ("B", "b1"), ("A", "a2"), ("A", "a3")]
+    doc_ids = [p for _, p in rows] + ["n1"]
+    d = unit(len(doc_ids), 6, seed=31)
+    query_vectors = {"A": unit(1, 6, seed=32)[0], "B": unit(1, 6, seed=33)[0]}
+    q = torch.stack([query_vectors[qid] for qid, _ in rows])  # the same query, encoded per row
+    positive_column = torch.arange(len(rows))
+    mask = false_negative_mask(doc_ids, positive_column, [labelled[qid] for qid, _ in rows])
+    per_row = InfoNCELoss(0.05)(q, d, positive_column, mask).losses  # (4,)
+
+    positives = torch.tensor([[doc in labelled[qid] for doc in doc_ids] for qid in ("A", "B")])
+    reference = DecoupledSoftmaxLoss(0.05)(torch.stack([query_vectors["A"], query_vectors["B"]]), d, positives)
+    a_rows = [i for i, (qid, _) in enumerate(rows) if qid == "A"]
+    assert per_row[a_rows].sum().item() == pytest.approx(3 * reference.losses[0].item(), abs=1e-5)
+    assert per_row[1].item() == pytest.approx(reference.losses[1].item(), abs=1e-5)

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 from whetstone.config.base import ConfigError, load_config
 from whetstone.config.contrastive import ContrastiveJobConfig, QuickstartConfig
-from whetstone.eval.retrieval import evaluate_encoder, evaluate_rankings, exact_rankings, ndcg_at_k, recall_at_k
+from whetstone.eval.retrieval import (
+    evaluate_encoder,
+    evaluate_rankings,
+    exact_rankings,
+    ndcg_at_k,
+    recall_at_k,
+)
 from whetstone.index.mining import MiningConfig, mine_negatives
 
 

@@ -6,7 +6,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from whetstone.train.tas_balanced import TopicBatches, cluster_queries
+from whetstone.train.tas_balanced import TopicBatches, TopicRegrouper, cluster_queries
 
 
 def blobs(per_blob: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -116,3 +116,46 @@ def test_topic_batches_bad_arguments():
         TopicBatches([0, 1], 0)
     with pytest.raises(ValueError, match="rank"):
         TopicBatches([0, 1], 2, num_replicas=2, rank=2)
+
+
+def _row_batches(topics: list[int], size: int):
+    """The stream a worker's shard yields: numpy batches with a ragged list column, like Ray Data."""
+    for start in range(0, len(topics), size):
+        part = list(range(start, min(start + size, len(topics))))
+        tokens = np.empty(len(part), dtype=object)
+        tokens[:] = [np.arange(i % 5 + 1) for i in part]
+        yield {"row": np.asarray(part), "topic": np.asarray([topics[i] for i in part]), "ids": tokens}
+
+
+def test_regrouper_emits_one_topic_batches_then_mixed_leftovers_and_keeps_every_full_batch():
+    rng = np.random.default_rng(0)
+    topics = rng.integers(0, 3, size=53).tolist()
+    regrouper = TopicRegrouper(_row_batches(topics, 7), batch_size=4)
+    batches = list(regrouper)
+    assert len(batches) == 53 // 4  # as many as a drop_last iterator: the steps per epoch do not change
+    assert all(len(b["row"]) == 4 for b in batches)
+    pure = [b for b in batches if len(set(b["topic"].tolist())) == 1]
+    assert len(pure) == regrouper.pure_batches and regrouper.pure_batches + regrouper.mixed_batches == len(batches)
+    assert all(len(set(b["topic"].tolist())) == 1 for b in batches[: len(pure)])  # the mixed ones come last
+    # at most 3 topics x 3 leftover rows can end up mixed: one or two mixed batches, the rest pure
+    assert regrouper.mixed_batches <= 2 and regrouper.pure_share == len(pure) / len(batches)
+    rows = [r for b in batches for r in b["row"].tolist()]
+    assert len(rows) == len(set(rows)) == 52  # no row twice; only 53 - 52 = 1 row left over
+    for b in batches:  # rows keep their own values across columns, ragged lists intact
+        for row, topic, ids in zip(b["row"].tolist(), b["topic"].tolist(), b["ids"], strict=True):
+            assert topic == topics[row] and ids.tolist() == list(range(row % 5 + 1))
+
+
+def test_regrouper_names_a_missing_topic_column():
+    with pytest.raises(KeyError, match="'topic' column"):
+        list(TopicRegrouper(iter([{"row": np.arange(3)}]), batch_size=2))
+
+
+def test_with_topics_names_queries_without_a_topic():
+    import pyarrow as pa
+    from whetstone.data.stream import with_topics
+
+    table = pa.table({"query_id": ["a", "b"], "query": ["x", "y"]})
+    assert with_topics(table, {"a": 1, "b": 0}).column("topic").to_pylist() == [1, 0]
+    with pytest.raises(KeyError, match=r"1 queries have no topic, e\.g\. \['b'\]"):
+        with_topics(table, {"a": 1})

@@ -37,6 +37,9 @@ class OptimConfig(StrictModel):
     seed: int = 0
     shuffle_buffer: int = Field(
         2048, ge=0, description="rows in each worker's seeded local shuffle buffer (new batches every epoch)")
+    topic_clusters: int | None = Field(
+        None, ge=2, description="topic-aware batches (TAS): k-means the training queries, embedded by the base "
+                                "model, into this many topics; each worker's batches hold one topic")
     log_every: int = Field(1, ge=1)
 
 
@@ -49,6 +52,11 @@ class LossConfig(StrictModel):
     guide_model: str = Field("all-MiniLM-L6-v2", description="gist: frozen guide (path, storage URI or alias)")
     guide_margin: float = Field(0.0, ge=0, description="gist: also drop candidates within this margin")
     guide_margin_strategy: Literal["absolute", "relative"] = "absolute"
+    positives: Literal["sample", "all"] = Field(
+        "sample", description="queries with several labelled positives. sample: one row per query, its "
+                              "positive drawn anew each epoch; all: one row per (query, positive) every "
+                              "epoch, the decoupled softmax (each term's denominator excludes the query's "
+                              "other positives, which are masked out of its negatives either way)")
     matryoshka_dims: list[int] | None = Field(
         None, description="train every prefix of these widths too (Matryoshka), e.g. [384, 256, 128, 64]")
     matryoshka_weights: list[float] | None = Field(None, description="one per dim; default all 1")

@@ -25,6 +25,7 @@ TEXT = "text"
 METADATA = "metadata"  # a JSON object serialised as a string (Arrow has no schemaless struct)
 
 QUERY_ID = "query_id"
+TOPIC = "topic"  # optional: the query's k-means topic (topic-aware batches)
 QUERY = "query"
 SCORE = "score"
 

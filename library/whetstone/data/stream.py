@@ -201,7 +201,10 @@ class _ResolvePairs:
         query_ids = batch.column(S.QUERY_ID).to_pylist()
         positive_lists = batch.column(S.POSITIVE_IDS).to_pylist()
         rng = self._rng(query_ids)
-        positive_ids = [ids[int(rng.integers(len(ids)))] for ids in positive_lists]
+        if S.POSITIVE_ID in batch.column_names:  # rows already one per (query, positive)
+            positive_ids = batch.column(S.POSITIVE_ID).to_pylist()
+        else:
+            positive_ids = [ids[int(rng.integers(len(ids)))] for ids in positive_lists]
         out = {
             S.QUERY_ID: batch.column(S.QUERY_ID),
             S.QUERY: batch.column(S.QUERY),
@@ -209,6 +212,8 @@ class _ResolvePairs:
             S.POSITIVE_ID: pa.array(positive_ids, pa.string()),
             S.POSITIVE_TEXT: pa.array(self.docs.texts(positive_ids), pa.string()),
         }
+        if S.TOPIC in batch.column_names:
+            out[S.TOPIC] = batch.column(S.TOPIC)
         if self.negatives_per_query != 0:
             negative_ids = self._negatives(batch.column(S.NEGATIVE_IDS).to_pylist(), positive_lists, rng)
             out[S.NEGATIVE_IDS] = pa.array(negative_ids, pa.list_(pa.string()))
@@ -233,9 +238,38 @@ class _ResolvePairs:
         return chosen
 
 
+def explode_positives(table: pa.Table) -> pa.Table:
+    """One row per (query, labelled positive): the row's ``positive_id`` is fixed, and
+    ``positive_ids`` keeps every positive of the query (for masking the others). Rows keep the
+    input order, each query's positives in their listed order."""
+    lengths = pc.list_value_length(table.column(S.POSITIVE_IDS)).to_numpy(zero_copy_only=False)
+    parents = np.repeat(np.arange(table.num_rows), lengths)
+    exploded = table.take(pa.array(parents))
+    return exploded.append_column(S.POSITIVE_ID, pc.list_flatten(table.column(S.POSITIVE_IDS)).cast(pa.string()))
+
+
+def with_topics(table: pa.Table, topics: dict[str, int]) -> pa.Table:
+    """Append each row's ``topic`` (looked up by query id)."""
+    query_ids = table.column(S.QUERY_ID).to_pylist()
+    missing = [q for q in query_ids if q not in topics]
+    if missing:
+        raise KeyError(f"topics: {len(missing)} queries have no topic, e.g. {missing[:3]}")
+    return table.append_column(S.TOPIC, pa.array([topics[q] for q in query_ids], pa.int32()))
+
+
+def count_training_rows(store_uri: str, split: str, storage: StorageConfig | None = None,
+                        positives: str = "sample") -> int:
+    """Rows one epoch of :func:`pairs_dataset` yields: queries, or (query, positive) pairs for ``all``."""
+    table = read_dataset_table(store_uri, f"pairs/{split}", storage)
+    if positives == "all":
+        return int(pc.sum(pc.list_value_length(table.column(S.POSITIVE_IDS))).as_py() or 0)
+    return table.num_rows
+
+
 def pairs_dataset(store_uri: str, split: str, storage: StorageConfig | None = None, seed: int | None = None,
                   negatives_per_query: int | None = None, num_cpus: float = 0.25,
-                  concurrency: int | None = 2) -> ray.data.Dataset:
+                  concurrency: int | None = 2, positives: str = "sample",
+                  topics: dict[str, int] | None = None) -> ray.data.Dataset:
     """Contrastive pairs of ``split`` as a Ray Dataset, shuffled per epoch, texts resolved by id.
 
     Shuffling (see :func:`_in_memory_dataset`): rows permuted once with ``seed``, block order
@@ -255,6 +289,10 @@ def pairs_dataset(store_uri: str, split: str, storage: StorageConfig | None = No
         concurrency: most resolving tasks at once. With :func:`tokenize_pairs`' defaults (same
             CPUs, concurrency and batch size) Ray Data fuses resolve and tokenize into one task
             per batch: one object-store hop and one worker process pool instead of two.
+        positives: ``"sample"``: one row per query, its positive drawn per epoch; ``"all"``: one
+            row per (query, positive) (:func:`explode_positives`), for the decoupled softmax.
+        topics: query id -> topic (topic-aware batches); adds a ``topic`` column. A query
+            missing from it is an error naming the query.
 
     Returns:
         Rows with ``query_id``, ``query``, ``positive_ids`` (all labelled positives, for masking),
@@ -265,7 +303,13 @@ def pairs_dataset(store_uri: str, split: str, storage: StorageConfig | None = No
     import ray.data
 
     name = f"pairs/{split}"
+    if positives not in ("sample", "all"):
+        raise ValueError(f"positives must be 'sample' or 'all', got {positives!r}")
     tables = _shard_tables(store_uri, name, storage)
+    if positives == "all":
+        tables = [explode_positives(t) for t in tables]
+    if topics is not None:
+        tables = [with_topics(t, topics) for t in tables]
     if negatives_per_query is None and not _has_static_negatives(tables):
         negatives_per_query = 0
     corpus_ref = ray.put(DocStore.load(store_uri, storage).table)

@@ -89,6 +89,32 @@ def evaluate_model(model_uri: str, config: ContrastiveJobConfig, split, doc_ids:
                             config.encoder.query_max_length, dims=config.loss.matryoshka_dims or ())
 
 
+def query_topics(config: ContrastiveJobConfig, base_model: str) -> dict[str, int]:
+    """TAS: k-means topic of every training query, from the base model's query embeddings.
+
+    Embedded on the driver (queries are short and, next to the corpus, few); FAISS k-means with
+    the run's seed, so a rerun draws the same topics.
+    """
+    from whetstone.data.store import read_dataset_table
+    from whetstone.models.encoder import Encoder
+    from whetstone.train.tas_balanced import cluster_queries
+
+    started = time.monotonic()
+    table = read_dataset_table(config.store_uri, f"pairs/{config.train_split}", config.storage,
+                               columns=["query_id", "query"])
+    queries = dict(zip(table.column("query_id").to_pylist(), table.column("query").to_pylist(), strict=True))
+    k = config.optim.topic_clusters
+    if k > len(queries):
+        raise ConfigError(f"optim.topic_clusters: {k} topics for {len(queries)} training queries")
+    encoder = Encoder.load(base_model, storage=config.storage)
+    vectors = encoder.encode(list(queries.values()), batch_size=128, max_length=config.encoder.query_max_length)
+    labels = cluster_queries(vectors, k, seed=config.optim.seed)
+    sizes = np.bincount(labels, minlength=k)
+    print(f"[train] topic-aware batches: {len(queries)} queries in {k} topics (sizes min {sizes.min()}, "
+          f"median {int(np.median(sizes))}, max {sizes.max()}), {time.monotonic() - started:.1f} s", flush=True)
+    return dict(zip(queries, labels.tolist(), strict=True))
+
+
 def absolute_local_paths(config: ContrastiveJobConfig) -> ContrastiveJobConfig:
     """Make local paths absolute on the driver: workers and actors run in other directories."""
     from whetstone.storage import absolute_local as fix
@@ -165,7 +191,7 @@ def run_contrastive(config: ContrastiveJobConfig, train_loop: Callable[[dict], N
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from whetstone.data.stream import load_eval_split, pairs_dataset, read_dataset_table, tokenize_pairs
+    from whetstone.data.stream import count_training_rows, load_eval_split, pairs_dataset, tokenize_pairs
     from whetstone.train.refresh import IndexRefresher, embed_corpus, publish_index
 
     timer = Timer()
@@ -211,15 +237,17 @@ def run_contrastive(config: ContrastiveJobConfig, train_loop: Callable[[dict], N
             config.store_uri, index_uri, config.storage.resolved().to_wire(), settings)
 
     attempt = f"train-from-{resume[1]:06d}" if resume else "train"  # one Ray Train run per attempt
-    pairs = read_dataset_table(config.store_uri, f"pairs/{config.train_split}", config.storage).num_rows
+    pairs = count_training_rows(config.store_uri, config.train_split, config.storage, config.loss.positives)
     world, batch = config.optim.num_workers, config.optim.batch_size
     steps_per_epoch = pairs // world // batch
     if steps_per_epoch == 0:
         raise ConfigError(f"optim.batch_size: {pairs} pairs cannot fill one step of {world} x {batch}")
     total_steps = steps_per_epoch * config.optim.epochs
     total_steps = min(total_steps, config.optim.max_steps or total_steps)
+    topics = query_topics(config, base_model) if config.optim.topic_clusters else None
     dataset = tokenize_pairs(pairs_dataset(config.store_uri, config.train_split, config.storage,
-                                           seed=config.optim.seed, negatives_per_query=0),
+                                           seed=config.optim.seed, negatives_per_query=0,
+                                           positives=config.loss.positives, topics=topics),
                              base_model, config.encoder.query_max_length, config.encoder.doc_max_length)
     train_root = store.resolve(run_uri, config.storage)
     plan = {"base_model": base_model, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
@@ -277,6 +305,11 @@ def run_contrastive(config: ContrastiveJobConfig, train_loop: Callable[[dict], N
         "before": before,
         "after": after,
         "steps": total_steps,
+        "train_rows_per_epoch": pairs,
+        "steps_per_epoch": steps_per_epoch,
+        "positives": config.loss.positives,
+        "topic_clusters": config.optim.topic_clusters,
+        "topic_pure_batch_share": train_metrics.get("topic_pure_batch_share"),
         "resumed_from_step": resume[1] if resume else None,
         "negatives_served_by_index": train_metrics.get("total_negatives_from_index"),
         "negatives_note": "rank-0 worker's count; every worker mines the same number per step",

@@ -145,3 +145,74 @@ class TopicBatches:
             merged = full > 0 and leftover < self.num_replicas  # see _cluster_chunks
             total += full + int(leftover > 0 and not self.drop_last and not merged)
         return total
+
+
+class TopicRegrouper:
+    """Regroup a stream of row batches so that each batch holds rows of one topic (the job's TAS).
+
+    The job cannot fix batch composition upstream (Ray Data splits, shuffles and re-blocks rows
+    on its own terms), so each worker regroups what its shard yields: rows go to a bucket per
+    topic, and a bucket that reaches ``batch_size`` rows is emitted as a batch. At the end of the
+    stream the leftovers (fewer than ``batch_size`` per topic) are emitted as mixed full batches;
+    only the last partial batch, fewer than ``batch_size`` rows, is not emitted, exactly the rows
+    a ``drop_last`` iterator would drop. So a worker yields ``floor(rows / batch_size)`` batches
+    either way and the steps per epoch do not change.
+
+    Buffered rows are at most ``(batch_size - 1) x topics``: choose topics so that each has many
+    batches' worth of rows.
+
+    Args:
+        batches: numpy row batches (Ray Data ``iter_batches(batch_format="numpy")``), each with
+            ``column`` holding an integer topic per row.
+        batch_size: rows per emitted batch.
+
+    Attributes:
+        pure_batches, mixed_batches: how many emitted batches were one topic / the end's mix.
+    """
+
+    def __init__(self, batches: Iterator[dict[str, np.ndarray]], batch_size: int, column: str = "topic") -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batches = batches
+        self.batch_size = batch_size
+        self.column = column
+        self.pure_batches = 0
+        self.mixed_batches = 0
+
+    @property
+    def pure_share(self) -> float:
+        emitted = self.pure_batches + self.mixed_batches
+        return self.pure_batches / emitted if emitted else 0.0
+
+    @staticmethod
+    def _stack(rows: list[dict], columns: list[str]) -> dict[str, np.ndarray]:
+        out = {}
+        for name in columns:
+            values = [row[name] for row in rows]
+            if all(np.isscalar(v) for v in values):
+                out[name] = np.asarray(values)
+            else:  # list columns: an object array of per-row arrays, as Ray Data hands ragged lists
+                column = np.empty(len(values), dtype=object)
+                column[:] = [np.asarray(v) for v in values]
+                out[name] = column
+        return out
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        buckets: dict[int, list[dict]] = {}
+        columns: list[str] | None = None
+        for batch in self.batches:
+            if self.column not in batch:
+                raise KeyError(f"topic batches need a {self.column!r} column; the batch has {sorted(batch)}")
+            columns = columns or list(batch)
+            for i in range(len(batch[self.column])):
+                row = {name: batch[name][i] for name in columns}
+                bucket = buckets.setdefault(int(row[self.column]), [])
+                bucket.append(row)
+                if len(bucket) == self.batch_size:
+                    self.pure_batches += 1
+                    yield self._stack(bucket, columns)
+                    bucket.clear()
+        leftovers = [row for topic in sorted(buckets) for row in buckets[topic]]
+        for start in range(0, len(leftovers) - self.batch_size + 1, self.batch_size):
+            self.mixed_batches += 1
+            yield self._stack(leftovers[start:start + self.batch_size], columns)
