@@ -324,8 +324,17 @@ def summary(results: dict, goals_ef: int) -> dict:
         out["faiss_hnsw_ef64_qps_b64_msmarco"] = ms["faiss_hnsw_ef64_b64"]["qps"]
         out["hnsw_recall10_msmarco"] = ms[f"hnsw_ef{goals_ef}_recall10"]
     if cl:
-        out["hnsw_recall10_clustered"] = cl[f"hnsw_ef{goals_ef}_recall10"]
-        out["hnsw_vs_flat_qps_ratio_clustered"] = cl[f"faiss_hnsw_ef{goals_ef}_b64"]["qps"] / cl["faiss_flat_b64"]["qps"]
+        flat_qps = cl["faiss_flat_b64"]["qps"]
+        out[f"hnsw_ef{goals_ef}_recall10_clustered"] = cl[f"hnsw_ef{goals_ef}_recall10"]
+        out[f"hnsw_ef{goals_ef}_vs_flat_qps_ratio_clustered"] = cl[f"faiss_hnsw_ef{goals_ef}_b64"]["qps"] / flat_qps
+        # The operating point a user would pick: the fastest efSearch of the sweep that keeps recall@10 >= 0.98.
+        efs = sorted(int(k[len("hnsw_ef"):-len("_recall10")]) for k in cl if k.startswith("hnsw_ef") and
+                     k.endswith("_recall10"))
+        good = [ef for ef in efs if cl[f"hnsw_ef{ef}_recall10"] >= 0.98] or [max(efs)]
+        best = max(good, key=lambda ef: cl[f"faiss_hnsw_ef{ef}_b64"]["qps"])
+        out["hnsw_operating_ef_clustered"] = best
+        out["hnsw_recall10_clustered"] = cl[f"hnsw_ef{best}_recall10"]
+        out["hnsw_vs_flat_qps_ratio_clustered"] = cl[f"faiss_hnsw_ef{best}_b64"]["qps"] / flat_qps
         if "handle_b64_c8" in cl:
             best = max(cl["handle_b64_c1"]["qps"], cl["handle_b64_c8"]["qps"])
             out["handle_vs_faiss_ratio_b64_clustered_hnsw"] = best / cl[f"faiss_hnsw_ef{goals_ef}_b64"]["qps"]
@@ -361,7 +370,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--clusters", type=int, default=2000)
     parser.add_argument("--spread", type=float, default=0.06)
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
-    parser.add_argument("--ef", type=int, default=128, help="HNSW efSearch used for the goals")
+    parser.add_argument("--ef", type=int, default=128, help="an HNSW efSearch reported on its own (the goal "
+                        "figures use the fastest efSearch of the sweep with recall@10 >= 0.98)")
     parser.add_argument("--skip", choices=["msmarco", "clustered"], action="append", default=[])
     parser.add_argument("--no-service", action="store_true", help="in-process figures only")
     parser.add_argument("--serve-modes", default="proxy,direct", help=f"comma-separated subset of {list(SERVE_MODES)}")

@@ -76,7 +76,7 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
     if config.encoder.gradient_checkpointing:
         # Non-reentrant checkpointing works with DDP and with inputs that need no grad.
         encoder.transformer.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model = ray.train.torch.prepare_model(DualEncoder(encoder))
+    model = ray.train.torch.prepare_model(DualEncoder(encoder, config.encoder.forward_chunk))
     encoder = model.module.encoder if hasattr(model, "module") else model.encoder
     device = encoder.device
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)

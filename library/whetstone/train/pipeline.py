@@ -175,7 +175,19 @@ def _deploy_index(config: ContrastiveJobConfig, index_uri: str) -> None:
     args = IndexServiceArgs(index_uri=index_uri, storage=config.storage.resolved(),
                             num_cpus=config.index.num_cpus, num_replicas=config.index.num_replicas)
     # A no-op (with a warning) when Serve already runs in this cluster, e.g. under a RayService.
-    serve.start(http_options={"host": config.index.http_host, "port": config.index.http_port})
+    # A Serve instance still shutting down (its proxy being force-killed) fails the start with
+    # ActorDiedError: wait for it to go and start again, a few times.
+    from ray.exceptions import ActorDiedError
+
+    for attempt in range(4):
+        try:
+            serve.start(http_options={"host": config.index.http_host, "port": config.index.http_port})
+            break
+        except ActorDiedError as err:
+            if attempt == 3:
+                raise
+            logger.warning("Serve start raced a shutting-down Serve instance (%s); retrying", err)
+            time.sleep(2.0 * (attempt + 1))
     serve.run(build_app(args), name=APP_NAME, route_prefix="/index", blocking=False)
 
 
