@@ -62,8 +62,7 @@ def train_pairs(beir: Beir) -> list[tuple[str, str, str]]:
             for doc, grade in rels.items() if grade > 0 and qid in beir.queries and doc in beir.corpus]
 
 
-def evaluate(model_dir: str, beir: Beir, doc_max_length: int = 256, query_max_length: int = 64,
-             cache: dict | None = None) -> dict[str, float]:
+def evaluate(model_dir: str, beir: Beir, doc_max_length: int = 256, query_max_length: int = 64) -> dict[str, float]:
     """nDCG@10 / Recall@100 of ``model_dir`` on ``beir`` (exact cosine search, float32)."""
     from whetstone.eval.retrieval import evaluate_encoder
     from whetstone.models.encoder import Encoder

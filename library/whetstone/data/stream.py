@@ -260,7 +260,7 @@ def with_topics(table: pa.Table, topics: dict[str, int]) -> pa.Table:
 def count_training_rows(store_uri: str, split: str, storage: StorageConfig | None = None,
                         positives: str = "sample") -> int:
     """Rows one epoch of :func:`pairs_dataset` yields: queries, or (query, positive) pairs for ``all``."""
-    table = read_dataset_table(store_uri, f"pairs/{split}", storage)
+    table = read_dataset_table(store_uri, f"pairs/{split}", storage, columns=[S.POSITIVE_IDS])
     if positives == "all":
         return int(pc.sum(pc.list_value_length(table.column(S.POSITIVE_IDS))).as_py() or 0)
     return table.num_rows
