@@ -210,6 +210,87 @@ def search_grouped(items: list[tuple]) -> list[tuple]:
     return results
 
 
+def set_faiss_threads(threads: int | None) -> None:
+    """FAISS's OpenMP threads for the *calling* thread (OpenMP keeps the setting per thread, so
+    setting it in one thread does not reach searches run in another)."""
+    if threads:
+        import faiss
+
+        faiss.omp_set_num_threads(threads)
+
+
+class SearchCoalescer:
+    """Runs searches on ``workers`` search threads, one FAISS call per thread at a time, and merges
+    everything that queued while the threads were busy into the next call (up to ``max_requests``
+    requests per call).
+
+    Serve's ``@serve.batch`` groups the requests that arrive within its wait window, but (Ray 2.60)
+    it forms the next batch while the previous one still runs, and the batches then wait their
+    turn one by one: measured with 8 training callers in flight, each FAISS call served 1.03
+    requests. Behind it, this stage does the merging: the busier the service, the larger the call.
+
+    Args:
+        run: ``run(items) -> results``, one result per item (e.g. :func:`search_grouped`).
+        max_requests: most requests merged into one call.
+        threads: FAISS (OpenMP) threads of each search thread; None keeps the process default.
+        workers: FAISS calls that may run at once (FAISS searches are safe to run concurrently).
+    """
+
+    def __init__(self, run: Callable[[list], list], max_requests: int, threads: int | None = None,
+                 workers: int = 1) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._run = run
+        self.max_requests = max_requests
+        self.workers = workers
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="faiss-search",
+                                            initializer=set_faiss_threads, initargs=(threads,))
+        self._pending: collections.deque = collections.deque()
+        self._running = 0
+        self._tasks: set = set()
+
+    def submit(self, items: list) -> list:
+        """Queue ``items``; returns one asyncio future per item (call from the event loop)."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in items]
+        self._pending.extend(zip(items, futures, strict=True))
+        self._start_calls(loop)
+        return futures
+
+    def _start_calls(self, loop) -> None:
+        while self._pending and self._running < self.workers:
+            taken = [self._pending.popleft() for _ in range(min(self.max_requests, len(self._pending)))]
+            live = [(item, future) for item, future in taken if not future.done()]  # skip cancelled callers
+            if live:
+                self._running += 1
+                task = loop.create_task(self._call(live))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _call(self, live: list) -> None:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self._executor, self._run, [item for item, _ in live])
+        except Exception as err:  # noqa: BLE001 - every caller of the call gets the error
+            for _, future in live:
+                if not future.done():
+                    future.set_exception(err)
+        else:
+            for (_, future), result in zip(live, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+        finally:
+            self._running -= 1
+            self._start_calls(loop)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
 class StatsRecorder:
     """Query counts and recent search latencies of one replica, plus its Prometheus registry."""
 
@@ -218,6 +299,9 @@ class StatsRecorder:
         self.queries_total = 0
         self.errors_total = 0
         self._latencies_ms: collections.deque[float] = collections.deque(maxlen=window)
+        self.faiss_calls_total = 0
+        self._batch_requests_total = 0
+        self._faiss_ms: collections.deque[float] = collections.deque(maxlen=window)
         self.registry = CollectorRegistry()
         labels = {"replica": replica_id}
         self._requests = Counter("whetstone_index_search_requests", "search requests", registry=self.registry)
@@ -227,6 +311,10 @@ class StatsRecorder:
         self._latency = Histogram("whetstone_index_search_latency_seconds", "search latency in the replica",
                                   buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
                                   registry=self.registry)
+        self._faiss_calls = Counter("whetstone_index_faiss_calls", "FAISS searches (one per batch of requests)",
+                                    registry=self.registry)
+        self._batch = Histogram("whetstone_index_batch_requests", "search requests merged into one FAISS call",
+                                buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
         self._version = Gauge("whetstone_index_version", "loaded index version", list(labels),
                               registry=self.registry).labels(**labels)
         self._size = Gauge("whetstone_index_size", "documents in the loaded index", list(labels),
@@ -240,6 +328,14 @@ class StatsRecorder:
         self._queries.inc(queries)
         self._latency.observe(latency_ms / 1000)
 
+    def batched(self, requests: int, seconds: float) -> None:
+        """One FAISS call served ``requests`` batched requests in ``seconds`` (search thread)."""
+        self.faiss_calls_total += 1
+        self._batch_requests_total += requests
+        self._faiss_ms.append(seconds * 1000)
+        self._faiss_calls.inc()
+        self._batch.observe(requests)
+
     def error(self, path: str, status: int) -> None:
         self.errors_total += 1
         self._errors.labels(path=path, status=str(status)).inc()
@@ -249,7 +345,10 @@ class StatsRecorder:
         p50, p95, p99 = (np.percentile(latencies, [50, 95, 99]).tolist() if len(latencies) else (None,) * 3)
         return {"requests_total": self.requests_total, "queries_total": self.queries_total,
                 "errors_total": self.errors_total, "latency_ms_p50": p50, "latency_ms_p95": p95,
-                "latency_ms_p99": p99}
+                "latency_ms_p99": p99, "faiss_calls_total": self.faiss_calls_total,
+                "requests_per_faiss_call": (self._batch_requests_total / self.faiss_calls_total
+                                            if self.faiss_calls_total else None),
+                "faiss_ms_p50": float(np.median(self._faiss_ms)) if self._faiss_ms else None}
 
     def prometheus(self, version: int | None, size: int) -> tuple[bytes, str]:
         self._version.set(-1 if version is None else version)

@@ -117,6 +117,9 @@ class StatsResponse(_Wire):
     latency_ms_p50: float | None
     latency_ms_p95: float | None
     latency_ms_p99: float | None
+    faiss_calls_total: int = Field(0, description="FAISS searches run; batched requests share one")
+    requests_per_faiss_call: float | None = Field(None, description="mean search requests merged per FAISS call")
+    faiss_ms_p50: float | None = Field(None, description="median wall time of one (batched) FAISS search")
     replica_id: str
     pid: int
     replicas: list[ReplicaInfo] = Field(

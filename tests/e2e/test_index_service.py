@@ -124,6 +124,14 @@ def test_search_equals_direct_faiss(service):
 
     result = serve.get_deployment_handle("IndexService", APP).search_arrays.remote(queries, 8, excluded).result()
     assert result["version"] == 2 and result["ids"] == body["ids"]
+    # HTTP answers valid vector searches on a fast path (pydantic parse and dump, no FastAPI
+    # route); the FastAPI route's own answer, called through the handle, must be the same.
+    from services.index.schemas import SearchRequest
+
+    routed = serve.get_deployment_handle("IndexService", APP).search.remote(
+        SearchRequest(vectors=queries.tolist(), k=8, exclude_ids=excluded)).result()
+    assert routed.version == body["version"] and routed.ids == body["ids"]
+    assert routed.scores == body["scores"] and set(body) == set(routed.model_dump())
     # The excluded ids' scores (what training asks for its positives' false-negative margin).
     response = service["http"].post("/search", json={"vectors": queries.tolist(), "k": 8, "exclude_ids": excluded,
                                                      "score_excluded": True})

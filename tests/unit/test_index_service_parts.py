@@ -9,7 +9,7 @@ import pytest
 import yaml
 from whetstone.index.ann import AnnConfig, AnnIndex, SnapshotError, latest_version
 
-from services.index.replica import SnapshotHolder, StatsRecorder, search_grouped
+from services.index.replica import SearchCoalescer, SnapshotHolder, StatsRecorder, search_grouped
 from services.index.schemas import SearchRequest, UpsertRequest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -120,8 +120,14 @@ def test_stats_recorder_percentiles_and_prometheus():
     summary = recorder.summary()
     assert summary["requests_total"] == 100 and summary["queries_total"] == 200 and summary["errors_total"] == 1
     assert summary["latency_ms_p50"] == pytest.approx(50.5) and summary["latency_ms_p99"] == pytest.approx(99.01)
+    recorder.batched(3, 0.010)
+    recorder.batched(1, 0.030)
+    summary = recorder.summary()
+    assert summary["faiss_calls_total"] == 2 and summary["requests_per_faiss_call"] == 2.0
+    assert summary["faiss_ms_p50"] == pytest.approx(20.0)
     body, _ = recorder.prometheus(7, 123)
     assert b'whetstone_index_version{replica="r1"} 7.0' in body and b'status="422"' in body
+    assert b"whetstone_index_batch_requests_sum 4.0" in body
 
 
 def test_typed_app_builder_validates_key_value_args():
@@ -135,3 +141,60 @@ def test_typed_app_builder_validates_key_value_args():
     assert deployment.name == "IndexService" and deployment.num_replicas == 2
     with pytest.raises(ValueError, match="max_k"):
         call_user_app_builder_with_args_if_necessary(build_app, {"index_uri": "/tmp/x", "max_k": 0})
+
+
+def test_coalescer_merges_what_queues_behind_a_running_call():
+    import asyncio
+    import threading
+
+    release = threading.Event()
+    calls: list[list[str]] = []
+
+    def run(items: list[str]) -> list[str]:
+        calls.append(list(items))
+        if items == ["a"]:
+            assert release.wait(10)
+        return [item.upper() for item in items]
+
+    async def scenario():
+        coalescer = SearchCoalescer(run, max_requests=3)
+        first = coalescer.submit(["a"])
+        await asyncio.sleep(0.05)  # "a" is running; these queue behind it
+        queued = [coalescer.submit([x]) for x in ("b", "c", "d", "e")]
+        queued[1][0].cancel()  # a caller that gave up is skipped, not searched
+        release.set()
+        results = await asyncio.gather(*first, *(f[0] for i, f in enumerate(queued) if i != 1))
+        coalescer.shutdown()
+        return results
+
+    assert asyncio.run(scenario()) == ["A", "B", "D", "E"]
+    assert calls == [["a"], ["b", "d"], ["e"]]  # max_requests=3 were taken (one cancelled), then the rest
+
+
+def test_coalescer_runs_calls_in_parallel_with_faiss_threads_set_in_the_search_thread():
+    import asyncio
+    import threading
+
+    import faiss
+
+    barrier = threading.Barrier(2, timeout=10)
+
+    def run(items: list[int]) -> list[tuple[int, int]]:
+        barrier.wait()  # both calls must be running at once to pass
+        return [(item, faiss.omp_get_max_threads()) for item in items]
+
+    def failing(items):
+        raise ValueError("bad batch")
+
+    async def scenario():
+        coalescer = SearchCoalescer(run, max_requests=1, threads=1, workers=2)
+        results = await asyncio.gather(*coalescer.submit([1, 2]))
+        coalescer.shutdown()
+        broken = SearchCoalescer(failing, max_requests=8)
+        outcomes = await asyncio.gather(*broken.submit([1, 2]), return_exceptions=True)
+        broken.shutdown()
+        return results, outcomes
+
+    results, outcomes = asyncio.run(scenario())
+    assert results == [(1, 1), (2, 1)]
+    assert [str(o) for o in outcomes] == ["bad batch", "bad batch"]

@@ -102,6 +102,7 @@ class IndexClient:
         self._failed_at: float | None = None
         self._conn: Any = None
         self._conn_lock = threading.Lock()
+        self._methods: dict[str, tuple[Any, Any]] = {}
 
     @classmethod
     def from_handle(
@@ -118,6 +119,7 @@ class IndexClient:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_conn"] = None  # handles and HTTP pools are per process
+        state["_methods"] = {}
         state.pop("_conn_lock")
         return state
 
@@ -230,13 +232,21 @@ class IndexClient:
                 self._conn = serve.get_deployment_handle(self.deployment, app_name=self.app_name)
             return self._conn
 
+    def _method_handle(self, method: str):
+        """``handle.<method>``, built once per method (each attribute access builds a new handle)."""
+        handle = self._handle()
+        cached = self._methods.get(method)
+        if cached is None or cached[0] is not handle:
+            cached = self._methods[method] = (handle, getattr(handle, method))
+        return cached[1]
+
     def _call_handle(self, method: str, args: tuple, timeout_s: float, use_breaker: bool = True):
         from fastapi import HTTPException
 
         if use_breaker:
             self._check_breaker()
         try:
-            response = getattr(self._handle(), method).remote(*args)
+            response = self._method_handle(method).remote(*args)
         except IndexUnavailable as err:
             raise self._unavailable(str(err), use_breaker) from None
         except Exception as err:  # noqa: BLE001 - no controller, no app, no deployment
