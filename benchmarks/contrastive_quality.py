@@ -13,7 +13,9 @@ tokens. Methods:
 * ``whetstone_in_batch``: the Whetstone job without the index (in-batch negatives gathered across
   both workers);
 * ``whetstone_live``: the Whetstone job with one hard negative per query from the live index
-  (rank 3 to 30, random pick), refreshed from a checkpoint every 5 steps.
+  (rank 3 to 30, random pick), with the false-negative guard at the mined baseline's setting
+  (candidates scoring above 0.95 x the labelled positive's score are dropped and refilled),
+  refreshed from a checkpoint every 5 steps.
 
 Every model is evaluated by the same function (exact cosine search, float32, documents at 256
 tokens): nDCG@10 on scifact-subset test (trained on its train split) and on msmarco-dl19-subset
@@ -55,6 +57,9 @@ from benchmarks.contrastive_common import (
 STEPS, BATCH, LR, DOC_LEN = 15, 32, 2e-5, 256
 METHODS = ("base", "st_in_batch", "st_mined", "whetstone_in_batch", "whetstone_live")
 PARTIAL = RESULTS / "contrastive_quality.partial.json"
+# The live method's negatives: the rank window of run_whetstone plus the false-negative guard that
+# st_mined also gets (relative margin 0.05).
+LIVE_MINING = {"num_negatives": 1, "rank_start": 3, "rank_end": 30, "sampling": "random", "relative_margin": 0.05}
 
 
 def mined_rows(base: str, beir_train, corpus: dict[str, str]) -> tuple[list[tuple[str, str, str]], dict]:
@@ -129,11 +134,13 @@ def main() -> None:
                     live = method == "whetstone_live"
                     report = run_whetstone(store, base, out, workers=2, batch_per_worker=BATCH // 2, epochs=3,
                                            max_steps=None, lr=LR, live=live, seed=seed, doc_max_length=DOC_LEN,
-                                           refresh_every=5 if live else None, gradient_checkpointing=True)
+                                           refresh_every=5 if live else None, gradient_checkpointing=True,
+                                           extra={"negatives.mining": LIVE_MINING} if live else None)
                     record(key, report["model_uri"], {"train": {
                         "steps": report["steps"], "train_s": report["timings_s"].get("train_s"),
                         "negatives_served_by_index": report["negatives_served_all_workers"],
                         "fallback_steps_rank0": report["fallback_steps_rank0"],
+                        "false_negative_dropped_share": report.get("false_negative_dropped_share"),
                         "refreshes": [{k: r[k] for k in ("step", "old_version", "new_version")}
                                       for r in report["refreshes"]]}})
 

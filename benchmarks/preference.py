@@ -73,7 +73,8 @@ def reward_model_part(args) -> dict:
 
     train, test, unsplit = load_split(args.rm_train_pairs)
     torch.manual_seed(0)
-    model = RewardModel.from_encoder(minilm_path(), args.rm_max_length, args.rm_max_prompt_length)
+    model = RewardModel.from_encoder(minilm_path(), args.rm_max_length, args.rm_max_prompt_length,
+                                     pooling=args.rm_pooling)
     prompts, chosen, rejected = _columns(test)
     t = time.monotonic()
     untrained = pairwise_accuracy(model, prompts, chosen, rejected)
@@ -113,7 +114,8 @@ def reward_model_part(args) -> dict:
         "reward_model_train_s": round(train_s, 1),
         "reward_model_score_s_per_308_pairs": round(score_s, 1),
         "reward_model_settings": {"encoder": "all-MiniLM-L6-v2", "max_length": args.rm_max_length,
-                                  "max_prompt_length": args.rm_max_prompt_length, "epochs": args.rm_epochs,
+                                  "max_prompt_length": args.rm_max_prompt_length, "pooling": args.rm_pooling,
+                                  "epochs": args.rm_epochs,
                                   "batch_size": args.rm_batch_size, "lr": args.rm_lr, "head_lr": args.rm_head_lr,
                                   "max_steps": args.rm_max_steps},
     }
@@ -367,6 +369,7 @@ def parse_args(argv=None):
     p.add_argument("--rm-train-pairs", type=int, default=2000)
     p.add_argument("--rm-max-length", type=int, default=160)
     p.add_argument("--rm-max-prompt-length", type=int, default=64)
+    p.add_argument("--rm-pooling", choices=["mean", "response"], default="mean")
     p.add_argument("--rm-epochs", type=int, default=3)
     p.add_argument("--rm-batch-size", type=int, default=16)
     p.add_argument("--rm-lr", type=float, default=3e-5)

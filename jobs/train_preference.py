@@ -164,7 +164,8 @@ def reward_loop_per_worker(config: PreferenceJobConfig, plan: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(config.optim.seed)
     section = config.reward_model
-    reward = RewardModel.from_encoder(section.encoder, section.max_length, section.max_prompt_length, config.storage)
+    reward = RewardModel.from_encoder(section.encoder, section.max_length, section.max_prompt_length, config.storage,
+                                      section.pooling)
     model = ray.train.torch.prepare_model(reward)
     optimizer = reward_optimizer(model, config.optim.lr, config.optim.lr * 30)
     total_steps, per_epoch = plan["total_steps"], plan["steps_per_epoch"]

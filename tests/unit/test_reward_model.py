@@ -79,3 +79,26 @@ def test_load_rejects_a_plain_encoder_folder(tiny_encoder_dir):
 def test_bad_lengths_are_rejected(tiny_encoder_dir):
     with pytest.raises(ValueError, match="max_prompt_length"):
         RewardModel.from_encoder(tiny_encoder_dir, max_length=32, max_prompt_length=32)
+
+
+def test_response_pooling_averages_the_response_segment_only(tiny_encoder_dir, tmp_path):
+    torch.manual_seed(0)
+    model = RewardModel.from_encoder(tiny_encoder_dir, max_length=64, max_prompt_length=40, pooling="response")
+    prompts, chosen, _ = _pairs(TOPICS[:3])
+    tokens = model.tokenize(prompts, chosen)
+    with torch.no_grad():
+        hidden = model.transformer(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                                   token_type_ids=tokens["token_type_ids"]).last_hidden_state
+        for row in range(3):
+            keep = (tokens["attention_mask"][row] == 1) & (tokens["token_type_ids"][row] == 1)
+            want = model.head(hidden[row, keep].mean(0))
+            assert torch.allclose(model(**tokens)[row], want.squeeze(), atol=1e-5)
+        # Unlike mean pooling, which averages the prompt's tokens in too.
+        everything = RewardModel(model.transformer, model.tokenizer, 64, 40, pooling="mean")
+        everything.head = model.head
+        assert not torch.allclose(everything(**tokens), model(**tokens), atol=1e-4)
+    loaded = RewardModel.load(model.save(tmp_path / "rm"))
+    assert loaded.pooling == "response"
+    np.testing.assert_allclose(loaded.score(prompts, chosen), model.score(prompts, chosen), atol=1e-6)
+    with pytest.raises(ValueError, match="pooling"):
+        RewardModel(model.transformer, model.tokenizer, 64, 40, pooling="max")

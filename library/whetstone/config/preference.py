@@ -119,6 +119,8 @@ class RewardModelSection(StrictModel):
     encoder: str = Field("all-MiniLM-L6-v2", description="encoder path or the MiniLM alias")
     max_length: int = Field(256, ge=8, le=512)
     max_prompt_length: int = Field(160, ge=1)
+    pooling: Literal["mean", "response"] = Field(
+        "mean", description="mean of every token's last hidden state, or of the response segment's only")
     gamma: float | None = Field(None, gt=0, le=1, description="optional NS time discount of the BT loss")
 
 

@@ -2,7 +2,9 @@
 
 The encoder reads prompt and response as one cross-encoded sequence
 ``[CLS] prompt-tail [SEP] response-head [SEP]`` (token types 0 / 1), mean-pools the last hidden
-states and maps them to one number. Long hh-rlhf dialogues are cut where it hurts least: the
+states (of every token, or with ``pooling="response"`` of the response segment only: the prompt
+is the same on both sides of a pair, and its tokens then only shape the response's context
+instead of diluting the average) and maps them to one number. Long hh-rlhf dialogues are cut where it hurts least: the
 prompt keeps its END (the turn being answered), the response its START. all-MiniLM-L6-v2 (22M
 parameters) trains on CPU in minutes; any BERT-like ``AutoModel`` works.
 
@@ -26,6 +28,7 @@ from whetstone.models.encoder import mean_pool
 
 HEAD_FILE = "reward_head.pt"
 CONFIG_FILE = "reward_config.json"
+POOLINGS = ("mean", "response")
 
 
 class RewardModel(nn.Module):
@@ -36,12 +39,17 @@ class RewardModel(nn.Module):
         tokenizer: its tokenizer.
         max_length: tokens per (prompt, response) sequence, special tokens included.
         max_prompt_length: prompt tokens kept when the response needs the room.
+        pooling: ``"mean"`` over every token, or ``"response"``: over the response segment only.
     """
 
-    def __init__(self, transformer: nn.Module, tokenizer, max_length: int = 256, max_prompt_length: int = 160):
+    def __init__(self, transformer: nn.Module, tokenizer, max_length: int = 256, max_prompt_length: int = 160,
+                 pooling: str = "mean"):
         super().__init__()
         if not 1 <= max_prompt_length < max_length - 3:
             raise ValueError(f"need 1 <= max_prompt_length < max_length - 3, got {max_prompt_length}, {max_length}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling: {pooling!r} is not one of {POOLINGS}")
+        self.pooling = pooling
         self.transformer = transformer
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -56,13 +64,13 @@ class RewardModel(nn.Module):
 
     @classmethod
     def from_encoder(cls, path: str | Path, max_length: int = 256, max_prompt_length: int = 160,
-                     storage: StorageConfig | None = None) -> RewardModel:
+                     storage: StorageConfig | None = None, pooling: str = "mean") -> RewardModel:
         """A fresh head on a pretrained encoder (path, storage URI or the MiniLM alias)."""
         from transformers import AutoModel, AutoTokenizer
 
         folder = _local_folder(path, storage)
         return cls(AutoModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder), max_length,
-                   max_prompt_length)
+                   max_prompt_length, pooling)
 
     @property
     def device(self) -> torch.device:
@@ -110,7 +118,12 @@ class RewardModel(nn.Module):
         kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None and \
             getattr(self.transformer.config, "type_vocab_size", 0) > 1 else {}
         hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-        pooled = mean_pool(hidden, attention_mask)  # (N, H)
+        mask = attention_mask
+        if self.pooling == "response":
+            if token_type_ids is None:
+                raise ValueError("pooling='response' needs token_type_ids (from tokenize()) to find the response")
+            mask = attention_mask * (token_type_ids == 1)  # (N, L): the response and its closing separator
+        pooled = mean_pool(hidden, mask)  # (N, H)
         return self.head(pooled).squeeze(-1)  # (N,)
 
     def score_pairs(self, prompts: Sequence[str], chosen: Sequence[str],
@@ -143,7 +156,7 @@ class RewardModel(nn.Module):
         torch.save(self.head.state_dict(), path / HEAD_FILE)
         (path / CONFIG_FILE).write_text(json.dumps({"max_length": self.max_length,
                                                     "max_prompt_length": self.max_prompt_length,
-                                                    "pooling": "mean"}))
+                                                    "pooling": self.pooling}))
         return path
 
     @classmethod
@@ -156,7 +169,7 @@ class RewardModel(nn.Module):
             raise FileNotFoundError(f"{path} is not a saved reward model ({HEAD_FILE} or {CONFIG_FILE} missing)")
         settings = json.loads((folder / CONFIG_FILE).read_text())
         model = cls(AutoModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder),
-                    settings["max_length"], settings["max_prompt_length"])
+                    settings["max_length"], settings["max_prompt_length"], settings.get("pooling", "mean"))
         model.head.load_state_dict(torch.load(folder / HEAD_FILE, map_location="cpu", weights_only=True))
         return model.to(device)
 
