@@ -237,6 +237,15 @@ def _replay(body: bytes, last: dict | None, receive):
     return replayed
 
 
+def _is_json(headers) -> bool:
+    """A JSON content type, as FastAPI decides it (``application/json`` or ``application/*+json``)."""
+    for name, value in headers:
+        if name == b"content-type":
+            kind = value.decode("latin-1").split(";", 1)[0].strip().lower()
+            return kind == "application/json" or kind.startswith("application/") and kind.endswith("+json")
+    return False
+
+
 def _bearer_matches(headers, expected: str | None) -> bool:
     if expected is None:
         return False
@@ -398,7 +407,7 @@ class IndexService:
     async def fast_search(self, headers, body: bytes) -> bytes | None:
         """The JSON answer to a ``/search`` body, or None to let the FastAPI route answer it
         (texts, auth failures, invalid input: see :class:`_SearchFastPath`)."""
-        if self.args.protect_reads and not _bearer_matches(headers, self.token):
+        if not _is_json(headers) or self.args.protect_reads and not _bearer_matches(headers, self.token):
             return None
         try:
             request = SearchRequest.model_validate_json(body)

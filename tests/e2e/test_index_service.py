@@ -132,6 +132,12 @@ def test_search_equals_direct_faiss(service):
         SearchRequest(vectors=queries.tolist(), k=8, exclude_ids=excluded)).result()
     assert routed.version == body["version"] and routed.ids == body["ids"]
     assert routed.scores == body["scores"] and set(body) == set(routed.model_dump())
+    # What FastAPI would not read as JSON is not searched on the fast path either.
+    raw = json.dumps({"vectors": queries.tolist(), "k": 8})
+    assert service["http"].post("/search", content=raw, headers={"Content-Type": "text/plain"}).status_code == 422
+    plus_json = service["http"].post("/search", content=raw, headers={"Content-Type": "application/vnd.x+json"})
+    plain = service["http"].post("/search", content=raw, headers={"Content-Type": "application/json"})
+    assert plus_json.status_code == 200 and plus_json.json()["ids"] == plain.json()["ids"]
     # The excluded ids' scores (what training asks for its positives' false-negative margin).
     response = service["http"].post("/search", json={"vectors": queries.tolist(), "k": 8, "exclude_ids": excluded,
                                                      "score_excluded": True})
