@@ -369,7 +369,7 @@ def parse_args(argv=None):
     p.add_argument("--rm-train-pairs", type=int, default=2000)
     p.add_argument("--rm-max-length", type=int, default=160)
     p.add_argument("--rm-max-prompt-length", type=int, default=64)
-    p.add_argument("--rm-pooling", choices=["mean", "response"], default="mean")
+    p.add_argument("--rm-pooling", choices=["mean", "response"], default="response")
     p.add_argument("--rm-epochs", type=int, default=3)
     p.add_argument("--rm-batch-size", type=int, default=16)
     p.add_argument("--rm-lr", type=float, default=3e-5)

@@ -120,7 +120,8 @@ class RewardModelSection(StrictModel):
     max_length: int = Field(256, ge=8, le=512)
     max_prompt_length: int = Field(160, ge=1)
     pooling: Literal["mean", "response"] = Field(
-        "mean", description="mean of every token's last hidden state, or of the response segment's only")
+        "response", description="mean of the response segment's last hidden states (the prompt is shared by "
+                                "both sides of a pair), or `mean` of every token's")
     gamma: float | None = Field(None, gt=0, le=1, description="optional NS time discount of the BT loss")
 
 

@@ -2,9 +2,9 @@
 
 The encoder reads prompt and response as one cross-encoded sequence
 ``[CLS] prompt-tail [SEP] response-head [SEP]`` (token types 0 / 1), mean-pools the last hidden
-states (of every token, or with ``pooling="response"`` of the response segment only: the prompt
-is the same on both sides of a pair, and its tokens then only shape the response's context
-instead of diluting the average) and maps them to one number. Long hh-rlhf dialogues are cut where it hurts least: the
+states of the response segment (the prompt is the same on both sides of a pair: its tokens shape
+the response's context instead of diluting the average; ``pooling="mean"`` averages every token)
+and maps them to one number. Long hh-rlhf dialogues are cut where it hurts least: the
 prompt keeps its END (the turn being answered), the response its START. all-MiniLM-L6-v2 (22M
 parameters) trains on CPU in minutes; any BERT-like ``AutoModel`` works.
 
@@ -39,11 +39,13 @@ class RewardModel(nn.Module):
         tokenizer: its tokenizer.
         max_length: tokens per (prompt, response) sequence, special tokens included.
         max_prompt_length: prompt tokens kept when the response needs the room.
-        pooling: ``"mean"`` over every token, or ``"response"``: over the response segment only.
+        pooling: ``"response"``: the mean over the response segment only (measured on hh-rlhf with
+            MiniLM: 0.646 / 0.662 / 0.653 test accuracy per epoch against 0.620 / 0.610 / 0.627 for
+            ``"mean"`` over every token), or ``"mean"`` (what models saved without the setting used).
     """
 
     def __init__(self, transformer: nn.Module, tokenizer, max_length: int = 256, max_prompt_length: int = 160,
-                 pooling: str = "mean"):
+                 pooling: str = "response"):
         super().__init__()
         if not 1 <= max_prompt_length < max_length - 3:
             raise ValueError(f"need 1 <= max_prompt_length < max_length - 3, got {max_prompt_length}, {max_length}")
@@ -64,7 +66,7 @@ class RewardModel(nn.Module):
 
     @classmethod
     def from_encoder(cls, path: str | Path, max_length: int = 256, max_prompt_length: int = 160,
-                     storage: StorageConfig | None = None, pooling: str = "mean") -> RewardModel:
+                     storage: StorageConfig | None = None, pooling: str = "response") -> RewardModel:
         """A fresh head on a pretrained encoder (path, storage URI or the MiniLM alias)."""
         from transformers import AutoModel, AutoTokenizer
 
