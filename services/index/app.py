@@ -277,9 +277,10 @@ class IndexService:
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
         self.recorder = StatsRecorder(self.replica_id)
-        # FAISS runs on one search thread with `search_threads` OpenMP threads set *in* that thread
-        # (set in this one, it never reached the searches: a batch-64 flat search took 12 ms in
-        # the replica against 3.4 ms in-process). Requests queued behind a running call are merged.
+        # FAISS runs on `search_workers` search threads, each with `search_threads` OpenMP threads
+        # set *in* it (set in this thread, it never reached the searches: a batch-64 flat search
+        # took 12 ms in the replica against 3.4 ms in-process). Requests queued behind running
+        # calls are merged into the next one.
         self._coalescer = SearchCoalescer(self._search_timed, self.args.batch_max_size, self.args.search_threads,
                                           self.args.search_workers)
         self.holder = SnapshotHolder(self.args.index_uri, self.args.storage, self.args.encoder_device)
