@@ -301,6 +301,7 @@ class StatsRecorder:
         self._latencies_ms: collections.deque[float] = collections.deque(maxlen=window)
         self.faiss_calls_total = 0
         self._batch_requests_total = 0
+        self._batch_lock = threading.Lock()  # batched() runs on several search threads
         self._faiss_ms: collections.deque[float] = collections.deque(maxlen=window)
         self.registry = CollectorRegistry()
         labels = {"replica": replica_id}
@@ -330,9 +331,10 @@ class StatsRecorder:
 
     def batched(self, requests: int, seconds: float) -> None:
         """One FAISS call served ``requests`` batched requests in ``seconds`` (search thread)."""
-        self.faiss_calls_total += 1
-        self._batch_requests_total += requests
-        self._faiss_ms.append(seconds * 1000)
+        with self._batch_lock:
+            self.faiss_calls_total += 1
+            self._batch_requests_total += requests
+            self._faiss_ms.append(seconds * 1000)
         self._faiss_calls.inc()
         self._batch.observe(requests)
 
