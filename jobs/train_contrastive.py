@@ -5,14 +5,18 @@ What it does, top to bottom:
   2. publishes that as index v1 and deploys the index service (Ray Serve, FAISS);
   3. trains with a Ray Train ``TorchTrainer``: each worker streams its shard of the pairs, asks
      the index for its queries' neighbours every step, mines hard negatives from a rank window
-     and minimises InfoNCE over in-batch plus hard negatives, gathered across workers;
+     and minimises InfoNCE over in-batch plus hard negatives, gathered across workers. With
+     ``multitask.tasks`` (Piccolo2) some steps train an auxiliary task instead (graded pairs with
+     CoSENT, labelled texts with label contrast), drawn from (seed, step) alone so every worker
+     trains the same one;
   4. every ``refresh.every_steps`` steps rank 0 checkpoints and the refresher re-embeds the
      corpus with that checkpoint and swaps a new index version in while training goes on;
   5. embeds the corpus with the final model, evaluates it, promotes that index version and
      writes a JSON report (the last printed line is its path).
 
 Papers: InfoNCE / MultipleNegativesRankingLoss (arXiv 1807.03748); ANCE (arXiv 2007.00808);
-STAR/ADORE dynamic negatives (arXiv 2104.08051).
+STAR/ADORE dynamic negatives (arXiv 2104.08051);
+Piccolo2 multi-task hybrid loss (arXiv 2405.06932).
 
 Launch:
   local:           python -m jobs.train_contrastive --config jobs/configs/train_contrastive/smoke.yaml
@@ -23,6 +27,7 @@ Launch:
 
 from __future__ import annotations
 
+import bisect
 import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -37,6 +42,7 @@ from whetstone.data.collate import collate_pairs
 from whetstone.data.stream import DocStore
 from whetstone.losses.gather import gather_documents
 from whetstone.losses.info_nce import false_negative_mask
+from whetstone.losses.multitask import TaskScheduler
 from whetstone.models.encoder import Encoder
 from whetstone.train.contrastive import (
     DualEncoder,
@@ -45,6 +51,7 @@ from whetstone.train.contrastive import (
     linear_warmup_decay,
     stack_padded,
 )
+from whetstone.train.multitask import AuxTasks
 from whetstone.train.progress import StepLog
 from whetstone.train.tas_balanced import TopicRegrouper
 
@@ -122,11 +129,43 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
                                      encoder.tokenizer)
         return batch, queries, future
 
+    # Multi-task (Piccolo2): the task of each step is a function of (seed, step), the same on every
+    # worker; an epoch ends after steps_per_epoch retrieval steps (plan["epoch_ends"]).
+    schedule = TaskScheduler(plan["task_shares"], config.optim.seed) if plan.get("task_shares") else None
+    aux = AuxTasks(config.multitask.tasks, plan.get("task_labels", {}), encoder.tokenizer, device,
+                   config.optim.batch_size, config.optim.shuffle_buffer, config.optim.seed, rank) if schedule else None
+    log.multitask = schedule is not None
+
+    def task_at(s: int) -> str:
+        return schedule.task_for_step(s) if schedule else "retrieval"
+
+    def next_retrieval(s: int, end: int) -> int:  # first retrieval step >= s (end if none before it)
+        while s < end and task_at(s) != "retrieval":
+            s += 1
+        return s
+
+    def optimise(loss: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+
+    def after_step(metrics: dict) -> None:  # report; rank 0 checkpoints and asks for a refresh every `every`
+        saving = rank == 0 and every and step % every == 0 and step < total_steps
+        if saving or step == total_steps:
+            _report_with_checkpoint(metrics, encoder, step, rank, "final" if step == total_steps else None)
+            if saving and refresher is not None:
+                refresher.request.remote(f"{plan['checkpoint_root']}/step-{step:06d}", step)
+        else:
+            ray.train.report(metrics)
+
     shard = ray.train.get_dataset_shard("train")
     step = start_step
     topic_batches = None
-    for epoch in range(step // plan["steps_per_epoch"], config.optim.epochs):
-        epoch_end = min(total_steps, (epoch + 1) * plan["steps_per_epoch"])
+    epoch_ends = plan["epoch_ends"]
+    for epoch in range(bisect.bisect_right(epoch_ends, step), config.optim.epochs):
+        epoch_end = min(total_steps, epoch_ends[epoch])
         batches = shard.iter_batches(
             batch_size=config.optim.batch_size, batch_format="numpy", drop_last=True, prefetch_batches=2,
             local_shuffle_buffer_size=config.optim.shuffle_buffer or None,
@@ -136,15 +175,29 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
             topic_batches = TopicRegrouper(batches, config.optim.batch_size, S.TOPIC)
             batches = topic_batches
         batches = iter(batches)
+        first_step = next_retrieval(step, epoch_end)
         log.start_wait()
-        first = next(batches, None)
+        first = next(batches, None) if first_step < epoch_end else None
         log.end_wait()
-        pending = prepare(first, step) if first is not None else None
-        while pending is not None and step < epoch_end:
+        pending = prepare(first, first_step) if first is not None else None
+        while step < epoch_end:
+            task = task_at(step)
+            if task != "retrieval":  # an auxiliary task's step: its own batch and loss, no negatives
+                log.start_wait()
+                rows = aux.fetch(task)
+                log.end_wait()
+                loss, diagnostics = aux.loss_on(model, task, rows)
+                optimise(loss)
+                step += 1
+                after_step(log.task_step(step, epoch, task, loss.item(), scheduler.get_last_lr()[0], diagnostics))
+                continue
+            if pending is None:
+                break
+            upcoming_step = next_retrieval(step + 1, epoch_end)
             log.start_wait()
-            upcoming_raw = next(batches, None) if step + 1 < epoch_end else None
+            upcoming_raw = next(batches, None) if upcoming_step < epoch_end else None
             log.end_wait()
-            upcoming = prepare(upcoming_raw, step + 1) if upcoming_raw is not None else None
+            upcoming = prepare(upcoming_raw, upcoming_step) if upcoming_raw is not None else None
             batch, queries, future = pending
             hard = future.result() if future is not None else None
             doc_ids = list(batch["positive_id"])
@@ -168,23 +221,13 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
                                                       doc_ids, config.optim.gather_across_workers)
             out = loss_fn(query_emb, all_docs, positive_column, exclude_mask=mask, **extra)
             loss = out.losses.mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
+            optimise(loss)
             step += 1
 
             metrics = log.step(step, epoch, loss.item(), scheduler.get_last_lr()[0], out, hard)
             if topic_batches is not None:
                 metrics["topic_pure_batch_share"] = topic_batches.pure_share
-            saving = rank == 0 and every and step % every == 0 and step < total_steps
-            if saving or step == total_steps:
-                _report_with_checkpoint(metrics, encoder, step, rank, "final" if step == total_steps else None)
-                if saving and refresher is not None:
-                    refresher.request.remote(f"{plan['checkpoint_root']}/step-{step:06d}", step)
-            else:
-                ray.train.report(metrics)
+            after_step(metrics)
             pending = upcoming
     prefetch.shutdown(wait=True)
     log.finish(plan.get("history_uri"), config.storage)

@@ -153,3 +153,57 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(ray_cluster, scifact_stor
     assert second["index_versions"][0] == first["index_versions"][-1]
     assert second["model_uri"].endswith("train-from-000001/final")
     assert (tmp_path / "run" / "train-from-000001" / "final" / "model.safetensors").is_file()
+
+
+def test_multitask_steps_follow_one_schedule_on_every_worker(ray_cluster, scifact_store, tiny_encoder_dir, tmp_path):
+    """Piccolo2's mix in the job: retrieval pairs plus a graded-pair (CoSENT) and a labelled-text
+    (label contrast) task; each step trains the task the (seed, step) draw names, on both workers
+    (DDP would hang or fail if one worker ran another task's graph), and bad rows are quarantined.
+    The run also merges its final model with the base (optim.merge_base_weight)."""
+    import numpy as np
+    from whetstone.losses.multitask import TaskScheduler
+
+    from jobs.train_contrastive import main
+
+    rng = np.random.default_rng(0)
+    words = ["protein", "cell", "gene", "virus", "cancer", "brain", "heart", "drug"]
+    sts = [{"sentence1": f"{a} study", "sentence2": f"{b} study", "score": float(a == b) * 4 + rng.random()}
+           for a, b in zip(rng.choice(words, 40), rng.choice(words, 40), strict=True)]
+    sts.append({"sentence1": "no second sentence", "score": 1.0})
+    topics = {"biology": ["cells divide", "genes mutate"], "medicine": ["a drug trial", "heart surgery"],
+              "physics": ["light bends", "atoms decay"]}
+    cls = [{"text": f"{t} {i}", "label": label} for i in range(8) for label, ts in topics.items() for t in ts]
+    cls.append({"text": "a text without a label"})
+    (tmp_path / "sts.jsonl").write_text("\n".join(json.dumps(r) for r in sts))
+    (tmp_path / "cls.jsonl").write_text("\n".join(json.dumps(r) for r in cls))
+    tasks = [{"name": "sts", "kind": "sts", "data": str(tmp_path / "sts.jsonl"), "share": 1.0},
+             {"name": "topics", "kind": "classification", "data": str(tmp_path / "cls.jsonl"), "share": 1.0,
+              "max_negatives": 2}]
+    report = main([
+        "--config", "jobs/configs/train_contrastive/smoke.yaml", f"store_uri={scifact_store}",
+        f"encoder.base_model={tiny_encoder_dir}", f"index.http_port={free_port()}", f"output_uri={tmp_path / 'run'}",
+        "optim.max_steps=8", "refresh.every_steps=null", "eval.split=null",
+        f"multitask.tasks={json.dumps(tasks)}", "multitask.retrieval_share=1.0", "optim.merge_base_weight=0.5",
+    ])
+    from ray import serve
+
+    serve.delete("whetstone-index")
+    schedule = TaskScheduler({"retrieval": 1.0, "sts": 1.0, "topics": 1.0}, seed=0).schedule(0, 8)
+    assert report["steps"] == 8 and len(set(schedule)) == 3  # this seed's first 8 steps visit all three
+    for name in ("retrieval", "sts", "topics"):
+        assert report["tasks"][name]["steps"] == schedule.count(name)
+    assert report["tasks"]["sts"]["rows"] == 40 and report["tasks"]["sts"]["quarantined"] == 1
+    assert report["tasks"]["topics"]["labels"] == 3 and report["tasks"]["topics"]["quarantined"] == 1
+    bad = (tmp_path / "run" / "quarantine" / "task-topics").glob("*.jsonl")
+    assert "missing field 'label'" in "".join(p.read_text() for p in bad)
+    # the history names each step's task: retrieval steps carry `loss`, the others `loss_<task>`
+    history = json.loads((tmp_path / "run" / "train-history.json").read_text())
+    seen = ["retrieval" if "loss" in m else next(k[5:] for k in m if k.startswith("loss_")) for m in history]
+    assert seen == schedule
+    assert all(0 <= m["topics_label_accuracy"] <= 1 for m in history if "loss_topics" in m)
+    # negatives still came from the live index on every retrieval step (8 queries per worker)
+    assert report["negatives_served_by_index"] == 8 * schedule.count("retrieval")
+    # the final model is the trained one merged half-way back to the base, and the index serves it
+    assert report["model_uri"].endswith("train/final-merged") and report["trained_model_uri"].endswith("train/final")
+    assert (Path(report["model_uri"]) / "model.safetensors").is_file()
+    assert report["merge_base_weight"] == 0.5 and report["index_versions"] == [1, 2]

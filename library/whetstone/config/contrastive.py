@@ -44,6 +44,9 @@ class OptimConfig(StrictModel):
     topic_clusters: int | None = Field(
         None, ge=2, description="topic-aware batches (TAS): k-means the training queries, embedded by the base "
                                 "model, into this many topics; each worker's batches hold one topic")
+    merge_base_weight: float | None = Field(
+        None, ge=0, le=1, description="after training, interpolate the weights with the base model's: "
+        "(1 - w) * trained + w * base (WiSE-FT, LM-Cocktail); keeps general ability, e.g. 0.5")
     log_every: int = Field(1, ge=1)
 
 
@@ -107,6 +110,45 @@ class EvalConfig(StrictModel):
     batch_size: int = Field(32, ge=1)
 
 
+class AuxTaskConfig(StrictModel):
+    """One auxiliary task of a Piccolo2-style multi-task run (the retrieval pairs are the main task)."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]+$", description="names the task in logs and the report")
+    kind: Literal["sts", "classification"] = Field(
+        ..., description="sts: {sentence1, sentence2, score} with CoSENT; classification: {text, label} with "
+        "label contrast")
+    data: str = Field(..., description="JSONL(.gz) or Parquet file, or a folder / s3:// prefix of them")
+    share: float = Field(..., gt=0, description="sampling weight of this task's steps (retrieval: "
+                         "multitask.retrieval_share)")
+    weight: float | None = Field(None, ge=0, description="loss multiplier; Piccolo2: sts 0.04, classification 0.2")
+    temperature: float | None = Field(None, gt=0, le=1, description="Piccolo2: 0.05 for both kinds")
+    max_negatives: int = Field(10, ge=1, description="classification: other labels per text (Piccolo2: 10)")
+    batch_size: int | None = Field(None, ge=2, description="rows per worker per step; default optim.batch_size")
+    max_length: int = Field(128, ge=8, le=512, description="tokens per text (both sides, and label texts)")
+
+
+class MultiTaskSection(StrictModel):
+    """Piccolo2's multi-task hybrid (arXiv 2405.06932): each step trains ONE task, drawn with
+    probability proportional to its share from (seed, step) alone, so every worker takes the same
+    task at the same step; an epoch is a pass over the retrieval pairs."""
+
+    retrieval_share: float = Field(1.0, gt=0, description="sampling weight of retrieval steps")
+    tasks: list[AuxTaskConfig] = Field(default_factory=list, description="auxiliary tasks; empty: retrieval only")
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> MultiTaskSection:
+        names = [task.name for task in self.tasks]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"multitask.tasks: names must be distinct, repeated {repeated}")
+        if "retrieval" in names:
+            raise ValueError("multitask.tasks: 'retrieval' names the main task (the pairs); pick another name")
+        return self
+
+    def shares(self) -> dict[str, float]:
+        return {"retrieval": self.retrieval_share, **{task.name: task.share for task in self.tasks}}
+
+
 class ContrastiveJobConfig(StrictModel):
     """Train an embedding model with live hard negatives from the index service."""
 
@@ -124,6 +166,7 @@ class ContrastiveJobConfig(StrictModel):
     refresh: RefreshConfig = RefreshConfig()
     index: IndexSection = IndexSection()
     eval: EvalConfig = EvalConfig()
+    multitask: MultiTaskSection = MultiTaskSection()
     ray_num_cpus: int = Field(8, ge=1, description="logical CPUs when this job starts its own local Ray")
     ray_object_store_mb: int = Field(1024, ge=128)
 

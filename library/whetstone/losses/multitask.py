@@ -173,3 +173,19 @@ class TaskScheduler:
         total = sum(self.weights.values())
         return {name: weight / total for name, weight in self.weights.items()}
 
+
+    def epoch_ends(self, main_task: str, main_steps_per_epoch: int, epochs: int) -> list[int]:
+        """Global step at which each epoch ends, an epoch being ``main_steps_per_epoch`` steps of
+        ``main_task`` (the other tasks' steps fall in between, wherever the draws put them)."""
+        if main_task not in self.weights:
+            raise ValueError(f"main task {main_task!r} is not one of {sorted(self.weights)}")
+        if main_steps_per_epoch < 1 or epochs < 1:
+            raise ValueError(f"need >= 1 main step per epoch and >= 1 epoch, got {main_steps_per_epoch}, {epochs}")
+        ends, step = [], 0
+        for _ in range(epochs):
+            seen = 0
+            while seen < main_steps_per_epoch:
+                seen += self.task_for_step(step) == main_task
+                step += 1
+            ends.append(step)
+        return ends

@@ -125,8 +125,10 @@ def absolute_local_paths(config: ContrastiveJobConfig) -> ContrastiveJobConfig:
     loss = config.loss
     if loss.kind == "gist":
         loss = loss.model_copy(update={"guide_model": fix(resolve_model_path(loss.guide_model), must_exist=True)})
+    tasks = [task.model_copy(update={"data": fix(task.data)}) for task in config.multitask.tasks]
+    multitask = config.multitask.model_copy(update={"tasks": tasks})
     return config.model_copy(update={"store_uri": fix(config.store_uri), "output_uri": fix(config.output_uri),
-                                     "encoder": encoder, "loss": loss})
+                                     "encoder": encoder, "loss": loss, "multitask": multitask})
 
 
 def _prepare_run_dir(config: ContrastiveJobConfig) -> None:
@@ -167,6 +169,49 @@ def find_resume_checkpoint(config: ContrastiveJobConfig) -> tuple[str, int] | No
     return uri, step
 
 
+def load_tasks(config: ContrastiveJobConfig) -> dict[str, Any]:
+    """Read and validate every auxiliary task's data (bad rows to ``<run>/quarantine/task-<name>/``).
+
+    Raises:
+        ConfigError: a task cannot fill one step on every worker, or has no usable rows; the message
+            names the task and its data.
+    """
+    from whetstone.data.tasks import TaskDataError, load_task_data
+
+    out = {}
+    world = config.optim.num_workers
+    for task in config.multitask.tasks:
+        t = time.monotonic()
+        try:
+            data = load_task_data(task.name, task.kind, task.data, config.run_uri, config.storage, config.optim.seed)
+        except TaskDataError as err:
+            raise ConfigError(f"multitask.tasks[{task.name}].data: {err}") from None
+        batch = task.batch_size or config.optim.batch_size
+        if data.table.num_rows // world < batch:
+            raise ConfigError(f"multitask.tasks[{task.name}]: {data.table.num_rows} valid rows in {task.data} cannot "
+                              f"fill one step of {world} workers x batch {batch}")
+        labels = f", {len(data.labels)} labels" if data.labels else ""
+        quarantined = f"; {data.quarantined} rows quarantined under {config.run_uri}/quarantine/task-{task.name}/" \
+            if data.quarantined else ""
+        print(f"[train] task {task.name} ({task.kind}): {data.table.num_rows} rows of {data.rows_read} from "
+              f"{task.data}{labels}{quarantined} ({time.monotonic() - t:.1f} s)", flush=True)
+        out[task.name] = data
+    return out
+
+
+def _task_report(task_data: dict[str, Any], shares: dict[str, float] | None, metrics: dict,
+                 total_steps: int) -> dict | None:
+    """Per task: its data's accounting, its share of the schedule and the steps rank 0 trained on it."""
+    if not task_data:
+        return None
+    total = sum(shares.values())
+    out: dict[str, dict] = {"retrieval": {"kind": "retrieval", "share": shares["retrieval"] / total,
+                                          "steps": metrics.get("total_steps_retrieval")}}
+    for name, data in task_data.items():
+        out[name] = {**data.summary(), "share": shares[name] / total, "steps": metrics.get(f"total_steps_{name}")}
+    return out
+
+
 def _deploy_index(config: ContrastiveJobConfig, index_uri: str) -> None:
     from ray import serve
 
@@ -204,6 +249,7 @@ def run_contrastive(config: ContrastiveJobConfig, train_loop: Callable[[dict], N
     from ray.train.torch import TorchTrainer
 
     from whetstone.data.stream import count_training_rows, load_eval_split, pairs_dataset, tokenize_pairs
+    from whetstone.train.multitask import task_dataset_name
     from whetstone.train.refresh import IndexRefresher, embed_corpus, publish_index
 
     timer = Timer()
@@ -212,6 +258,7 @@ def run_contrastive(config: ContrastiveJobConfig, train_loop: Callable[[dict], N
     print(f"[run] resolved config:\n{dump_config(config)}", flush=True)
     init_ray(config.ray_num_cpus, config.ray_object_store_mb)
     _prepare_run_dir(config)
+    task_data = load_tasks(config)  # before the slow parts: bad task data fails the run at once
     run_uri, index_uri = config.run_uri, store.join(config.run_uri, "index")
     base_model = resolve_model_path(config.encoder.base_model)
     embed_kwargs = dict(batch_size=config.refresh.embed_batch_size, max_length=config.eval.doc_max_length)
@@ -254,8 +301,15 @@ def run_contrastive(config: ContrastiveJobConfig, train_loop: Callable[[dict], N
     steps_per_epoch = pairs // world // batch
     if steps_per_epoch == 0:
         raise ConfigError(f"optim.batch_size: {pairs} pairs cannot fill one step of {world} x {batch}")
-    total_steps = steps_per_epoch * config.optim.epochs
-    total_steps = min(total_steps, config.optim.max_steps or total_steps)
+    task_shares, epoch_ends = None, [
+        steps_per_epoch * (epoch + 1) for epoch in range(config.optim.epochs)]
+    if task_data:
+        from whetstone.losses.multitask import TaskScheduler
+
+        task_shares = config.multitask.shares()
+        epoch_ends = TaskScheduler(task_shares, config.optim.seed).epoch_ends(
+            "retrieval", steps_per_epoch, config.optim.epochs)
+    total_steps = min(epoch_ends[-1], config.optim.max_steps or epoch_ends[-1])
     topics = query_topics(config, base_model) if config.optim.topic_clusters else None
     dataset = tokenize_pairs(pairs_dataset(config.store_uri, config.train_split, config.storage,
                                            seed=config.optim.seed, negatives_per_query=0,
@@ -263,6 +317,8 @@ def run_contrastive(config: ContrastiveJobConfig, train_loop: Callable[[dict], N
                              base_model, config.encoder.query_max_length, config.encoder.doc_max_length)
     train_root = store.resolve(run_uri, config.storage)
     plan = {"base_model": base_model, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
+            "epoch_ends": epoch_ends, "task_shares": task_shares,
+            "task_labels": {name: data.labels for name, data in task_data.items() if data.labels},
             "refresher": refresher_name, "checkpoint_root": store.join(run_uri, attempt),
             "first_version": first_version, "history_uri": store.join(run_uri, f"{attempt}-history.json")}
     print(f"[train] {pairs} pairs, {world} workers x batch {batch}: {steps_per_epoch} steps/epoch, "
@@ -279,7 +335,8 @@ def run_contrastive(config: ContrastiveJobConfig, train_loop: Callable[[dict], N
         scaling_config=ScalingConfig(num_workers=world, use_gpu=config.optim.use_gpu,
                                      resources_per_worker={"CPU": config.optim.cpus_per_worker},
                                      placement_strategy=config.optim.placement_strategy),
-        datasets={"train": dataset},
+        datasets={"train": dataset, **{task_dataset_name(name): ray.data.from_arrow(data.table)
+                                       for name, data in task_data.items()}},
         run_config=RunConfig(name=attempt, storage_path=train_root.path,
                              storage_filesystem=train_root.filesystem),
     )
@@ -293,7 +350,15 @@ def run_contrastive(config: ContrastiveJobConfig, train_loop: Callable[[dict], N
         for err in refresh_status["errors"]:
             print(f"[refresh] FAILED: {err}", flush=True)
 
-    final_model = store.join(run_uri, attempt, "final")
+    trained_model = final_model = store.join(run_uri, attempt, "final")
+    if config.optim.merge_base_weight is not None:
+        from whetstone.models.merge import merge_with_base
+
+        t = time.monotonic()
+        final_model = merge_with_base(trained_model, base_model, config.optim.merge_base_weight,
+                                      store.join(run_uri, attempt, "final-merged"), config.storage)
+        print(f"[train] merged with the base model (base weight {config.optim.merge_base_weight}) in "
+              f"{timer.mark('merge_s', t)} s: {final_model}", flush=True)
     t = time.monotonic()
     final_ids, final_vectors = embed_corpus(config.store_uri, final_model, config.storage,
                                             concurrency=config.index.initial_embed_concurrency, **embed_kwargs)
@@ -313,6 +378,8 @@ def run_contrastive(config: ContrastiveJobConfig, train_loop: Callable[[dict], N
     report = {
         "run_uri": run_uri,
         "model_uri": final_model,
+        "trained_model_uri": trained_model,
+        "merge_base_weight": config.optim.merge_base_weight,
         "eval_split": config.eval.split,
         "before": before,
         "after": after,
@@ -321,6 +388,7 @@ def run_contrastive(config: ContrastiveJobConfig, train_loop: Callable[[dict], N
         "steps_per_epoch": steps_per_epoch,
         "positives": config.loss.positives,
         "topic_clusters": config.optim.topic_clusters,
+        "tasks": _task_report(task_data, task_shares, train_metrics, total_steps),
         "topic_pure_batch_share": train_metrics.get("topic_pure_batch_share"),
         "resumed_from_step": resume[1] if resume else None,
         "negatives_served_by_index": train_metrics.get("total_negatives_from_index"),
@@ -365,7 +433,8 @@ def _plot_run(config: ContrastiveJobConfig, plan: dict, before: dict, after: dic
         points.append({"step": plan["total_steps"], "ndcg@10": after["ndcg@10"]})
     points.sort(key=lambda m: m["step"])
     markers = [(r["step"], f"refresh v{r['old_version']}->v{r['new_version']}") for r in refreshes]
-    keys = ["loss", "score_gap"] + (["ndcg@10"] if before or after else [])
+    task_losses = sorted({k for point in history for k in point if k.startswith("loss_")})
+    keys = ["loss", "score_gap"] + task_losses + (["ndcg@10"] if before or after else [])
     uri = store.join(config.run_uri, "training.png")
     return plot_metrics(points, keys, uri, markers=markers, storage=config.storage,
                         title=f"{config.run_name}: loss, positive-negative gap, nDCG@10 (refreshes dashed)")

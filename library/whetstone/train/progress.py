@@ -30,6 +30,7 @@ class StepLog:
         self.versions_seen: set[int] = set()
         self.worker_nodes: list[str] = []
         self.history: list[dict[str, float]] = []  # rank 0: the scalar metrics of every step
+        self.multitask = False  # True: count steps per task (retrieval and the auxiliary ones)
 
     def start_wait(self) -> None:
         self.wait_started = time.monotonic()
@@ -40,12 +41,27 @@ class StepLog:
             self.wait_s += self.step_wait_s
             self.wait_started = None
 
-    def step(self, step: int, epoch: int, loss: float, lr: float, out, hard) -> dict[str, Any]:
+    def _tick(self) -> float:
+        """Seconds since the last step ended; counts the step."""
         now = time.monotonic()
         step_s = now - self.last_step_end
         self.last_step_end = now
         self.busy_s += step_s
         self.totals["steps"] += 1
+        return step_s
+
+    def _record(self, metrics: dict[str, Any]) -> None:
+        """Add the running totals; rank 0 keeps the step's scalars for the history."""
+        metrics.update({f"total_{k}": v for k, v in self.totals.items()})
+        if self.rank == 0:
+            self.history.append({k: v for k, v in metrics.items()
+                                 if isinstance(v, (int, float)) and not k.startswith("total_")})
+        metrics["worker_nodes"] = self.worker_nodes
+
+    def step(self, step: int, epoch: int, loss: float, lr: float, out, hard) -> dict[str, Any]:
+        step_s = self._tick()
+        if self.multitask:
+            self.totals["steps_retrieval"] = self.totals.get("steps_retrieval", 0) + 1
         metrics: dict[str, Any] = {
             "step": step,
             "epoch": epoch,
@@ -71,11 +87,7 @@ class StepLog:
                            index_versions_behind=hard.versions_behind,
                            false_negative_dropped_share=hard.dropped_by_margin / max(hard.candidates, 1),
                            search_s=hard.search_s, fallback=hard.fallback_reason or "")
-        metrics.update({f"total_{k}": v for k, v in self.totals.items()})
-        if self.rank == 0:
-            self.history.append({k: v for k, v in metrics.items()
-                                 if isinstance(v, (int, float)) and not k.startswith("total_")})
-        metrics["worker_nodes"] = self.worker_nodes
+        self._record(metrics)
         if self.rank == 0 and (step % self.log_every == 0 or step == self.total_steps):
             index = ""
             if hard is not None:
@@ -89,6 +101,23 @@ class StepLog:
                 f"gap {metrics['score_gap']:+.3f}{index}",
                 flush=True,
             )
+        return metrics
+
+    def task_step(self, step: int, epoch: int, task: str, loss: float, lr: float,
+                  diagnostics: dict[str, float]) -> dict[str, Any]:
+        """Metrics of an auxiliary-task step (multi-task runs): its loss is ``loss_<task>``, so the
+        retrieval loss curve stays one task's."""
+        step_s = self._tick()
+        self.totals[f"steps_{task}"] = self.totals.get(f"steps_{task}", 0) + 1
+        metrics: dict[str, Any] = {"step": step, "epoch": epoch, "task": task, f"loss_{task}": loss, "lr": lr,
+                                   "step_s": step_s, "data_wait_s": self.step_wait_s,
+                                   "data_wait_fraction": self.wait_s / max(self.busy_s, 1e-9),
+                                   **{f"{task}_{k}": v for k, v in diagnostics.items()}}
+        self._record(metrics)
+        if self.rank == 0 and (step % self.log_every == 0 or step == self.total_steps):
+            extra = " ".join(f"{k} {v:.3f}" for k, v in diagnostics.items())
+            print(f"[train] step {step}/{self.total_steps} epoch {epoch} task {task} loss {loss:.4f} lr {lr:.2e} "
+                  f"{step_s:.1f} s/step {extra}", flush=True)
         return metrics
 
     def finish(self, history_uri: str | None = None, storage=None) -> None:
