@@ -105,7 +105,7 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
             IndexClient.from_handle(timeout_s=config.negatives.search_timeout_s),
             DocStore.load(config.store_uri, config.storage), config.negatives.mining, rng,
             config.encoder.doc_max_length, config.negatives.search_timeout_s,
-            config.negatives.max_versions_behind,
+            config.negatives.max_versions_behind, config.negatives.encode,
         )
     refresher = ray.get_actor(plan["refresher"]) if (rank == 0 and plan.get("refresher")) else None
     every = config.refresh.every_steps
@@ -209,6 +209,9 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
             # One forward for queries and documents (DDP), then gather documents from all workers.
             query_emb, doc_emb = model(queries["input_ids"], queries["attention_mask"],
                                        doc_tok.to(device), doc_mask.to(device))
+            if hard is not None and hard.vectors is not None:  # cached negatives: constants, no grad
+                doc_emb = torch.cat([doc_emb, hard.vectors.to(device, doc_emb.dtype)])
+                doc_ids += hard.ids
             if config.optim.gather_across_workers:
                 all_docs, all_ids, offset = gather_documents(doc_emb, doc_ids)
             else:

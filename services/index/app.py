@@ -445,6 +445,23 @@ class IndexService:
                                                                      bool(score_excluded))
         return {"version": version, "ids": ids, "scores": scores, "latency_ms": latency_ms, "excluded_scores": extra}
 
+    async def vectors_arrays(self, ids: list[str]) -> dict:
+        """Handle-only: the stored vectors of ``ids`` (flat and HNSW indexes), for training with
+        cached negative embeddings.
+
+        Returns:
+            ``{"version", "vectors": (len(ids), D) float32}``.
+        """
+        snapshot = self._current()
+        if len(ids) > self.args.max_queries_per_request * self.args.max_k:
+            raise HTTPException(422, f"ids: {len(ids)} ids in one request, more than "
+                                     f"{self.args.max_queries_per_request * self.args.max_k}")
+        try:
+            vectors = snapshot.index.vectors_for(list(ids))
+        except AnnInputError as err:
+            raise _bad_request(err) from None
+        return {"version": snapshot.version, "vectors": np.ascontiguousarray(vectors, dtype=np.float32)}
+
     @staticmethod
     def _as_matrix(snapshot: Snapshot, rows) -> np.ndarray:
         try:

@@ -323,6 +323,17 @@ def test_client_handle_http_pickling_and_fallback(service, ray_cluster):
     assert ray_cluster.get(in_worker.remote(pickle.loads(pickle.dumps(handle_client)), queries)) == \
         handle_client.search(queries, 4).ids
 
+    # Stored vectors (cached negatives): the index's unit vectors of the ids, from the live version.
+    docs, ids = version_docs(1)
+    version, stored = handle_client.vectors([ids[3], ids[0]])
+    unit = docs[[3, 0]] / np.linalg.norm(docs[[3, 0]], axis=1, keepdims=True)
+    assert version == 1 and stored.dtype == np.float32
+    np.testing.assert_allclose(stored, unit, atol=1e-6)
+    with pytest.raises(IndexRequestError, match="not in the index"):
+        handle_client.vectors(["no-such-doc"])
+    with pytest.raises(IndexRequestError, match="only the Serve handle"):
+        IndexClient.from_http(service["base"]).vectors(ids[:1])
+
     with pytest.raises(IndexRequestError, match="dimension"):
         handle_client.search(queries[:, :5], 4)
     nan_queries = queries.copy()

@@ -159,7 +159,8 @@ def test_multitask_steps_follow_one_schedule_on_every_worker(ray_cluster, scifac
     """Piccolo2's mix in the job: retrieval pairs plus a graded-pair (CoSENT) and a labelled-text
     (label contrast) task; each step trains the task the (seed, step) draw names, on both workers
     (DDP would hang or fail if one worker ran another task's graph), and bad rows are quarantined.
-    The run also merges its final model with the base (optim.merge_base_weight)."""
+    The run also merges its final model with the base (optim.merge_base_weight) and trains its
+    retrieval steps against the index's stored vectors of the negatives (negatives.encode=false)."""
     import numpy as np
     from whetstone.losses.multitask import TaskScheduler
 
@@ -184,6 +185,7 @@ def test_multitask_steps_follow_one_schedule_on_every_worker(ray_cluster, scifac
         f"encoder.base_model={tiny_encoder_dir}", f"index.http_port={free_port()}", f"output_uri={tmp_path / 'run'}",
         "optim.max_steps=8", "refresh.every_steps=null", "eval.split=null",
         f"multitask.tasks={json.dumps(tasks)}", "multitask.retrieval_share=1.0", "optim.merge_base_weight=0.5",
+        "negatives.encode=false",
     ])
     from ray import serve
 
@@ -201,8 +203,10 @@ def test_multitask_steps_follow_one_schedule_on_every_worker(ray_cluster, scifac
     seen = ["retrieval" if "loss" in m else next(k[5:] for k in m if k.startswith("loss_")) for m in history]
     assert seen == schedule
     assert all(0 <= m["topics_label_accuracy"] <= 1 for m in history if "loss_topics" in m)
-    # negatives still came from the live index on every retrieval step (8 queries per worker)
+    # negatives came from the live index on every retrieval step (8 queries per worker), as stored
+    # vectors: no fallback to in-batch negatives
     assert report["negatives_served_by_index"] == 8 * schedule.count("retrieval")
+    assert report["fallback_steps_rank0"] == 0
     # the final model is the trained one merged half-way back to the base, and the index serves it
     assert report["model_uri"].endswith("train/final-merged") and report["trained_model_uri"].endswith("train/final")
     assert (Path(report["model_uri"]) / "model.safetensors").is_file()

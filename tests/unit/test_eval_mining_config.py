@@ -162,3 +162,11 @@ def test_every_job_config_validates_against_its_job():
         assert files, job
         for path in files:
             load_config(model, path)
+
+
+def test_cached_negatives_need_stored_vectors_and_no_guide():
+    assert load_config(ContrastiveJobConfig, None, ["negatives.encode=false", "index.kind=hnsw"]).negatives.encode is False
+    with pytest.raises(ConfigError, match="index.kind flat or hnsw, not ivf"):
+        load_config(ContrastiveJobConfig, None, ["negatives.encode=false", "index.kind=ivf"])
+    with pytest.raises(ConfigError, match="does not combine with loss.kind=gist"):
+        load_config(ContrastiveJobConfig, None, ["negatives.encode=false", "loss.kind=gist"])

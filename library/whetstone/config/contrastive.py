@@ -83,6 +83,10 @@ class NegativesConfig(StrictModel):
     mining: MiningConfig = MiningConfig()
     search_timeout_s: float = Field(10.0, gt=0)
     max_versions_behind: int = Field(1, ge=0, description="staleness bound: fall back past this")
+    encode: bool = Field(
+        True, description="False: train against the index's stored vectors of the mined negatives (a negative "
+        "cache, Lindgren et al. 2021): no forward or backward for them, gradients through the queries only; "
+        "needs index.kind flat or hnsw")
 
 
 class RefreshConfig(StrictModel):
@@ -174,6 +178,13 @@ class ContrastiveJobConfig(StrictModel):
     def _refresh_needs_index(self) -> ContrastiveJobConfig:
         if self.refresh.every_steps and self.negatives.source != "index":
             raise ValueError("refresh.every_steps needs negatives.source=index")
+        if not self.negatives.encode:
+            if self.index.kind not in ("flat", "hnsw"):
+                raise ValueError(f"negatives.encode=false needs stored vectors: index.kind flat or hnsw, "
+                                 f"not {self.index.kind}")
+            if self.loss.kind == "gist":
+                raise ValueError("negatives.encode=false does not combine with loss.kind=gist (the guide "
+                                 "scores the negatives' text)")
         return self
 
     @property

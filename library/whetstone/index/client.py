@@ -161,6 +161,20 @@ class IndexClient:
                                 score_excluded=score_excluded)
         return self._result(SearchResponse.model_validate(self._post("/search", request, timeout_s)))
 
+    def vectors(self, ids: Sequence[str], timeout_s: float | None = None) -> tuple[int, np.ndarray]:
+        """``(version, (len(ids), D) float32)``: the index's stored vectors of ``ids`` (handle mode;
+        flat and HNSW indexes). Training uses them as cached negative embeddings.
+
+        Raises:
+            IndexUnavailable: as :meth:`search`.
+            IndexRequestError: unknown ids, or an index kind that stores no full vectors.
+        """
+        if self.mode != "handle":
+            raise IndexRequestError("vectors: only the Serve handle serves stored vectors", 400)
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        out = self._call_handle("vectors_arrays", (list(ids),), timeout_s)
+        return int(out["version"]), np.asarray(out["vectors"], np.float32)
+
     def search_texts(self, texts: Sequence[str], k: int, exclude_ids=None, timeout_s: float | None = None):
         """Like :meth:`search`, with texts embedded by the encoder the index was built with."""
         request = SearchRequest(texts=list(texts), k=int(k),

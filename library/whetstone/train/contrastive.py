@@ -99,6 +99,7 @@ class NegativeBatch:
     search_s: float = 0.0
     candidates: int = 0  # candidates inside the rank window (before the margin rule)
     versions_behind: int = 0  # the version the step expected minus the version that answered
+    vectors: torch.Tensor | None = None  # (B * N, D) the index's stored vectors, when not re-encoded
 
 
 class LiveNegatives:
@@ -109,10 +110,13 @@ class LiveNegatives:
         docs: a ``DocStore`` resolving ids to text.
         mining: rank window, margins and random mix.
         max_versions_behind: staleness bound against the versions the run has asked for.
+        encode: True: return the negatives' tokens (the step re-encodes them with the current
+            weights); False: return their stored vectors from the index (a negative cache: no
+            forward or backward for negatives, gradients through the queries only).
     """
 
     def __init__(self, client, docs, mining: MiningConfig, rng: np.random.Generator,
-                 doc_max_length: int, timeout_s: float, max_versions_behind: int):
+                 doc_max_length: int, timeout_s: float, max_versions_behind: int, encode: bool = True):
         self.client = client
         self.docs = docs
         self.doc_ids = docs.ids
@@ -121,6 +125,7 @@ class LiveNegatives:
         self.doc_max_length = doc_max_length
         self.timeout_s = timeout_s
         self.max_versions_behind = max_versions_behind
+        self.encode = encode
 
     @staticmethod
     def embed_queries(encoder: Encoder, query_tokens: dict[str, torch.Tensor]) -> np.ndarray:
@@ -139,7 +144,7 @@ class LiveNegatives:
         Thread-safe with respect to the training step (it touches no model weights), so the
         loop runs it for the next batch while the current one trains.
         """
-        from whetstone.index.client import IndexUnavailable
+        from whetstone.index.client import IndexRequestError, IndexUnavailable
 
         started = time.monotonic()
         guard = bool(self.mining.relative_margin or self.mining.absolute_margin)
@@ -159,11 +164,19 @@ class LiveNegatives:
         mined = mine_negatives(result.ids, result.scores, self.mining, self.rng, self.doc_ids,
                                positive_scores=positive_scores, exclude=[set(p) for p in positive_ids])
         flat = [doc_id for per_query in mined.ids for doc_id in per_query]
+        counts = (mined.from_index, mined.random_fill, mined.dropped_by_margin)
+        if not self.encode:
+            try:
+                _, vectors = self.client.vectors(flat, timeout_s=self.timeout_s)
+            except (IndexUnavailable, IndexRequestError) as err:
+                return NegativeBatch(version=result.version, search_s=time.monotonic() - started,
+                                     fallback_reason=f"stored vectors unavailable: {err}")
+            return NegativeBatch(flat, None, None, result.version, *counts, None, time.monotonic() - started,
+                                 mined.candidates, max(behind, 0), torch.from_numpy(vectors))
         tokens = tokenizer(self.docs.texts(flat), padding=True, truncation=True,
                            max_length=self.doc_max_length, return_tensors="pt")
-        return NegativeBatch(flat, tokens["input_ids"], tokens["attention_mask"], result.version,
-                             mined.from_index, mined.random_fill, mined.dropped_by_margin, None, search_s,
-                             mined.candidates, max(behind, 0))
+        return NegativeBatch(flat, tokens["input_ids"], tokens["attention_mask"], result.version, *counts, None,
+                             search_s, mined.candidates, max(behind, 0))
 
 
 def positive_reference_scores(excluded_scores: list[list[float | None]] | None) -> np.ndarray | None:
