@@ -8,7 +8,9 @@ tokens, lr 2e-5, scifact-subset train pairs. Measured, in one run:
   ones, without a minute of mining first); ``max_seq_length`` 256 for queries and documents.
 * Whetstone's contrastive job, 1 and 2 Ray Train workers, live index negatives off and on (one
   hard negative per query from the index service each step, fetched for the next batch while the
-  current one trains). Queries are truncated at 64 tokens, documents at 256.
+  current one trains), and live with cached negatives (``negatives.encode=false``: the index's
+  stored vectors of those negatives, no forward or backward for them). Queries are truncated at
+  64 tokens, documents at 256.
 
 Throughput is training pairs per second over the steps after the first two (Whetstone: from the
 run's per-step history; sentence-transformers: its whole ``train()`` call, which has no start-up to
@@ -20,7 +22,7 @@ negatives on >= 1.0 of sentence-transformers' in-batch throughput.
 
 Usage::
 
-    python -m benchmarks.contrastive_throughput              # ~20 min on 2 cores
+    python -m benchmarks.contrastive_throughput              # ~30 min on 2 cores
     python -m benchmarks.contrastive_throughput --steps 6    # a quicker look
 """
 
@@ -46,6 +48,9 @@ from benchmarks.contrastive_common import (
 )
 
 BATCH, LR, DOC_LEN = 32, 2e-5, 256
+# in_batch: no index; live: hard negatives from the index, re-encoded every step; live_cached: the
+# same negatives as the index's stored vectors (negatives.encode=false, no forward or backward)
+WHETSTONE_MODES = ("in_batch", "live", "live_cached")
 
 
 def _st_child(mode: str, steps: int, queue) -> None:
@@ -91,16 +96,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         store = ingest_scifact(root)
         for workers in (1, 2):
-            for live in (False, True):
-                name = f"whetstone_{workers}w_{'live' if live else 'in_batch'}"
+            for mode in WHETSTONE_MODES:
+                name = f"whetstone_{workers}w_{mode}"
                 print(f"[bench] {name} ...", flush=True)
                 # Every run uses all cores, as sentence-transformers does: Ray Train gives each worker
                 # as many torch threads as CPUs it asked for.
                 cpus = max(1, (os.cpu_count() or 2) // workers)
+                extra = {"optim.cpus_per_worker": cpus}
+                if mode == "live_cached":
+                    extra["negatives.encode"] = False
                 report = run_whetstone(store, str(minilm_path()), f"{root}/{name}", workers=workers,
                                        batch_per_worker=BATCH // workers, epochs=10, max_steps=opts.steps,
-                                       lr=LR, live=live, seed=0, doc_max_length=DOC_LEN,
-                                       extra={"optim.cpus_per_worker": cpus})
+                                       lr=LR, live=mode != "in_batch", seed=0, doc_max_length=DOC_LEN,
+                                       extra=extra)
                 results["runs"][name] = {
                     "pairs_per_s": round(steady_pairs_per_s(report["history"], BATCH), 3),
                     "steps": report["steps"], "train_s": report["timings_s"].get("train_s"),
@@ -116,15 +124,21 @@ def main() -> None:
     st_in, st_neg = runs["st_in_batch"]["pairs_per_s"], runs["st_one_negative"]["pairs_per_s"]
     summary = {}
     for workers in (1, 2):
-        off, on = runs[f"whetstone_{workers}w_in_batch"], runs[f"whetstone_{workers}w_live"]
+        off = runs[f"whetstone_{workers}w_in_batch"]
         summary[f"whetstone_{workers}w_in_batch_vs_st_in_batch"] = off["pairs_per_s"] / st_in
-        summary[f"whetstone_{workers}w_live_vs_st_one_negative"] = on["pairs_per_s"] / st_neg
-        summary[f"whetstone_{workers}w_live_vs_st_in_batch"] = on["pairs_per_s"] / st_in
-        summary[f"whetstone_{workers}w_live_peak_memory_gib"] = on["peak_memory_gib"]
+        for mode in ("live", "live_cached"):
+            on = runs[f"whetstone_{workers}w_{mode}"]
+            summary[f"whetstone_{workers}w_{mode}_vs_st_one_negative"] = on["pairs_per_s"] / st_neg
+            summary[f"whetstone_{workers}w_{mode}_vs_st_in_batch"] = on["pairs_per_s"] / st_in
+            summary[f"whetstone_{workers}w_{mode}_peak_memory_gib"] = on["peak_memory_gib"]
     summary["st_in_batch_peak_rss_gib"] = runs["st_in_batch"]["peak_rss_gib"]
     summary["st_one_negative_peak_rss_gib"] = runs["st_one_negative"]["peak_rss_gib"]
-    ratios = [v for k, v in summary.items() if "_vs_" in k]
-    summary["goal_all_ratios_ge_1"] = all(r >= 1.0 for r in ratios)
+    # The issue's goals: each mode >= its counterpart; live negatives on >= sentence-transformers' in-batch.
+    counterpart = [v for k, v in summary.items() if k.endswith(("in_batch_vs_st_in_batch", "_vs_st_one_negative"))]
+    summary["goal_each_mode_ge_counterpart"] = all(r >= 1.0 for r in counterpart)
+    for mode in ("live", "live_cached"):
+        summary[f"goal_{mode}_ge_st_in_batch"] = max(summary[f"whetstone_{w}w_{mode}_vs_st_in_batch"]
+                                                     for w in (1, 2)) >= 1.0
     results["summary"] = summary
     results["machine_after"] = machine()
 
