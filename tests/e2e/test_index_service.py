@@ -390,7 +390,8 @@ def test_text_queries_use_the_snapshots_encoder(service, tiny_encoder_dir, tmp_p
     index.save(service["root"], 10, checkpoint=str(tiny_encoder_dir), set_latest=False)
     swap_everywhere(service, 10)
     queries = ["topic 3 passage", "number 12"]
-    r = service["http"].post("/search", json={"texts": queries, "k": 5})
+    # the first text query loads the encoder inside the replica (imports transformers): give it time
+    r = service["http"].post("/search", json={"texts": queries, "k": 5}, timeout=180)
     assert r.status_code == 200, r.text
     want_ids, want_scores = index.search(encoder.encode(queries), 5)
     assert r.json()["version"] == 10 and r.json()["ids"] == want_ids
