@@ -125,11 +125,11 @@ def summarise(latencies_s: list[float], queries: int, wall_s: float) -> dict:
             "p99_ms": float(np.percentile(ms, 99)), "calls": len(ms)}
 
 
-def closed_loop(call, pool: np.ndarray, batch: int, seconds: float, concurrency: int = 1) -> dict:
-    """``concurrency`` threads each calling ``call(batch_of_queries)`` back to back for ``seconds``."""
+def threaded_calls(call, pool: np.ndarray, batch: int, seconds: float, concurrency: int) -> tuple[list[float], float]:
+    """``concurrency`` threads each calling ``call(batch_of_queries)`` back to back for ``seconds``;
+    returns every call's latency and the wall time."""
     latencies: list[float] = []
     lock = threading.Lock()
-    call(pool[:batch])  # warm-up
     deadline = time.perf_counter() + seconds
 
     def worker(offset: int) -> None:
@@ -149,7 +149,14 @@ def closed_loop(call, pool: np.ndarray, batch: int, seconds: float, concurrency:
         thread.start()
     for thread in threads:
         thread.join()
-    return summarise(latencies, len(latencies) * batch, time.perf_counter() - started)
+    return latencies, time.perf_counter() - started
+
+
+def closed_loop(call, pool: np.ndarray, batch: int, seconds: float, concurrency: int = 1) -> dict:
+    """:func:`threaded_calls` after one warm-up call, summarised."""
+    call(pool[:batch])  # warm-up
+    latencies, wall = threaded_calls(call, pool, batch, seconds, concurrency)
+    return summarise(latencies, len(latencies) * batch, wall)
 
 
 def http_loop(url: str, pool: np.ndarray, batch: int, seconds: float, concurrency: int) -> dict:
@@ -269,7 +276,7 @@ def direct_ingress_url(prefix: str, attempts: int = 100) -> str:
 
 def caller_processes(app: str, pool: np.ndarray, batch: int, seconds: float, processes: int, threads: int) -> dict:
     """``processes`` Ray actors (own processes, like training workers), each running
-    :func:`closed_loop` over ``IndexClient.from_handle`` with ``threads`` callers; one shared window."""
+    :func:`threaded_calls` over ``IndexClient.from_handle`` with ``threads`` callers; one shared window."""
     import ray
 
     @ray.remote(num_cpus=0)
@@ -282,28 +289,7 @@ def caller_processes(app: str, pool: np.ndarray, batch: int, seconds: float, pro
 
         def run(self, start_at: float) -> tuple[list[float], float]:
             time.sleep(max(0.0, start_at - time.time()))
-            latencies: list[float] = []
-            lock = threading.Lock()
-            deadline = time.perf_counter() + seconds
-
-            def one(offset: int) -> None:
-                position, mine = offset * batch, []
-                while time.perf_counter() < deadline:
-                    start = position % (len(pool) - batch + 1)
-                    t0 = time.perf_counter()
-                    self.client.search(pool[start : start + batch], K)
-                    mine.append(time.perf_counter() - t0)
-                    position += batch * threads
-                with lock:
-                    latencies.extend(mine)
-
-            started = time.perf_counter()
-            workers = [threading.Thread(target=one, args=(i,)) for i in range(threads)]
-            for worker in workers:
-                worker.start()
-            for worker in workers:
-                worker.join()
-            return latencies, time.perf_counter() - started
+            return threaded_calls(lambda q: self.client.search(q, K), pool, batch, seconds, threads)
 
     callers = [Caller.remote() for _ in range(processes)]
     try:
@@ -404,16 +390,17 @@ def summary(results: dict, goals_ef: int) -> dict:
     """Headline figures named after the issue's goals."""
     out: dict = {}
     ms, cl = results["datasets"].get("msmarco", {}), results["datasets"].get("clustered", {})
-    if ms and "handle_b64_c8" in ms:
-        flat = ms["faiss_flat_b64"]["qps"]
+    if ms:  # per Serve mode ("" = proxy, "direct_"), every way of calling the handle that was measured
         for prefix in ("", "direct_"):
             tag = "_direct" if prefix else ""
             for way in HANDLE_WAYS:
                 if f"{prefix}handle_b64_{way}" in ms:
-                    out[f"handle_vs_faiss_ratio_b64_{way}{tag}"] = ms[f"{prefix}handle_b64_{way}"]["qps"] / flat
+                    out[f"handle_vs_faiss_ratio_b64_{way}{tag}"] = (ms[f"{prefix}handle_b64_{way}"]["qps"]
+                                                                    / ms["faiss_flat_b64"]["qps"])
+    if ms and "handle_b64_c8" in ms:
         # the headline: the best way of calling through the handle, per Serve mode
-        out["handle_vs_faiss_ratio_b64"] = max(v for k, v in out.items() if k.startswith("handle_vs_faiss_ratio_b64_")
-                                               and not k.endswith("_direct"))
+        out["handle_vs_faiss_ratio_b64"] = max(v for k, v in out.items()
+                                               if k.startswith("handle_vs_faiss_ratio_b64_") and not k.endswith("_direct"))
         out["http_p99_ms_c32"] = ms["http_b1_c32"]["p99_ms"]
         out["http_p99_ms_c32_b64"] = ms["http_b64_c32"]["p99_ms"]
     if ms:
