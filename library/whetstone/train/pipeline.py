@@ -199,8 +199,7 @@ def load_tasks(config: ContrastiveJobConfig) -> dict[str, Any]:
     return out
 
 
-def _task_report(task_data: dict[str, Any], shares: dict[str, float] | None, metrics: dict,
-                 total_steps: int) -> dict | None:
+def _task_report(task_data: dict[str, Any], shares: dict[str, float] | None, metrics: dict) -> dict | None:
     """Per task: its data's accounting, its share of the schedule and the steps rank 0 trained on it."""
     if not task_data:
         return None
@@ -388,7 +387,7 @@ def run_contrastive(config: ContrastiveJobConfig, train_loop: Callable[[dict], N
         "steps_per_epoch": steps_per_epoch,
         "positives": config.loss.positives,
         "topic_clusters": config.optim.topic_clusters,
-        "tasks": _task_report(task_data, task_shares, train_metrics, total_steps),
+        "tasks": _task_report(task_data, task_shares, train_metrics),
         "topic_pure_batch_share": train_metrics.get("topic_pure_batch_share"),
         "resumed_from_step": resume[1] if resume else None,
         "negatives_served_by_index": train_metrics.get("total_negatives_from_index"),
