@@ -24,6 +24,10 @@ tokens. Methods:
 * ``whetstone_live_cached``: ``whetstone_live`` with ``negatives.encode=false``: the negatives'
   stored index vectors instead of re-encoding them (faster; gradients through the queries only).
 
+Whetstone trains without dropout (``encoder.dropout`` 0, its default; the in-batch runs always
+did, the live runs before 2026-12-02 had MiniLM's 0.1 switched on by accident and are kept under
+``superseded/``); sentence-transformers trains with the model's own 0.1.
+
 Every model is evaluated by the same function (exact cosine search, float32, documents at 256
 tokens): nDCG@10 on scifact-subset test (trained on its train split) and on msmarco-dl19-subset
 (transfer, never trained on). Seeds change sentence-transformers' data order and Whetstone's data

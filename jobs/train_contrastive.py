@@ -43,7 +43,7 @@ from whetstone.data.stream import DocStore
 from whetstone.losses.gather import gather_documents
 from whetstone.losses.info_nce import false_negative_mask
 from whetstone.losses.multitask import TaskScheduler
-from whetstone.models.encoder import Encoder
+from whetstone.models.encoder import Encoder, set_dropout
 from whetstone.train.contrastive import (
     DualEncoder,
     LiveNegatives,
@@ -83,7 +83,9 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
     if config.encoder.gradient_checkpointing:
         # Non-reentrant checkpointing works with DDP and with inputs that need no grad.
         encoder.transformer.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    set_dropout(encoder, config.encoder.dropout)
     model = ray.train.torch.prepare_model(DualEncoder(encoder, config.encoder.forward_chunk))
+    model.train()  # Encoder.load returns eval mode; the no-grad searches and evals restore train mode
     encoder = model.module.encoder if hasattr(model, "module") else model.encoder
     device = encoder.device
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)

@@ -76,6 +76,7 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
     else:
         model, tokenizer = load_policy(policy, config.storage, config.lora)
     model = ray.train.torch.prepare_model(model)
+    model.train()  # from_pretrained leaves it in eval mode (dropout, if kept, would never act)
     reference_model = None
     if config.needs_reference and config.reference.mode == "on_the_fly":
         reference_model, _ = load_policy(config.policy, config.storage)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from whetstone.models.encoder import Encoder
+from whetstone.models.encoder import Encoder, set_dropout
 from whetstone.train.contrastive import DualEncoder
 
 
@@ -39,3 +39,33 @@ def test_chunked_forward_equals_one_batch_in_values_and_gradients(tiny_encoder_d
 def test_chunk_size_must_be_positive(tiny_encoder_dir):
     with pytest.raises(ValueError, match="chunk_size"):
         DualEncoder(Encoder.load(str(tiny_encoder_dir)), 0)
+
+
+def test_load_is_eval_mode_and_encode_restores_the_mode_it_found(tiny_encoder_dir):
+    # Regression: from_pretrained left only the transformer in eval mode, so encode()'s restore of
+    # the wrapper's mode switched dropout on behind the trainer's back.
+    encoder = Encoder.load(str(tiny_encoder_dir))
+    assert not any(module.training for module in encoder.modules())
+    encoder.encode(["a claim", "another"])
+    assert not any(module.training for module in encoder.modules())
+    encoder.train()
+    encoder.encode(["a claim"])
+    assert all(module.training for module in encoder.modules())
+
+
+def test_set_dropout_controls_train_mode_noise(tiny_encoder_dir):
+    encoder = Encoder.load(str(tiny_encoder_dir)).train()
+    ids, mask = _ragged_batch(5, 16, seed=3)
+    assert set_dropout(encoder, 0.0) > 0
+    with torch.no_grad():
+        first, second = encoder(ids, mask), encoder(ids, mask)
+    assert torch.equal(first, second)  # no dropout: train mode is deterministic
+    set_dropout(encoder, 0.3)
+    with torch.no_grad():
+        noisy = encoder(ids, mask)
+    assert not torch.allclose(noisy, first, atol=1e-4)
+    encoder.eval()  # eval mode ignores the probability
+    with torch.no_grad():
+        assert torch.allclose(encoder(ids, mask), first, atol=1e-5)
+    with pytest.raises(ValueError, match="dropout"):
+        set_dropout(encoder, 1.0)

@@ -48,6 +48,17 @@ def write_sentence_transformers_files(folder: str | Path, dim: int, max_seq_leng
     )
 
 
+def set_dropout(module: nn.Module, p: float) -> int:
+    """Set the probability of every ``nn.Dropout`` under ``module`` (hidden states and attention
+    probabilities alike); returns how many were set. Dropout still acts only in train mode."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {p}")
+    layers = [m for m in module.modules() if isinstance(m, nn.Dropout)]
+    for layer in layers:
+        layer.p = p
+    return len(layers)
+
+
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Mean of the token states that the mask keeps.
 
@@ -104,7 +115,9 @@ class Encoder(nn.Module):
         if st_config.is_file():
             max_len = int(json.loads(st_config.read_text()).get("max_seq_length", max_len))
         encoder = cls(transformer, tokenizer, max_seq_length=max_len)
-        return encoder.to(device or default_device())
+        # Eval mode all the way down (from_pretrained leaves only the transformer in it): a trainer
+        # turns train mode on explicitly, and encode() restores exactly the mode it found.
+        return encoder.to(device or default_device()).eval()
 
     @property
     def device(self) -> torch.device:

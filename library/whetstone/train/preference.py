@@ -24,6 +24,7 @@ from whetstone.config.base import ConfigError, StorageConfig, dump_config
 from whetstone.config.preference import LoRAConfig, LossConfig, PolicyConfig, PreferenceJobConfig
 from whetstone.data import schemas as S
 from whetstone.losses.preference_base import PreferenceLossOutput
+from whetstone.models.encoder import set_dropout
 from whetstone.train.preference_data import REF_CHOSEN, REF_REJECTED
 
 # Per-step metrics that are averaged over workers (each worker sees its own pairs).
@@ -51,9 +52,7 @@ def load_policy(policy: PolicyConfig, storage: StorageConfig | None, lora: LoRAC
     if policy.gguf_file:
         _forget_gguf_origin(model)
     if policy.disable_dropout:
-        for module in model.modules():
-            if isinstance(module, nn.Dropout):
-                module.p = 0.0
+        set_dropout(model, 0.0)
     if lora is not None and lora.enabled:
         from peft import LoraConfig, get_peft_model
 
