@@ -79,11 +79,13 @@ def peak_rss_gib() -> float:
 
 
 def train_sentence_transformers(base: str, rows: list[tuple[str, str]] | list[tuple[str, str, str]], out_dir: str,
-                                steps: int, batch: int, lr: float, max_length: int, seed: int) -> dict:
+                                steps: int, batch: int, lr: float, max_length: int, seed: int,
+                                dropout: float | None = None) -> dict:
     """The baseline: ``SentenceTransformerTrainer`` with MultipleNegativesRankingLoss (scale 20,
     i.e. temperature 0.05), no duplicate texts in a batch, ``steps`` steps of ``batch`` rows.
 
-    ``rows`` are (anchor, positive) or (anchor, positive, negative) texts.
+    ``rows`` are (anchor, positive) or (anchor, positive, negative) texts. ``dropout``: None keeps
+    the model's own (0.1 for MiniLM, what sentence-transformers users train with); a number sets it.
     """
     import torch
     from datasets import Dataset
@@ -98,6 +100,10 @@ def train_sentence_transformers(base: str, rows: list[tuple[str, str]] | list[tu
     torch.manual_seed(seed)
     model = SentenceTransformer(base, device="cpu")
     model.max_seq_length = max_length
+    if dropout is not None:
+        from whetstone.models.encoder import set_dropout
+
+        set_dropout(model, dropout)
     columns = {"anchor": [r[0] for r in rows], "positive": [r[1] for r in rows]}
     if len(rows[0]) == 3:
         columns["negative"] = [r[2] for r in rows]

@@ -6,6 +6,9 @@ tokens, lr 2e-5, scifact-subset train pairs. Measured, in one run:
 * sentence-transformers ``SentenceTransformerTrainer`` + MultipleNegativesRankingLoss, in-batch
   only, and with one extra negative per pair (random corpus documents: the same compute as mined
   ones, without a minute of mining first); ``max_seq_length`` 256 for queries and documents.
+  Each with the model's own dropout (0.1: what its users train with; the goals' baseline) and
+  with dropout 0 (``*_no_dropout``: the same arithmetic as Whetstone's default ``encoder.dropout``
+  0, for like-for-like ratios, ``*_vs_st_*_no_dropout``).
 * Whetstone's contrastive job, 1 and 2 Ray Train workers, live index negatives off and on (one
   hard negative per query from the index service each step, fetched for the next batch while the
   current one trains), and live with cached negatives (``negatives.encode=false``: the index's
@@ -22,7 +25,7 @@ negatives on >= 1.0 of sentence-transformers' in-batch throughput.
 
 Usage::
 
-    python -m benchmarks.contrastive_throughput              # ~30 min on 2 cores
+    python -m benchmarks.contrastive_throughput              # ~35 min on 2 cores
     python -m benchmarks.contrastive_throughput --steps 6    # a quicker look
 """
 
@@ -53,18 +56,25 @@ BATCH, LR, DOC_LEN = 32, 2e-5, 256
 WHETSTONE_MODES = ("in_batch", "live", "live_cached")
 
 
+# sentence-transformers runs: in-batch and one negative, each with the model's own dropout (0.1, the
+# default users train with) and without (like-for-like with Whetstone's default encoder.dropout 0)
+ST_MODES = ("in_batch", "one_negative", "in_batch_no_dropout", "one_negative_no_dropout")
+
+
 def _st_child(mode: str, steps: int, queue) -> None:
     """One sentence-transformers run in a fresh process (its own peak RSS)."""
     from whetstone.models.assets import minilm_path
 
     beir = load_beir(SHARED / "scifact-subset", "train")
     rows = [(q, p) for _, q, p in train_pairs(beir)]
-    if mode == "one_negative":
+    dropout = 0.0 if mode.endswith("_no_dropout") else None
+    if mode.startswith("one_negative"):
         rng = random.Random(0)
         docs = list(beir.corpus.values())
         rows = [(q, p, rng.choice([d for d in rng.sample(docs, 3) if d != p])) for q, p in rows]
     with tempfile.TemporaryDirectory() as out:
-        queue.put(train_sentence_transformers(str(minilm_path()), rows, out, steps, BATCH, LR, DOC_LEN, seed=0))
+        queue.put(train_sentence_transformers(str(minilm_path()), rows, out, steps, BATCH, LR, DOC_LEN, seed=0,
+                                              dropout=dropout))
 
 
 def run_st(mode: str, steps: int) -> dict:
@@ -88,7 +98,7 @@ def main() -> None:
                                   "whetstone_query_max_length": 64, "st_max_seq_length": DOC_LEN,
                                   "steps": opts.steps, "model": "all-MiniLM-L6-v2", "data": "scifact-subset train"},
                      "machine_before": machine(), "runs": {}}
-    for mode in ("in_batch", "one_negative"):
+    for mode in ST_MODES:
         print(f"[bench] sentence-transformers, {mode} ...", flush=True)
         results["runs"][f"st_{mode}"] = run_st(mode, opts.steps)
         print(f"  {results['runs'][f'st_{mode}']}", flush=True)
@@ -131,6 +141,15 @@ def main() -> None:
             summary[f"whetstone_{workers}w_{mode}_vs_st_one_negative"] = on["pairs_per_s"] / st_neg
             summary[f"whetstone_{workers}w_{mode}_vs_st_in_batch"] = on["pairs_per_s"] / st_in
             summary[f"whetstone_{workers}w_{mode}_peak_memory_gib"] = on["peak_memory_gib"]
+    # Like-for-like compute: the same ratios against sentence-transformers trained without dropout.
+    st_in_nd, st_neg_nd = runs["st_in_batch_no_dropout"]["pairs_per_s"], runs["st_one_negative_no_dropout"]["pairs_per_s"]
+    for workers in (1, 2):
+        summary[f"whetstone_{workers}w_in_batch_vs_st_in_batch_no_dropout"] = (
+            runs[f"whetstone_{workers}w_in_batch"]["pairs_per_s"] / st_in_nd)
+        for mode in ("live", "live_cached"):
+            on = runs[f"whetstone_{workers}w_{mode}"]["pairs_per_s"]
+            summary[f"whetstone_{workers}w_{mode}_vs_st_one_negative_no_dropout"] = on / st_neg_nd
+            summary[f"whetstone_{workers}w_{mode}_vs_st_in_batch_no_dropout"] = on / st_in_nd
     summary["st_in_batch_peak_rss_gib"] = runs["st_in_batch"]["peak_rss_gib"]
     summary["st_one_negative_peak_rss_gib"] = runs["st_one_negative"]["peak_rss_gib"]
     # The issue's goals: each mode >= its counterpart; live negatives on >= sentence-transformers' in-batch.
