@@ -87,6 +87,31 @@ def run_st(mode: str, steps: int) -> dict:
     return result
 
 
+def summarise(runs: dict) -> dict:
+    """Ratios named as in the issue, against sentence-transformers with the model's dropout (the
+    goals' baseline) and, suffixed ``_no_dropout``, against sentence-transformers without it."""
+    summary: dict = {}
+    for suffix in ("", "_no_dropout"):
+        st_in, st_neg = runs[f"st_in_batch{suffix}"]["pairs_per_s"], runs[f"st_one_negative{suffix}"]["pairs_per_s"]
+        for workers in (1, 2):
+            off = runs[f"whetstone_{workers}w_in_batch"]["pairs_per_s"]
+            summary[f"whetstone_{workers}w_in_batch_vs_st_in_batch{suffix}"] = off / st_in
+            for mode in ("live", "live_cached"):
+                on = runs[f"whetstone_{workers}w_{mode}"]
+                summary[f"whetstone_{workers}w_{mode}_vs_st_one_negative{suffix}"] = on["pairs_per_s"] / st_neg
+                summary[f"whetstone_{workers}w_{mode}_vs_st_in_batch{suffix}"] = on["pairs_per_s"] / st_in
+                summary[f"whetstone_{workers}w_{mode}_peak_memory_gib"] = on["peak_memory_gib"]
+    summary["st_in_batch_peak_rss_gib"] = runs["st_in_batch"]["peak_rss_gib"]
+    summary["st_one_negative_peak_rss_gib"] = runs["st_one_negative"]["peak_rss_gib"]
+    # The issue's goals: each mode >= its counterpart; live negatives on >= sentence-transformers' in-batch.
+    counterpart = [v for k, v in summary.items() if k.endswith(("in_batch_vs_st_in_batch", "_vs_st_one_negative"))]
+    summary["goal_each_mode_ge_counterpart"] = all(r >= 1.0 for r in counterpart)
+    for mode in ("live", "live_cached"):
+        summary[f"goal_{mode}_ge_st_in_batch"] = max(summary[f"whetstone_{w}w_{mode}_vs_st_in_batch"]
+                                                     for w in (1, 2)) >= 1.0
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10, help="training steps per run")
@@ -131,33 +156,7 @@ def main() -> None:
                 print(f"  {results['runs'][name]}", flush=True)
 
     runs = results["runs"]
-    st_in, st_neg = runs["st_in_batch"]["pairs_per_s"], runs["st_one_negative"]["pairs_per_s"]
-    summary = {}
-    for workers in (1, 2):
-        off = runs[f"whetstone_{workers}w_in_batch"]
-        summary[f"whetstone_{workers}w_in_batch_vs_st_in_batch"] = off["pairs_per_s"] / st_in
-        for mode in ("live", "live_cached"):
-            on = runs[f"whetstone_{workers}w_{mode}"]
-            summary[f"whetstone_{workers}w_{mode}_vs_st_one_negative"] = on["pairs_per_s"] / st_neg
-            summary[f"whetstone_{workers}w_{mode}_vs_st_in_batch"] = on["pairs_per_s"] / st_in
-            summary[f"whetstone_{workers}w_{mode}_peak_memory_gib"] = on["peak_memory_gib"]
-    # Like-for-like compute: the same ratios against sentence-transformers trained without dropout.
-    st_in_nd, st_neg_nd = runs["st_in_batch_no_dropout"]["pairs_per_s"], runs["st_one_negative_no_dropout"]["pairs_per_s"]
-    for workers in (1, 2):
-        summary[f"whetstone_{workers}w_in_batch_vs_st_in_batch_no_dropout"] = (
-            runs[f"whetstone_{workers}w_in_batch"]["pairs_per_s"] / st_in_nd)
-        for mode in ("live", "live_cached"):
-            on = runs[f"whetstone_{workers}w_{mode}"]["pairs_per_s"]
-            summary[f"whetstone_{workers}w_{mode}_vs_st_one_negative_no_dropout"] = on / st_neg_nd
-            summary[f"whetstone_{workers}w_{mode}_vs_st_in_batch_no_dropout"] = on / st_in_nd
-    summary["st_in_batch_peak_rss_gib"] = runs["st_in_batch"]["peak_rss_gib"]
-    summary["st_one_negative_peak_rss_gib"] = runs["st_one_negative"]["peak_rss_gib"]
-    # The issue's goals: each mode >= its counterpart; live negatives on >= sentence-transformers' in-batch.
-    counterpart = [v for k, v in summary.items() if k.endswith(("in_batch_vs_st_in_batch", "_vs_st_one_negative"))]
-    summary["goal_each_mode_ge_counterpart"] = all(r >= 1.0 for r in counterpart)
-    for mode in ("live", "live_cached"):
-        summary[f"goal_{mode}_ge_st_in_batch"] = max(summary[f"whetstone_{w}w_{mode}_vs_st_in_batch"]
-                                                     for w in (1, 2)) >= 1.0
+    summary = summarise(runs)
     results["summary"] = summary
     results["machine_after"] = machine()
 
