@@ -52,12 +52,13 @@ from whetstone.train.contrastive import (
     stack_padded,
 )
 from whetstone.train.multitask import AuxTasks
-from whetstone.train.progress import StepLog
+from whetstone.train.progress import StepLog, apply_train_log_level
 from whetstone.train.tas_balanced import TopicRegrouper
 
 
 def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
     config = ContrastiveJobConfig.model_validate(raw_config["job"])
+    apply_train_log_level(config.ray_train_log_level)
     plan = raw_config["plan"]  # steps and checkpoint locations the driver worked out
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

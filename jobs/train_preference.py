@@ -53,10 +53,12 @@ from whetstone.train.preference import (
     tokenize_pairs,
 )
 from whetstone.train.preference_data import TIME_STEP
+from whetstone.train.progress import apply_train_log_level
 
 
 def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
     config = PreferenceJobConfig.model_validate(raw_config["job"])
+    apply_train_log_level(config.ray_train_log_level)
     plan = raw_config["plan"]  # steps, time steps and output locations the driver worked out
     if config.mode == "reward_model":
         return reward_loop_per_worker(config, plan)

@@ -101,6 +101,9 @@ def test_config_errors_name_the_field(tmp_path):
         load_config(ContrastiveJobConfig, None, ["optim.learning_rate=1"])
     with pytest.raises(ConfigError, match="ingest"):
         load_config(QuickstartConfig, None, [])
+    with pytest.raises(ConfigError, match="ray_train_log_level"):
+        load_config(ContrastiveJobConfig, None, ["ray_train_log_level=LOUD"])
+    assert load_config(ContrastiveJobConfig, None, ["ray_train_log_level=INFO"]).ray_train_log_level == "INFO"
 
 
 def test_overrides_parse_values(tmp_path):
@@ -170,3 +173,22 @@ def test_cached_negatives_need_stored_vectors_and_no_guide():
         load_config(ContrastiveJobConfig, None, ["negatives.encode=false", "index.kind=ivf"])
     with pytest.raises(ConfigError, match="does not combine with loss.kind=gist"):
         load_config(ContrastiveJobConfig, None, ["negatives.encode=false", "loss.kind=gist"])
+
+
+def test_train_log_level_reaches_ray_trains_per_report_logger():
+    """The per-step "Reporting training result" logger is named after its file, outside ``ray.train``."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+    from whetstone.train.progress import apply_train_log_level
+
+    reporter = logging.getLogger(context.__file__)
+    assert context.logger is reporter
+    before = reporter.level
+    try:
+        apply_train_log_level("WARNING")
+        assert not reporter.isEnabledFor(logging.INFO) and reporter.isEnabledFor(logging.WARNING)
+        apply_train_log_level("INFO")
+        assert reporter.isEnabledFor(logging.INFO)
+    finally:
+        reporter.setLevel(before)

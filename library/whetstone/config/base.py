@@ -11,12 +11,16 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+# Console level of Ray Train's own logs (ray.train.LoggingConfig). At INFO every worker prints each
+# step's whole metrics dict ("Reporting training result ..."), twice what the job's own step lines
+# say; Ray's log files on disk keep every level either way.
+RayTrainLogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
 class ConfigError(ValueError):

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from whetstone.config.base import StorageConfig, StrictModel
+from whetstone.config.base import RayTrainLogLevel, StorageConfig, StrictModel
 from whetstone.index.mining import MiningConfig
 
 
@@ -177,6 +177,8 @@ class ContrastiveJobConfig(StrictModel):
     multitask: MultiTaskSection = MultiTaskSection()
     ray_num_cpus: int = Field(8, ge=1, description="logical CPUs when this job starts its own local Ray")
     ray_object_store_mb: int = Field(1024, ge=128)
+    ray_train_log_level: RayTrainLogLevel = Field(
+        "WARNING", description="console level of Ray Train's own logs (INFO: its per-step report lines too)")
 
     @model_validator(mode="after")
     def _refresh_needs_index(self) -> ContrastiveJobConfig:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from whetstone.config.base import StorageConfig, StrictModel
+from whetstone.config.base import RayTrainLogLevel, StorageConfig, StrictModel
 
 PolicyLossName = Literal["dpo", "ipo", "hinge", "cdpo", "ns_dpo", "simpo", "orpo", "npo"]
 # Losses that never look at the reference model: no precompute, no second model.
@@ -144,6 +144,8 @@ class PreferenceJobConfig(StrictModel):
     reward_model: RewardModelSection = RewardModelSection()
     ray_num_cpus: int = Field(8, ge=1, description="logical CPUs when this job starts its own local Ray")
     ray_object_store_mb: int = Field(1024, ge=128)
+    ray_train_log_level: RayTrainLogLevel = Field(
+        "WARNING", description="console level of Ray Train's own logs (INFO: its per-step report lines too)")
 
     @model_validator(mode="after")
     def _consistent(self) -> PreferenceJobConfig:

@@ -244,7 +244,7 @@ def _worker_config(config: ContrastiveJobConfig) -> dict[str, Any]:
 
 def run_contrastive(config: ContrastiveJobConfig, train_loop: Callable[[dict], None]) -> dict:
     """Run the whole job; returns the report (also written to ``<run_uri>/report.json``)."""
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from whetstone.data.stream import count_training_rows, load_eval_split, pairs_dataset, tokenize_pairs
@@ -337,7 +337,8 @@ def run_contrastive(config: ContrastiveJobConfig, train_loop: Callable[[dict], N
         datasets={"train": dataset, **{task_dataset_name(name): ray.data.from_arrow(data.table)
                                        for name, data in task_data.items()}},
         run_config=RunConfig(name=attempt, storage_path=train_root.path,
-                             storage_filesystem=train_root.filesystem),
+                             storage_filesystem=train_root.filesystem,
+                             logging_config=LoggingConfig(log_level=config.ray_train_log_level)),
     )
     result = trainer.fit()
     timer.mark("train_s", t)

@@ -297,7 +297,7 @@ def _prepare_run_dir(config: PreferenceJobConfig) -> None:
 
 def run_preference(config: PreferenceJobConfig, train_loop: Callable[[dict], None]) -> dict:
     """Run the whole job on the driver; returns the report (also at ``<run_uri>/report.json``)."""
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from whetstone.train.memory import MemorySampler
@@ -354,7 +354,8 @@ def run_preference(config: PreferenceJobConfig, train_loop: Callable[[dict], Non
         scaling_config=ScalingConfig(num_workers=world, use_gpu=config.optim.use_gpu,
                                      resources_per_worker={"CPU": config.optim.cpus_per_worker}),
         datasets=datasets,
-        run_config=RunConfig(name="train", storage_path=train_root.path, storage_filesystem=train_root.filesystem),
+        run_config=RunConfig(name="train", storage_path=train_root.path, storage_filesystem=train_root.filesystem,
+                             logging_config=LoggingConfig(log_level=config.ray_train_log_level)),
     ).fit()
     timer.mark("train_s", t)
     return _finish(config, selection, leakage, reference_uri, dict(result.metrics or {}), plan, timer, memory)

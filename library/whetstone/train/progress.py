@@ -7,8 +7,24 @@ for data, the index version the negatives came from, and fallbacks.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
+
+
+def apply_train_log_level(level: str) -> None:
+    """Worker side of ``ray_train_log_level`` (the driver passes it to ``ray.train.LoggingConfig``).
+
+    Ray Train's per-report line ("Reporting training result N: TrainingReport(...)", the whole
+    metrics dict, from every worker at every step) comes from a logger named after its source file
+    rather than one under ``ray.train``, so ``LoggingConfig``'s level filter misses it (Ray 2.60);
+    this sets that logger's level too. A Ray without that module is left alone.
+    """
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(getattr(logging, level))
 
 
 class StepLog:
