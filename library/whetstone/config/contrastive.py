@@ -50,7 +50,8 @@ class OptimConfig(StrictModel):
                                 "model, into this many topics; each worker's batches hold one topic")
     merge_base_weight: float | None = Field(
         None, ge=0, le=1, description="after training, interpolate the weights with the base model's: "
-        "(1 - w) * trained + w * base (WiSE-FT, LM-Cocktail); keeps general ability, e.g. 0.5")
+        "(1 - w) * trained + w * base (WiSE-FT, LM-Cocktail), e.g. 0.5; see benchmarks/contrastive_transfer.py "
+        "for what it traded on scifact")
     log_every: int = Field(1, ge=1)
 
 
