@@ -35,6 +35,8 @@ order and negative sampling. Mean, standard deviation, min and max over seeds.
 
 Goal: ``whetstone_live`` beats the better sentence-transformers baseline by at least 1.0 nDCG@10
 point on scifact-subset test, and msmarco-dl19-subset stays within 0.5 points of the base model.
+``contrastive_transfer.py`` takes the msmarco loss apart per query (and along the line from the
+base model to the fine-tuned one, where merging would move).
 
 Runs are cached per (method, seed) in ``benchmarks/results/contrastive_quality.partial.json``,
 so an interrupted run continues where it stopped (``--fresh`` starts over).
