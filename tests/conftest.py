@@ -44,6 +44,7 @@ def ray_cluster():
     deadlock waiting for each other.
     """
     import ray
+    from whetstone.train.pipeline import quiet_state_api_warnings
 
     if not ray.is_initialized():
         ray.init(
@@ -52,7 +53,9 @@ def ray_cluster():
             object_store_memory=768 * 1024 * 1024,
             include_dashboard=False,
             log_to_driver=True,
-            runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
+            runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+                         # no dashboard, so no state API: as the jobs' own local Ray does
+                         "worker_process_setup_hook": quiet_state_api_warnings},
         )
     yield ray
     try:

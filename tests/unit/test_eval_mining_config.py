@@ -192,3 +192,26 @@ def test_train_log_level_reaches_ray_trains_per_report_logger():
         assert reporter.isEnabledFor(logging.INFO)
     finally:
         reporter.setLevel(before)
+
+
+def test_train_run_config_keeps_worker_prints_single_and_sets_the_log_level(tmp_path):
+    import logging
+
+    from whetstone.train.pipeline import quiet_state_api_warnings, train_run_config
+
+    run_config = train_run_config("train", str(tmp_path / "run"), None, "ERROR")
+    assert run_config.logging_config.log_level == "ERROR"
+    # Ray Train would otherwise log every worker print as well as print it: two console lines each
+    assert run_config.worker_runtime_env["env_vars"]["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0"
+    assert run_config.name == "train" and run_config.storage_path == str(tmp_path / "run")
+
+    from ray.train.v2._internal.execution.controller import placement_group_cleaner
+
+    cleaner = logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner")
+    assert placement_group_cleaner.logger is cleaner
+    before = cleaner.level
+    try:
+        quiet_state_api_warnings()
+        assert not cleaner.isEnabledFor(logging.WARNING) and cleaner.isEnabledFor(logging.ERROR)
+    finally:
+        cleaner.setLevel(before)

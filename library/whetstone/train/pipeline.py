@@ -20,7 +20,7 @@ import numpy as np
 import ray
 
 from whetstone import storage as store
-from whetstone.config.base import ConfigError, dump_config, load_config
+from whetstone.config.base import ConfigError, StorageConfig, dump_config, load_config
 from whetstone.config.contrastive import ContrastiveJobConfig
 from whetstone.models.assets import resolve_model_path
 from whetstone.train.memory import MemorySampler
@@ -62,9 +62,34 @@ def init_ray(num_cpus: int, object_store_mb: int) -> None:
         # More logical CPUs than cores: Train workers, a Serve replica and Ray Data tasks each ask
         # for CPUs and would otherwise wait on each other.
         env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-                            "TOKENIZERS_PARALLELISM": "false"}}
+                            "TOKENIZERS_PARALLELISM": "false"},
+               "worker_process_setup_hook": quiet_state_api_warnings}
         ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_mb * 1024**2,
                  include_dashboard=False, runtime_env=env, log_to_driver=True)
+
+
+def quiet_state_api_warnings() -> None:
+    """Worker setup hook of the local Ray, which runs without the dashboard (2 cores).
+
+    Ray Train's placement-group cleaner asks the state API, served by the dashboard, every few
+    seconds whether the train controller is alive, and without one logs "Failed to query Ray Train
+    Controller actor state" each time (about 80 lines in one ``make demo``). Its only job is to
+    remove placement groups after a controller crash, and a local Ray goes away with the job.
+    """
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
+def train_run_config(name: str, storage_uri: str, storage: StorageConfig | None, log_level: str) -> Any:
+    """``RunConfig`` for both training jobs: checkpoints under ``storage_uri``, Ray Train's console
+    logging at ``log_level``, and workers' ``print`` left alone. Ray Train otherwise patches
+    ``print`` into its logger, and every progress line reaches the console twice (once printed,
+    once logged)."""
+    from ray.train import LoggingConfig, RunConfig
+
+    root = store.resolve(storage_uri, storage)
+    return RunConfig(name=name, storage_path=root.path, storage_filesystem=root.filesystem,
+                     logging_config=LoggingConfig(log_level=log_level),
+                     worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
 
 
 class Timer:
@@ -244,7 +269,7 @@ def _worker_config(config: ContrastiveJobConfig) -> dict[str, Any]:
 
 def run_contrastive(config: ContrastiveJobConfig, train_loop: Callable[[dict], None]) -> dict:
     """Run the whole job; returns the report (also written to ``<run_uri>/report.json``)."""
-    from ray.train import LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from whetstone.data.stream import count_training_rows, load_eval_split, pairs_dataset, tokenize_pairs
@@ -314,7 +339,6 @@ def run_contrastive(config: ContrastiveJobConfig, train_loop: Callable[[dict], N
                                            seed=config.optim.seed, negatives_per_query=0,
                                            positives=config.loss.positives, topics=topics),
                              base_model, config.encoder.query_max_length, config.encoder.doc_max_length)
-    train_root = store.resolve(run_uri, config.storage)
     plan = {"base_model": base_model, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
             "epoch_ends": epoch_ends, "task_shares": task_shares,
             "task_labels": {name: data.labels for name, data in task_data.items() if data.labels},
@@ -336,9 +360,7 @@ def run_contrastive(config: ContrastiveJobConfig, train_loop: Callable[[dict], N
                                      placement_strategy=config.optim.placement_strategy),
         datasets={"train": dataset, **{task_dataset_name(name): ray.data.from_arrow(data.table)
                                        for name, data in task_data.items()}},
-        run_config=RunConfig(name=attempt, storage_path=train_root.path,
-                             storage_filesystem=train_root.filesystem,
-                             logging_config=LoggingConfig(log_level=config.ray_train_log_level)),
+        run_config=train_run_config(attempt, run_uri, config.storage, config.ray_train_log_level),
     )
     result = trainer.fit()
     timer.mark("train_s", t)

@@ -297,11 +297,11 @@ def _prepare_run_dir(config: PreferenceJobConfig) -> None:
 
 def run_preference(config: PreferenceJobConfig, train_loop: Callable[[dict], None]) -> dict:
     """Run the whole job on the driver; returns the report (also at ``<run_uri>/report.json``)."""
-    from ray.train import LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from whetstone.train.memory import MemorySampler
-    from whetstone.train.pipeline import Timer, init_ray
+    from whetstone.train.pipeline import Timer, init_ray, train_run_config
     from whetstone.train.preference_data import (
         leakage_guard,
         pairs_for_training,
@@ -345,7 +345,6 @@ def run_preference(config: PreferenceJobConfig, train_loop: Callable[[dict], Non
             "history_uri": store.join(run_uri, "history.json"), "has_eval": bool(selection.eval_ids)}
     job = config.model_dump(mode="json")
     job["storage"] = config.storage.resolved().to_wire()  # workers need the real secrets
-    train_root = store.resolve(run_uri, config.storage)
     print(f"[train] {config.loss.name}: {world} workers x batch {batch}: {steps_per_epoch} steps/epoch, "
           f"{total_steps} steps", flush=True)
     t = time.monotonic()
@@ -354,8 +353,7 @@ def run_preference(config: PreferenceJobConfig, train_loop: Callable[[dict], Non
         scaling_config=ScalingConfig(num_workers=world, use_gpu=config.optim.use_gpu,
                                      resources_per_worker={"CPU": config.optim.cpus_per_worker}),
         datasets=datasets,
-        run_config=RunConfig(name="train", storage_path=train_root.path, storage_filesystem=train_root.filesystem,
-                             logging_config=LoggingConfig(log_level=config.ray_train_log_level)),
+        run_config=train_run_config("train", run_uri, config.storage, config.ray_train_log_level),
     ).fit()
     timer.mark("train_s", t)
     return _finish(config, selection, leakage, reference_uri, dict(result.metrics or {}), plan, timer, memory)
