@@ -62,16 +62,20 @@ def train_pairs(beir: Beir) -> list[tuple[str, str, str]]:
             for doc, grade in rels.items() if grade > 0 and qid in beir.queries and doc in beir.corpus]
 
 
-def evaluate(model_dir: str, beir: Beir, doc_max_length: int = 256, query_max_length: int = 64) -> dict[str, float]:
-    """nDCG@10 / Recall@100 of ``model_dir`` on ``beir`` (exact cosine search, float32)."""
+def evaluate(model_dir: str, beir: Beir, doc_max_length: int = 256, query_max_length: int = 64,
+             per_query: bool = False) -> dict:
+    """nDCG@10 / Recall@100 of ``model_dir`` on ``beir`` (exact cosine search, float32); with
+    ``per_query`` also ``per_query_ndcg@10`` (query id -> nDCG@10)."""
     from whetstone.eval.retrieval import evaluate_encoder
     from whetstone.models.encoder import Encoder
 
     encoder = Encoder.load(model_dir)
     doc_ids = list(beir.corpus)
     doc_vectors = encoder.encode([beir.corpus[d] for d in doc_ids], batch_size=32, max_length=doc_max_length)
-    metrics = evaluate_encoder(encoder, beir.queries, beir.qrels, doc_ids, doc_vectors, query_max_length)
-    return {"ndcg@10": metrics["ndcg@10"], "recall@100": metrics["recall@100"]}
+    metrics = evaluate_encoder(encoder, beir.queries, beir.qrels, doc_ids, doc_vectors, query_max_length,
+                               per_query=per_query)
+    keep = ("ndcg@10", "recall@100", "per_query_ndcg@10")
+    return {key: metrics[key] for key in keep if key in metrics}
 
 
 def peak_rss_gib() -> float:

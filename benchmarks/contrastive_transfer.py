@@ -31,6 +31,7 @@ from benchmarks.contrastive_common import (
     RESULTS,
     SHARED,
     Beir,
+    evaluate,
     ingest_scifact,
     load_beir,
     machine,
@@ -44,21 +45,9 @@ BOOTSTRAP = 10_000
 
 
 def per_query_ndcg(model_dir: str, beir: Beir) -> dict[str, float]:
-    """nDCG@10 of every judged query (a relevant document in the qrels), as ``evaluate`` ranks."""
-    from whetstone.eval.retrieval import evaluate_rankings, exact_rankings, ndcg_at_k
-    from whetstone.models.encoder import Encoder
-
-    encoder = Encoder.load(model_dir)
-    doc_ids = list(beir.corpus)
-    doc_vectors = encoder.encode([beir.corpus[d] for d in doc_ids], batch_size=32, max_length=DOC_LEN)
-    query_ids = list(beir.queries)
-    query_vectors = encoder.encode([beir.queries[q] for q in query_ids], batch_size=64, max_length=QUERY_LEN)
-    rankings = exact_rankings(query_ids, query_vectors, doc_ids, doc_vectors, k=100)
-    judged = [q for q, rels in beir.qrels.items() if any(r > 0 for r in rels.values())]
-    out = {q: ndcg_at_k(rankings[q], beir.qrels[q], 10) for q in judged}
-    # the same mean as the quality benchmark's evaluate() would report
-    assert abs(np.mean(list(out.values())) - evaluate_rankings(rankings, beir.qrels)["ndcg@10"]) < 1e-12
-    return out
+    """nDCG@10 of every judged query, by the quality benchmark's ``evaluate``."""
+    return evaluate(model_dir, beir, doc_max_length=DOC_LEN, query_max_length=QUERY_LEN,
+                    per_query=True)["per_query_ndcg@10"]
 
 
 def paired_bootstrap(deltas: np.ndarray, seed: int = 0) -> tuple[float, float]:

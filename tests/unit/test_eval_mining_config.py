@@ -13,6 +13,7 @@ from whetstone.eval.retrieval import (
     evaluate_rankings,
     exact_rankings,
     ndcg_at_k,
+    per_query_ndcg,
     recall_at_k,
 )
 from whetstone.index.mining import MiningConfig, mine_negatives
@@ -32,6 +33,16 @@ def test_recall_and_skip_unjudged():
     assert recall_at_k(["a", "c"], {"a": 1, "b": 1, "c": 0}, 100) == 0.5
     metrics = evaluate_rankings({"q1": ["a"], "q2": ["b"]}, {"q1": {"a": 1}, "q2": {"x": 0}})
     assert metrics["queries"] == 1 and metrics["ndcg@10"] == 1.0
+
+
+def test_per_query_ndcg_is_what_evaluate_rankings_averages():
+    rankings = {"q1": ["a", "b"], "q2": ["b", "a"], "q3": ["c"]}
+    qrels = {"q1": {"a": 1}, "q2": {"a": 1}, "q3": {"x": 0}}  # q3 has nothing relevant: skipped
+    per_query = per_query_ndcg(rankings, qrels)
+    assert per_query == pytest.approx({"q1": 1.0, "q2": 1 / math.log2(3)})
+    assert evaluate_rankings(rankings, qrels)["ndcg@10"] == pytest.approx(np.mean(list(per_query.values())))
+    with pytest.raises(ValueError, match="no ranking"):
+        per_query_ndcg({"q1": ["a"]}, qrels)
 
 
 def test_exact_rankings_order():
@@ -65,6 +76,10 @@ def test_evaluate_encoder_ranks_the_given_corpus_and_each_matryoshka_width():
     assert "ndcg@10_dim3" not in metrics  # the full width is not repeated
     assert metrics["ndcg@10_dim2"] == pytest.approx(1 / math.log2(3))  # d2 second
     assert metrics["mrr@10_dim2"] == pytest.approx(0.5)
+    assert "per_query_ndcg@10" not in metrics
+    per_query = evaluate_encoder(encoder, {"q1": "q one"}, {"q1": {"d2": 1}}, list(docs),
+                                 np.stack(list(docs.values())), query_max_length=7, per_query=True)
+    assert per_query["per_query_ndcg@10"] == pytest.approx({"q1": 1.0})
 
 
 def test_mining_window_margin_and_fill():

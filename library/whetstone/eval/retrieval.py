@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -42,16 +43,28 @@ def mrr_at_k(ranked_ids: Sequence[str], qrels: Mapping[str, int], k: int = 10) -
     return 0.0
 
 
-def evaluate_rankings(
-    rankings: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping[str, int]]
-) -> dict[str, float]:
-    """Mean nDCG@10, Recall@100 and MRR@10 over the queries that have relevant documents."""
+def _judged(rankings: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping[str, int]]) -> list[str]:
+    """Queries with a relevant document, each checked to have a ranking."""
     judged = [qid for qid, rels in qrels.items() if any(r > 0 for r in rels.values())]
     if not judged:
         raise ValueError("no query has a relevant document in qrels")
     missing = [qid for qid in judged if qid not in rankings]
     if missing:
         raise ValueError(f"{len(missing)} judged queries have no ranking, e.g. {missing[:3]}")
+    return judged
+
+
+def per_query_ndcg(rankings: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping[str, int]],
+                   k: int = 10) -> dict[str, float]:
+    """nDCG@k of every judged query (the ones :func:`evaluate_rankings` averages)."""
+    return {q: ndcg_at_k(rankings[q], qrels[q], k) for q in _judged(rankings, qrels)}
+
+
+def evaluate_rankings(
+    rankings: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping[str, int]]
+) -> dict[str, float]:
+    """Mean nDCG@10, Recall@100 and MRR@10 over the queries that have relevant documents."""
+    judged = _judged(rankings, qrels)
     return {
         "ndcg@10": float(np.mean([ndcg_at_k(rankings[q], qrels[q], 10) for q in judged])),
         "recall@100": float(np.mean([recall_at_k(rankings[q], qrels[q], 100) for q in judged])),
@@ -91,7 +104,8 @@ def evaluate_encoder(
     query_max_length: int,
     dims: Sequence[int] = (),
     batch_size: int = 64,
-) -> dict[str, float]:
+    per_query: bool = False,
+) -> dict[str, Any]:
     """Encode ``queries`` with ``encoder`` and rank an already embedded corpus exactly.
 
     One path for every evaluation (the final report, each refresh, the benchmarks): only the
@@ -105,13 +119,18 @@ def evaluate_encoder(
         doc_ids, doc_vectors: the corpus, (N, D) float32, unit norm.
         dims: Matryoshka widths to report too (``<metric>_dim<d>``: both sides truncated to the
             first d coordinates and re-normalised); the full width is always reported.
+        per_query: also return ``per_query_ndcg@10`` (query id -> nDCG@10, full width).
 
     Returns:
-        ``ndcg@10``, ``recall@100``, ``mrr@10``, ``queries``, plus the per-width metrics.
+        ``ndcg@10``, ``recall@100``, ``mrr@10``, ``queries``, plus the per-width metrics (and
+        ``per_query_ndcg@10`` when asked).
     """
     query_ids = list(queries)
     vectors = encoder.encode([queries[q] for q in query_ids], batch_size=batch_size, max_length=query_max_length)
-    metrics = evaluate_rankings(exact_rankings(query_ids, vectors, doc_ids, doc_vectors, k=100), qrels)
+    rankings = exact_rankings(query_ids, vectors, doc_ids, doc_vectors, k=100)
+    metrics: dict[str, Any] = evaluate_rankings(rankings, qrels)
+    if per_query:
+        metrics["per_query_ndcg@10"] = per_query_ndcg(rankings, qrels)
     for dim in sorted(set(dims) - {vectors.shape[1]}, reverse=True):
         from whetstone.losses.matryoshka import truncate_embeddings
 
