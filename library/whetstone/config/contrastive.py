@@ -28,7 +28,8 @@ class EncoderConfig(StrictModel):
 
 class OptimConfig(StrictModel):
     num_workers: int = Field(2, ge=1, description="Ray Train workers")
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker reserves; Ray gives it that many "
+                                   "torch threads (whole CPUs, at least 1)")
     use_gpu: bool = False
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="SPREAD puts workers on different nodes when it can")

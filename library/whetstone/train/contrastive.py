@@ -172,7 +172,7 @@ class LiveNegatives:
                 return NegativeBatch(version=result.version, search_s=time.monotonic() - started,
                                      fallback_reason=f"stored vectors unavailable: {err}")
             return NegativeBatch(flat, None, None, result.version, *counts, None, time.monotonic() - started,
-                                 mined.candidates, max(behind, 0), torch.from_numpy(vectors))
+                                 mined.candidates, max(behind, 0), torch.tensor(vectors))  # a copy: Ray hands read-only arrays
         tokens = tokenizer(self.docs.texts(flat), padding=True, truncation=True,
                            max_length=self.doc_max_length, return_tensors="pt")
         return NegativeBatch(flat, tokens["input_ids"], tokens["attention_mask"], result.version, *counts, None,
