@@ -39,8 +39,9 @@ class MemorySampler:
         self.exact_samples = 0  # samples that read every process exactly
         self.estimated_samples = 0  # samples from the counters (some processes may still be read exactly)
         self.exact_reads = 0  # single processes read exactly, all samples together
-        # pid -> (shared resident bytes, the share of them its PSS carried) at its last exact reading
-        self._shared_at_exact: dict[int, tuple[int, float]] = {}
+        # (pid, start time) -> (shared resident bytes, the share of them its PSS carried) at the
+        # process's last exact reading; the start time keeps a reused pid from inheriting a share
+        self._shared_at_exact: dict[tuple[int, float], tuple[int, float]] = {}
         self._last_exact = float("-inf")
         self._last_breakdown: list[tuple[str, float]] = []
         self._stop = threading.Event()
@@ -74,20 +75,21 @@ class MemorySampler:
             self.estimated_samples += 1
         total = 0
         sizes: list[tuple[str, float]] = []
-        seen: dict[int, tuple[int, float]] = {}
+        seen: dict[tuple[int, float], tuple[int, float]] = {}
         for pid, proc in self._processes().items():
             try:
+                key = (pid, proc.create_time())
                 counters = proc.memory_info()  # statm: rss and shared resident pages, no page walk
                 private = max(counters.rss - counters.shared, 0)
-                before = self._shared_at_exact.get(pid)
+                before = self._shared_at_exact.get(key)
                 if exact or before is None or abs(counters.shared - before[0]) > self.reread_shared_bytes:
                     full = proc.memory_full_info()
                     self.exact_reads += 1
                     size = getattr(full, "pss", counters.rss)
                     share = (size - private) / counters.shared if counters.shared else 1.0
-                    seen[pid] = (counters.shared, min(max(share, 0.0), 1.0))
+                    seen[key] = (counters.shared, min(max(share, 0.0), 1.0))
                 else:
-                    seen[pid] = before
+                    seen[key] = before
                     size = private + int(counters.shared * before[1])
                 name = proc.name()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
