@@ -84,6 +84,7 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
     if config.encoder.gradient_checkpointing:
         # Non-reentrant checkpointing works with DDP and with inputs that need no grad.
         encoder.transformer.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        encoder.transformer.config.use_cache = False  # an encoder has no cache; says so before transformers warns
     set_dropout(encoder, config.encoder.dropout)
     model = ray.train.torch.prepare_model(DualEncoder(encoder, config.encoder.forward_chunk))
     model.train()  # Encoder.load returns eval mode; the no-grad searches and evals restore train mode
