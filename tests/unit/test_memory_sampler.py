@@ -1,5 +1,5 @@
-"""MemorySampler on a real child process (its tree only, so the test session's Ray does not count): exact PSS, the counter estimate between exact readings,
-and when it re-reads a process exactly."""
+"""MemorySampler on a real child process (its tree only, so the test session's Ray does not
+count): exact PSS, the counter estimate between exact readings, and when it re-reads a process."""
 
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ class _AllGather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous()
-        dist.all_reduce(grad)  # sum over workers (gloo has no reduce-scatter)
+        dist.all_reduce(grad)  # sum over workers; all-reduce runs on every backend, gloo included
         return grad[ctx.rank]
 
 

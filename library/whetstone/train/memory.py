@@ -40,7 +40,7 @@ class MemorySampler:
         self.estimated_samples = 0  # samples from the counters (some processes may still be read exactly)
         self.exact_reads = 0  # single processes read exactly, all samples together
         # (pid, start time) -> (shared resident bytes, the share of them its PSS carried) at the
-        # process's last exact reading; the start time keeps a reused pid from inheriting a share
+        # process's last exact reading
         self._shared_at_exact: dict[tuple[int, float], tuple[int, float]] = {}
         self._last_exact = float("-inf")
         self._last_breakdown: list[tuple[str, float]] = []
@@ -78,20 +78,10 @@ class MemorySampler:
         seen: dict[tuple[int, float], tuple[int, float]] = {}
         for pid, proc in self._processes().items():
             try:
-                key = (pid, proc.create_time())
-                counters = proc.memory_info()  # statm: rss and shared resident pages, no page walk
-                private = max(counters.rss - counters.shared, 0)
-                before = self._shared_at_exact.get(key)
-                if exact or before is None or abs(counters.shared - before[0]) > self.reread_shared_bytes:
-                    full = proc.memory_full_info()
-                    self.exact_reads += 1
-                    size = getattr(full, "pss", counters.rss)
-                    share = (size - private) / counters.shared if counters.shared else 1.0
-                    seen[key] = (counters.shared, min(max(share, 0.0), 1.0))
-                else:
-                    seen[key] = before
-                    size = private + int(counters.shared * before[1])
-                name = proc.name()
+                with proc.oneshot():  # one read of /proc/<pid>/stat for start time and name
+                    key = (pid, proc.create_time())  # a reused pid does not inherit a share
+                    size, seen[key] = self._read(proc, self._shared_at_exact.get(key), exact)
+                    name = proc.name()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             total += size
@@ -99,6 +89,19 @@ class MemorySampler:
         self._shared_at_exact = seen  # processes that ended are forgotten
         self._last_breakdown = sorted(sizes, key=lambda item: -item[1])
         return total
+
+    def _read(self, proc: psutil.Process, before: tuple[int, float] | None,
+              exact: bool) -> tuple[int, tuple[int, float]]:
+        """(bytes, (shared bytes, PSS share of them)) of one process; exact PSS when asked, when the
+        process is new, or when its shared memory moved by more than ``reread_shared_bytes``."""
+        counters = proc.memory_info()  # statm: rss and shared resident pages, no page walk
+        private = max(counters.rss - counters.shared, 0)
+        if not exact and before is not None and abs(counters.shared - before[0]) <= self.reread_shared_bytes:
+            return private + int(counters.shared * before[1]), before
+        self.exact_reads += 1
+        size = getattr(proc.memory_full_info(), "pss", counters.rss)
+        share = (size - private) / counters.shared if counters.shared else 1.0
+        return size, (counters.shared, min(max(share, 0.0), 1.0))
 
     def _run(self) -> None:
         while not self._stop.is_set():
