@@ -84,12 +84,14 @@ def peak_rss_gib() -> float:
 
 def train_sentence_transformers(base: str, rows: list[tuple[str, str]] | list[tuple[str, str, str]], out_dir: str,
                                 steps: int, batch: int, lr: float, max_length: int, seed: int,
-                                dropout: float | None = None) -> dict:
+                                dropout: float | None = None, bf16: bool = False) -> dict:
     """The baseline: ``SentenceTransformerTrainer`` with MultipleNegativesRankingLoss (scale 20,
     i.e. temperature 0.05), no duplicate texts in a batch, ``steps`` steps of ``batch`` rows.
 
     ``rows`` are (anchor, positive) or (anchor, positive, negative) texts. ``dropout``: None keeps
     the model's own (0.1 for MiniLM, what sentence-transformers users train with); a number sets it.
+    ``bf16``: the trainer's ``bf16=True`` (its forward and backward under bf16 autocast, float32
+    weights; on CPU too).
     """
     import torch
     from datasets import Dataset
@@ -115,7 +117,7 @@ def train_sentence_transformers(base: str, rows: list[tuple[str, str]] | list[tu
         output_dir=tempfile.mkdtemp(prefix="st-bench-"), max_steps=steps, per_device_train_batch_size=batch,
         learning_rate=lr, warmup_ratio=0.1, seed=seed, data_seed=seed, save_strategy="no", logging_steps=1,
         report_to=[], batch_sampler=BatchSamplers.NO_DUPLICATES, dataloader_drop_last=True,
-        disable_tqdm=True, use_cpu=True,
+        disable_tqdm=True, use_cpu=True, bf16=bf16,
     )
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=Dataset.from_dict(columns),
                                          loss=losses.MultipleNegativesRankingLoss(model, scale=20.0))

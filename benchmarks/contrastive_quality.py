@@ -23,6 +23,9 @@ tokens. Methods:
   unmerged model of the same run is evaluated too (``trained_unmerged`` in its runs);
 * ``whetstone_live_cached``: ``whetstone_live`` with ``negatives.encode=false``: the negatives'
   stored index vectors instead of re-encoding them (faster; gradients through the queries only).
+* ``whetstone_live_bf16``: ``whetstone_live`` with ``encoder.precision=bfloat16`` (the transformer's
+  forward and backward under bf16 autocast; weights, optimizer and loss in float32), to show what
+  the faster precision costs in quality.
 
 Whetstone trains without dropout (``encoder.dropout`` 0, its default; the in-batch runs always
 did, the live runs before 2026-12-02 had MiniLM's 0.1 switched on by accident and are kept under
@@ -69,7 +72,7 @@ from benchmarks.contrastive_common import (
 
 STEPS, BATCH, LR, DOC_LEN = 15, 32, 2e-5, 256
 METHODS = ("base", "st_in_batch", "st_mined", "whetstone_in_batch", "whetstone_live", "whetstone_live_merged",
-           "whetstone_live_cached")
+           "whetstone_live_cached", "whetstone_live_bf16")
 REQUIRED = ("base", "st_in_batch", "st_mined", "whetstone_in_batch", "whetstone_live")  # the issue's methods
 MERGE_BASE_WEIGHT = 0.5
 PARTIAL = RESULTS / "contrastive_quality.partial.json"
@@ -153,6 +156,8 @@ def main() -> None:
                         extra["optim.merge_base_weight"] = MERGE_BASE_WEIGHT
                     if method == "whetstone_live_cached":
                         extra["negatives.encode"] = False
+                    if method == "whetstone_live_bf16":
+                        extra["encoder.precision"] = "bfloat16"
                     report = run_whetstone(store, base, out, workers=2, batch_per_worker=BATCH // 2, epochs=3,
                                            max_steps=None, lr=LR, live=live, seed=seed, doc_max_length=DOC_LEN,
                                            refresh_every=5 if live else None, gradient_checkpointing=True,
@@ -180,7 +185,7 @@ def main() -> None:
             }
     goals = {}
     for method, tag in (("whetstone_live", ""), ("whetstone_live_merged", "_merged"),
-                        ("whetstone_live_cached", "_cached")):
+                        ("whetstone_live_cached", "_cached"), ("whetstone_live_bf16", "_bf16")):
         if not ({method, "base"} <= set(summary) and ({"st_in_batch", "st_mined"} & set(summary))):
             continue
         best_st = max(summary[m]["scifact_test_ndcg@10"]["mean"] for m in ("st_in_batch", "st_mined") if m in summary)
@@ -193,13 +198,13 @@ def main() -> None:
         goals[f"goal_msmarco_within_0.5_of_base{tag}"] = msmarco_gap >= -0.5
     missing = [f"{m}/seed{s}" for m in METHODS for s in ([0] if m == "base" else seeds) if f"{m}/seed{s}" not in cache]
     # Goals are only judged on a complete run: every method the issue names, every seed (>= 3);
-    # the extra variants (merged, cached) are reported with however many seeds they have.
+    # the extra variants (merged, cached, bf16) are reported with however many seeds they have.
     complete = all(f"{m}/seed{s}" in cache for m in REQUIRED for s in ([0] if m == "base" else (0, 1, 2)))
     result = {"settings": {"steps": STEPS, "global_batch": BATCH, "lr": LR, "doc_max_length": DOC_LEN,
                            "seeds": seeds, "model": "all-MiniLM-L6-v2"},
               "complete": complete, "missing_runs": missing,
               "summary": summary, "goals": goals if complete else {"provisional": goals}, "runs": cache}
-    result["goals_note"] = ("goals of the extra variants (_merged, _cached) rest on the seeds they have; "
+    result["goals_note"] = ("goals of the extra variants (_merged, _cached, _bf16) rest on the seeds they have; "
                             "see summary.<method>.*.n")
     print(f"\n{'method':22} {'scifact nDCG@10':>22} {'msmarco nDCG@10':>22}")
     for method, s in summary.items():

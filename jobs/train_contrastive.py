@@ -86,10 +86,14 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
         encoder.transformer.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         encoder.transformer.config.use_cache = False  # an encoder has no cache; says so before transformers warns
     set_dropout(encoder, config.encoder.dropout)
-    model = ray.train.torch.prepare_model(DualEncoder(encoder, config.encoder.forward_chunk))
+    autocast = torch.bfloat16 if config.encoder.precision == "bfloat16" else None
+    model = ray.train.torch.prepare_model(DualEncoder(encoder, config.encoder.forward_chunk, autocast))
     model.train()  # Encoder.load returns eval mode; the no-grad searches and evals restore train mode
     encoder = model.module.encoder if hasattr(model, "module") else model.encoder
     device = encoder.device
+    if autocast is not None and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"encoder.precision=bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16 "
+                         "support (Ampere or newer); use encoder.precision=float32")
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     total_steps = plan["total_steps"]
     warmup = int(total_steps * config.optim.warmup_ratio)

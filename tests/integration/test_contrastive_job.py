@@ -7,6 +7,7 @@ encoder (quality is not judged here; ``make demo`` judges it with MiniLM).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -103,7 +104,7 @@ def test_model_loads_in_sentence_transformers_and_transformers(contrastive_repor
 def test_gist_matryoshka_and_false_negative_margin_in_the_job(ray_cluster, scifact_store, tiny_encoder_dir):
     """The configurable parts of the loop: a frozen guide (GIST), Matryoshka widths evaluated one by
     one, the margin rule fed by the positives' scores from the index, every (query, positive) pair
-    as a row (the decoupled softmax) and topic-aware batches (TAS)."""
+    as a row (the decoupled softmax), topic-aware batches (TAS) and bf16 autocast."""
     from jobs.train_contrastive import main
 
     report = main([
@@ -113,12 +114,13 @@ def test_gist_matryoshka_and_false_negative_margin_in_the_job(ray_cluster, scifa
         "loss.kind=gist", f"loss.guide_model={tiny_encoder_dir}", "loss.matryoshka_dims=[32,16]",
         # a relative margin of 0.9 keeps only candidates scoring under a tenth of the positive's score
         "negatives.mining.relative_margin=0.9", "negatives.mining.rank_end=20", "loss.positives=all",
-        "optim.topic_clusters=4",
+        "optim.topic_clusters=4", "encoder.precision=bfloat16",
     ])
     from ray import serve
 
     serve.delete("whetstone-index")
     assert report["steps"] == 2 and report["fallback_steps_rank0"] == 0
+    assert report["precision"] == "bfloat16" and math.isfinite(report["final_loss"])
     queries, pairs = scifact_train_counts(scifact_store)
     assert pairs > queries  # scifact has multi-positive queries: one row per (query, positive)
     assert report["positives"] == "all" and report["train_rows_per_epoch"] == pairs

@@ -69,3 +69,45 @@ def test_set_dropout_controls_train_mode_noise(tiny_encoder_dir):
         assert torch.allclose(encoder(ids, mask), first, atol=1e-5)
     with pytest.raises(ValueError, match="dropout"):
         set_dropout(encoder, 1.0)
+
+
+def test_bfloat16_autocast_runs_the_transformer_in_bf16_and_keeps_float32_outside(tiny_encoder_dir):
+    encoder = Encoder.load(str(tiny_encoder_dir)).eval()
+    queries, docs = _ragged_batch(6, 12, seed=4), _ragged_batch(9, 40, seed=5)
+    seen: list[torch.dtype] = []  # output dtypes of the transformer's linear layers (its final LayerNorm is fp32)
+    hooks = [m.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+             for m in encoder.transformer.modules() if isinstance(m, torch.nn.Linear)]
+
+    def run(autocast):
+        encoder.zero_grad(set_to_none=True)
+        q, d = DualEncoder(encoder, 4, autocast=autocast)(*queries, *docs)
+        (q @ d.T / 0.05).logsumexp(dim=1).mean().backward()
+        grads = torch.cat([p.grad.flatten() for p in encoder.parameters() if p.grad is not None])
+        return q.detach(), d.detach(), grads
+
+    q32, d32, g32 = run(None)
+    assert set(seen) == {torch.float32}
+    seen.clear()
+    q16, d16, g16 = run(torch.bfloat16)
+    for hook in hooks:
+        hook.remove()
+    assert set(seen) == {torch.bfloat16}  # the transformer really ran in bf16 ...
+    assert q16.dtype == d16.dtype == g16.dtype == torch.float32  # ... embeddings and gradients did not
+    assert all(p.dtype == torch.float32 for p in encoder.parameters())
+    assert torch.allclose(q16.norm(dim=1), torch.ones(6), atol=1e-5)  # normalised in float32
+    # Close to float32 but not identical (bf16 keeps 8 bits of mantissa).
+    cosine = torch.nn.functional.cosine_similarity(torch.cat([q16, d16]), torch.cat([q32, d32]))
+    assert cosine.min() > 0.99 and not torch.equal(q16, q32)
+    assert torch.nn.functional.cosine_similarity(g16, g32, dim=0) > 0.95
+
+
+def test_autocast_none_leaves_a_callers_autocast_in_force(tiny_encoder_dir):
+    encoder = Encoder.load(str(tiny_encoder_dir)).eval()
+    ids, mask = _ragged_batch(3, 10, seed=6)
+    seen: list[torch.dtype] = []
+    for module in encoder.transformer.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = encoder(ids, mask)
+    assert seen and set(seen) == {torch.bfloat16} and out.dtype == torch.float32

@@ -24,6 +24,11 @@ class EncoderConfig(StrictModel):
         0.0, ge=0, lt=1, description="dropout probability while training (hidden states and attention "
         "probabilities). 0 (default): on CPU attention then runs in SDPA's fused kernel, the step measured "
         "1.5x faster; 0.1 is MiniLM/BERT's own value, what sentence-transformers trains with")
+    precision: Literal["float32", "bfloat16"] = Field(
+        "float32", description="bfloat16: the transformer's forward and backward run under bf16 autocast "
+        "(weights, optimizer state, pooled embeddings and the loss stay float32). On a CPU with AVX-512 BF16 "
+        "a MiniLM training step (16 queries, 32 documents of 256 tokens, one thread) measured 1.7x faster; "
+        "on GPUs it needs bf16 support (Ampere or newer)")
 
 
 class OptimConfig(StrictModel):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -124,7 +125,11 @@ class Encoder(nn.Module):
         return next(self.parameters()).device
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, dim: int | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        dim: int | None = None,
+        autocast: torch.dtype | None = None,
     ) -> torch.Tensor:
         """Embed token ids.
 
@@ -132,12 +137,17 @@ class Encoder(nn.Module):
             input_ids: (B, L) token ids.
             attention_mask: (B, L).
             dim: keep only the first ``dim`` coordinates before normalising (Matryoshka).
+            autocast: run the transformer under autocast to this dtype (e.g. ``torch.bfloat16``);
+                pooling and normalisation stay float32, as do the weights and their gradients.
 
         Returns:
-            (B, dim or H) unit-norm embeddings.
+            (B, dim or H) unit-norm float32 embeddings.
         """
-        hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        pooled = mean_pool(hidden, attention_mask)  # (B, H)
+        # None leaves any caller's own autocast context in force.
+        context = nullcontext() if autocast is None else torch.autocast(input_ids.device.type, dtype=autocast)
+        with context:
+            hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        pooled = mean_pool(hidden.float(), attention_mask)  # (B, H)
         if dim is not None:
             pooled = pooled[:, :dim]
         return F.normalize(pooled, dim=-1)
@@ -180,9 +190,9 @@ class Encoder(nn.Module):
             idx = order[start : start + batch_size]
             tokens = self.tokenize([texts[i] for i in idx], max_length)
             tokens = {k: v.to(self.device) for k, v in tokens.items()}
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-                emb = self(tokens["input_ids"], tokens["attention_mask"], dim=dim)
-            out[idx] = emb.float().cpu().numpy()
+            autocast = torch.bfloat16 if dtype == "bfloat16" else None
+            emb = self(tokens["input_ids"], tokens["attention_mask"], dim=dim, autocast=autocast)
+            out[idx] = emb.cpu().numpy()
         self.train(was_training)
         return out
 

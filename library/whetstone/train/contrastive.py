@@ -35,27 +35,30 @@ class DualEncoder(nn.Module):
     Args:
         encoder: the shared encoder.
         chunk_size: rows per forward chunk; ``None`` encodes each side in one batch.
+        autocast: run the transformer (forward and backward) under autocast to this dtype, e.g.
+            ``torch.bfloat16``; weights, optimizer state, pooled embeddings and the loss stay float32.
     """
 
-    def __init__(self, encoder: Encoder, chunk_size: int | None = 16):
+    def __init__(self, encoder: Encoder, chunk_size: int | None = 16, autocast: torch.dtype | None = None):
         super().__init__()
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
         self.encoder = encoder
         self.chunk_size = chunk_size
+        self.autocast = autocast
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(N, L) right-padded tokens -> (N, D) unit-norm embeddings, chunked as described above."""
         rows = input_ids.shape[0]
         if self.chunk_size is None or rows <= self.chunk_size:
             width = max(int(attention_mask.sum(dim=1).max()), 1)
-            return self.encoder(input_ids[:, :width], attention_mask[:, :width])
+            return self.encoder(input_ids[:, :width], attention_mask[:, :width], autocast=self.autocast)
         lengths = attention_mask.sum(dim=1)  # (N,)
         order = torch.argsort(lengths, stable=True)  # (N,) shortest first
         parts = []
         for chunk in order.split(self.chunk_size):
             width = max(int(lengths[chunk].max()), 1)
-            parts.append(self.encoder(input_ids[chunk, :width], attention_mask[chunk, :width]))
+            parts.append(self.encoder(input_ids[chunk, :width], attention_mask[chunk, :width], autocast=self.autocast))
         embeddings = torch.cat(parts)  # (N, D) in sorted order
         return embeddings[torch.argsort(order)]  # back to input order
 

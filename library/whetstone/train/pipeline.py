@@ -409,6 +409,7 @@ def run_contrastive(config: ContrastiveJobConfig, train_loop: Callable[[dict], N
         "train_rows_per_epoch": pairs,
         "steps_per_epoch": steps_per_epoch,
         "positives": config.loss.positives,
+        "precision": config.encoder.precision,
         "topic_clusters": config.optim.topic_clusters,
         "tasks": _task_report(task_data, task_shares, train_metrics),
         "topic_pure_batch_share": train_metrics.get("topic_pure_batch_share"),
