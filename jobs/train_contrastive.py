@@ -43,7 +43,7 @@ from whetstone.data.stream import DocStore
 from whetstone.losses.gather import gather_documents
 from whetstone.losses.info_nce import false_negative_mask
 from whetstone.losses.multitask import TaskScheduler
-from whetstone.models.encoder import Encoder, set_dropout
+from whetstone.models.encoder import Encoder, autocast_dtype, set_dropout
 from whetstone.train.contrastive import (
     DualEncoder,
     LiveNegatives,
@@ -86,7 +86,7 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
         encoder.transformer.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         encoder.transformer.config.use_cache = False  # an encoder has no cache; says so before transformers warns
     set_dropout(encoder, config.encoder.dropout)
-    autocast = torch.bfloat16 if config.encoder.precision == "bfloat16" else None
+    autocast = autocast_dtype(config.encoder.precision)
     model = ray.train.torch.prepare_model(DualEncoder(encoder, config.encoder.forward_chunk, autocast))
     model.train()  # Encoder.load returns eval mode; the no-grad searches and evals restore train mode
     encoder = model.module.encoder if hasattr(model, "module") else model.encoder

@@ -76,6 +76,11 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return summed / counts
 
 
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """A ``"float32"``/``"bfloat16"`` config value -> the dtype to autocast to (None: no autocast)."""
+    return torch.bfloat16 if precision == "bfloat16" else None
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -190,8 +195,7 @@ class Encoder(nn.Module):
             idx = order[start : start + batch_size]
             tokens = self.tokenize([texts[i] for i in idx], max_length)
             tokens = {k: v.to(self.device) for k, v in tokens.items()}
-            autocast = torch.bfloat16 if dtype == "bfloat16" else None
-            emb = self(tokens["input_ids"], tokens["attention_mask"], dim=dim, autocast=autocast)
+            emb = self(tokens["input_ids"], tokens["attention_mask"], dim=dim, autocast=autocast_dtype(dtype))
             out[idx] = emb.cpu().numpy()
         self.train(was_training)
         return out
