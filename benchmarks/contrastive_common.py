@@ -72,7 +72,7 @@ def evaluate(model_dir: str, beir: Beir, doc_max_length: int = 256, query_max_le
     encoder = Encoder.load(model_dir)
     doc_ids = list(beir.corpus)
     doc_vectors = encoder.encode([beir.corpus[d] for d in doc_ids], batch_size=32, max_length=doc_max_length)
-    metrics = evaluate_encoder(encoder, beir.queries, beir.qrels, doc_ids, doc_vectors, query_max_length,
+    metrics = evaluate_encoder(Encoder.load_query(model_dir), beir.queries, beir.qrels, doc_ids, doc_vectors, query_max_length,
                                per_query=per_query)
     keep = ("ndcg@10", "recall@100", "per_query_ndcg@10")
     return {key: metrics[key] for key in keep if key in metrics}

@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     split = load_eval_split(config.store_uri, config.split, config.storage)
     doc_ids, doc_vectors = embed_corpus(config.store_uri, config.model, config.storage, config.batch_size,
                                         config.doc_max_length, config.embed_concurrency)
-    encoder = Encoder.load(config.model, storage=config.storage)
+    encoder = Encoder.load_query(config.model, storage=config.storage)  # an asymmetric model's query tower
     query_ids = list(split.queries)
     query_vectors = encoder.encode([split.queries[q] for q in query_ids], max_length=config.query_max_length)
     metrics = evaluate_rankings(exact_rankings(query_ids, query_vectors, doc_ids, doc_vectors, 100), split.qrels)

@@ -66,35 +66,44 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
     rng = np.random.default_rng([config.optim.seed, rank])
 
     # Model first (resume replaces the weights), then DDP, then the optimiser over DDP's params.
-    start_step, model_uri = 0, plan["base_model"]
+    # A frozen query tower is the base model's (its own copy in every checkpoint, so a resumed
+    # run and every saved model carry it); only the document tower trains.
+    frozen_queries = config.encoder.query_tower == "frozen"
+    start_step, model_uri, query_tower = 0, plan["base_model"], None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             encoder = Encoder.load(folder, device="cpu")
+            query_tower = Encoder.load_query(folder, device="cpu") if frozen_queries else None
             with open(f"{folder}/trainer_state.json") as fh:
                 start_step = int(json.load(fh)["step"])
     elif plan.get("resume_checkpoint"):  # a new attempt of a killed run (if_exists=resume)
         from whetstone import storage as store
 
         encoder = Encoder.load(plan["resume_checkpoint"], device="cpu", storage=config.storage)
+        if frozen_queries:
+            query_tower = Encoder.load_query(plan["resume_checkpoint"], device="cpu", storage=config.storage)
         state = store.read_bytes(store.join(plan["resume_checkpoint"], "trainer_state.json"), config.storage)
         start_step = int(json.loads(state)["step"])
     else:
         encoder = Encoder.load(model_uri, device="cpu", storage=config.storage)
+        query_tower = Encoder.load_query(model_uri, device="cpu", storage=config.storage) if frozen_queries else None
     if config.encoder.gradient_checkpointing:
         # Non-reentrant checkpointing works with DDP and with inputs that need no grad.
         encoder.transformer.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         encoder.transformer.config.use_cache = False  # an encoder has no cache; says so before transformers warns
     set_dropout(encoder, config.encoder.dropout)
     autocast = autocast_dtype(config.encoder.precision)
-    model = ray.train.torch.prepare_model(DualEncoder(encoder, config.encoder.forward_chunk, autocast))
+    model = ray.train.torch.prepare_model(DualEncoder(encoder, config.encoder.forward_chunk, autocast, query_tower))
     model.train()  # Encoder.load returns eval mode; the no-grad searches and evals restore train mode
-    encoder = model.module.encoder if hasattr(model, "module") else model.encoder
+    dual = model.module if hasattr(model, "module") else model
+    encoder, query_tower = dual.encoder, dual.query_encoder
     device = encoder.device
     if autocast is not None and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"encoder.precision=bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16 "
                          "support (Ampere or newer); use encoder.precision=float32")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.optim.lr,
+                                  weight_decay=config.optim.weight_decay)
     total_steps = plan["total_steps"]
     warmup = int(total_steps * config.optim.warmup_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_warmup_decay(s, total_steps, warmup))
@@ -132,7 +141,7 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
         if negatives is not None:
             # The version this step should see: one refresh per `every` steps since this attempt began.
             expected_version = plan.get("first_version", 1) + ((for_step - start_step) // every if every else 0)
-            vectors = negatives.embed_queries(encoder, queries)
+            vectors = negatives.embed_queries(query_tower or encoder, queries)
             future = prefetch.submit(negatives.fetch, vectors, batch["positive_ids"], expected_version,
                                      encoder.tokenizer)
         return batch, queries, future
@@ -162,7 +171,8 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
     def after_step(metrics: dict) -> None:  # report; rank 0 checkpoints and asks for a refresh every `every`
         saving = rank == 0 and every and step % every == 0 and step < total_steps
         if saving or step == total_steps:
-            _report_with_checkpoint(metrics, encoder, step, rank, "final" if step == total_steps else None)
+            _report_with_checkpoint(metrics, encoder, query_tower, step, rank,
+                                    "final" if step == total_steps else None)
             if saving and refresher is not None:
                 refresher.request.remote(f"{plan['checkpoint_root']}/step-{step:06d}", step)
         else:
@@ -267,15 +277,17 @@ def _worker_nodes(world: int) -> list[str]:
     return nodes
 
 
-def _report_with_checkpoint(metrics: dict, encoder: Encoder, step: int, rank: int, name: str | None) -> None:
-    """Rank 0 saves the model (sentence-transformers layout) as a Ray Train checkpoint."""
+def _report_with_checkpoint(metrics: dict, encoder: Encoder, query_tower: Encoder | None, step: int, rank: int,
+                            name: str | None) -> None:
+    """Rank 0 saves the model (sentence-transformers layout; a frozen query tower in query_encoder/)
+    as a Ray Train checkpoint."""
     import tempfile
 
     if rank != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as folder:
-        encoder.save(folder)
+        encoder.save(folder, query_tower=query_tower)
         with open(f"{folder}/trainer_state.json", "w") as fh:
             json.dump({"step": step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}, fh)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),

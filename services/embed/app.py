@@ -14,6 +14,7 @@ reloads the encoder when it changes, so queries embedded here match the served i
 import asyncio
 import logging
 import threading
+from pathlib import Path
 
 from fastapi import FastAPI, HTTPException
 from pydantic import Field, model_validator
@@ -50,7 +51,7 @@ class EmbedService:
     def __init__(self, args: dict):
         self.args = EmbedServiceArgs.model_validate(args)
         self.lock = threading.Lock()
-        self.encoder = None
+        self.encoder = self.query_encoder = None
         self.checkpoint: str | None = None
         self.version: int | None = None
         self._load_newest()
@@ -59,7 +60,8 @@ class EmbedService:
 
     def _load_newest(self) -> None:
         from whetstone.index.snapshot import latest_version, read_manifest
-        from whetstone.models.encoder import Encoder
+        from whetstone.models.assets import localize
+        from whetstone.models.encoder import QUERY_TOWER, Encoder
 
         version, checkpoint = None, self.args.model_uri
         if self.args.index_uri:
@@ -71,8 +73,11 @@ class EmbedService:
             self.version = version
             return
         encoder = Encoder.load(checkpoint, device=None, storage=self.args.storage)
+        local = Path(localize(checkpoint, self.args.storage))
+        query_encoder = (Encoder.load_query(local, device=None) if (local / QUERY_TOWER).is_dir() else encoder)
         with self.lock:  # swap the whole model at once; in-flight requests keep the old object
-            self.encoder, self.checkpoint, self.version = encoder, checkpoint, version
+            self.encoder, self.query_encoder = encoder, query_encoder
+            self.checkpoint, self.version = checkpoint, version
         logger.info("serving embeddings from %s (index v%s)", checkpoint, version)
 
     async def _follow(self) -> None:
@@ -88,7 +93,8 @@ class EmbedService:
         if len(request.texts) > self.args.max_texts:
             raise HTTPException(413, f"texts: {len(request.texts)} texts exceed max_texts={self.args.max_texts}")
         with self.lock:
-            encoder, checkpoint, version = self.encoder, self.checkpoint, self.version
+            encoder = self.query_encoder if request.kind == "query" else self.encoder
+            checkpoint, version = self.checkpoint, self.version
         if request.dim is not None and request.dim > encoder.dim:
             raise HTTPException(422, f"dim: {request.dim} exceeds the model's {encoder.dim}")
         vectors = await asyncio.to_thread(encoder.encode, request.texts, 64, self.args.max_length, request.dim)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 APP_NAME = "whetstone-embed"
@@ -13,6 +15,9 @@ class EmbedRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     texts: list[str] = Field(..., min_length=1, description="texts to embed")
     dim: int | None = Field(None, ge=1, description="Matryoshka truncation (then re-normalised)")
+    kind: Literal["document", "query"] = Field(
+        "document", description="which tower embeds the texts; differs only for an asymmetric model (one "
+        "trained with encoder.query_tower=frozen), whose queries go through its query_encoder/")
 
 
 class EmbedResponse(BaseModel):

@@ -107,7 +107,8 @@ class SnapshotHolder:
                 return self._encoders[checkpoint]
         from whetstone.models.encoder import Encoder
 
-        encoder = Encoder.load(checkpoint, device=self.encoder_device, storage=self.storage)
+        # Texts sent to search are queries: an asymmetric model's query tower embeds them.
+        encoder = Encoder.load_query(checkpoint, device=self.encoder_device, storage=self.storage)
         with self._encoders_lock:
             self._encoders[checkpoint] = encoder
             while len(self._encoders) > 2:

@@ -134,14 +134,18 @@ def test_gist_matryoshka_and_false_negative_margin_in_the_job(ray_cluster, scifa
 
 
 def test_a_killed_run_resumes_from_its_last_checkpoint(ray_cluster, scifact_store, tiny_encoder_dir, tmp_path):
+    """Also an asymmetric run (encoder.query_tower=frozen): the query tower travels in every
+    checkpoint, survives the resume unchanged, and only the document tower trains."""
+    import torch
     from ray import serve
+    from safetensors.torch import load_file
     from whetstone import storage
 
     from jobs.train_contrastive import main
 
     args = ["--config", "jobs/configs/train_contrastive/smoke.yaml", f"store_uri={scifact_store}",
             f"encoder.base_model={tiny_encoder_dir}", f"output_uri={tmp_path / 'run'}", "refresh.every_steps=1",
-            "eval.split=null"]
+            "eval.split=null", "encoder.query_tower=frozen"]
     first = main([*args, f"index.http_port={free_port()}", "optim.max_steps=2"])
     serve.delete("whetstone-index")
     assert first["resumed_from_step"] is None and first["index_versions"][-1] >= 2
@@ -154,7 +158,12 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(ray_cluster, scifact_stor
     # the resumed run starts from the newest index version the first attempt published
     assert second["index_versions"][0] == first["index_versions"][-1]
     assert second["model_uri"].endswith("train-from-000001/final")
-    assert (tmp_path / "run" / "train-from-000001" / "final" / "model.safetensors").is_file()
+    final = tmp_path / "run" / "train-from-000001" / "final"
+    assert second["query_tower"] == "frozen" and second["query_model_uri"] == str(final / "query_encoder")
+    base = load_file(tiny_encoder_dir / "model.safetensors")
+    queries, docs = load_file(final / "query_encoder" / "model.safetensors"), load_file(final / "model.safetensors")
+    assert all(torch.equal(queries[name], base[name]) for name in base)  # frozen through 4 steps and a resume
+    assert not all(torch.equal(docs[name], base[name]) for name in base)  # the document tower trained
 
 
 def test_multitask_steps_follow_one_schedule_on_every_worker(ray_cluster, scifact_store, tiny_encoder_dir, tmp_path):

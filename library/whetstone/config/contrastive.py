@@ -29,6 +29,11 @@ class EncoderConfig(StrictModel):
         "(weights, optimizer state, pooled embeddings and the loss stay float32). On a CPU with AVX-512 BF16 "
         "a MiniLM training step (16 queries, 32 documents of 256 tokens, one thread) measured 1.7x faster; "
         "on GPUs it needs bf16 support (Ampere or newer)")
+    query_tower: Literal["shared", "frozen"] = Field(
+        "shared", description="shared: one encoder for queries and documents, both trained. frozen: queries "
+        "stay with the base model's weights and only the document tower trains (an asymmetric dual encoder; "
+        "saved models carry the query tower in query_encoder/). On scifact-subset it kept the in-domain gain "
+        "and lost about half as much nDCG@10 on msmarco-dl19 (benchmarks/contrastive_quality.py)")
 
 
 class OptimConfig(StrictModel):
@@ -198,6 +203,9 @@ class ContrastiveJobConfig(StrictModel):
             if self.loss.kind == "gist":
                 raise ValueError("negatives.encode=false does not combine with loss.kind=gist (the guide "
                                  "scores the negatives' text)")
+        if self.encoder.query_tower == "frozen" and self.multitask.tasks:
+            raise ValueError("encoder.query_tower=frozen does not combine with multitask.tasks (their pairs "
+                             "are symmetric; both sides go through one tower)")
         return self
 
     @property

@@ -4,6 +4,11 @@ The same weights load three ways: :meth:`Encoder.load` here, ``sentence_transfor
 .SentenceTransformer(path)`` and ``transformers.AutoModel.from_pretrained(path)``, because
 :meth:`Encoder.save` writes the plain Hugging Face files plus sentence-transformers' module files
 (Transformer -> mean Pooling -> Normalize, as all-MiniLM-L6-v2 ships).
+
+An asymmetric model (a job with ``encoder.query_tower=frozen``) is the document tower in that
+layout plus its query tower, in the same layout, in the subfolder ``query_encoder/``:
+:meth:`Encoder.load` gives the document tower, :meth:`Encoder.load_query` the query tower (the
+folder itself when there is no subfolder, so every caller that encodes queries uses it).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
 from whetstone.config.base import StorageConfig
+
+QUERY_TOWER = "query_encoder"  # subfolder of an asymmetric model that holds its query tower
 
 
 def write_sentence_transformers_files(folder: str | Path, dim: int, max_seq_length: int) -> None:
@@ -125,6 +132,17 @@ class Encoder(nn.Module):
         # turns train mode on explicitly, and encode() restores exactly the mode it found.
         return encoder.to(device or default_device()).eval()
 
+    @classmethod
+    def load_query(
+        cls, path: str | Path, device: str | torch.device | None = None, storage: StorageConfig | None = None
+    ) -> Encoder:
+        """The encoder for queries: the ``query_encoder/`` tower of an asymmetric model, else the model."""
+        from whetstone.models.assets import localize
+
+        local = Path(localize(str(path), storage))
+        tower = local / QUERY_TOWER
+        return cls.load(tower if (tower / "config.json").is_file() else local, device=device)
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
@@ -200,11 +218,14 @@ class Encoder(nn.Module):
         self.train(was_training)
         return out
 
-    def save(self, path: str | Path) -> Path:
-        """Save so that Encoder.load, SentenceTransformer(path) and AutoModel.from_pretrained load it."""
+    def save(self, path: str | Path, query_tower: Encoder | None = None) -> Path:
+        """Save so that Encoder.load, SentenceTransformer(path) and AutoModel.from_pretrained load it;
+        ``query_tower`` (an asymmetric model's) goes to ``path/query_encoder`` in the same layout."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.transformer.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         write_sentence_transformers_files(path, self.dim, self.max_seq_length)
+        if query_tower is not None:
+            query_tower.save(path / QUERY_TOWER)
         return path

@@ -22,12 +22,14 @@ from the base, the in-domain gain late. Worth trying per task, not a default.
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 
 import torch
 
 from whetstone import storage as store
 from whetstone.config.base import StorageConfig
-from whetstone.models.encoder import Encoder
+from whetstone.models.assets import localize
+from whetstone.models.encoder import QUERY_TOWER, Encoder
 
 
 class MergeError(ValueError):
@@ -70,10 +72,13 @@ def merge_with_base(fine_tuned_uri: str, base_uri: str, base_weight: float, out_
     base = Encoder.load(base_uri, device="cpu", storage=storage)
     state = interpolate_state(tuned.transformer.state_dict(), base.transformer.state_dict(), base_weight)
     tuned.transformer.load_state_dict(state)
+    # An asymmetric model's frozen query tower is carried over as it is.
+    local = Path(localize(fine_tuned_uri, storage))
+    query_tower = Encoder.load_query(local, device="cpu") if (local / QUERY_TOWER).is_dir() else None
     if store.is_s3(out_uri):
         with tempfile.TemporaryDirectory() as folder:
-            tuned.save(folder)
+            tuned.save(folder, query_tower=query_tower)
             store.upload_dir(folder, out_uri, storage)
     else:
-        tuned.save(out_uri)
+        tuned.save(out_uri, query_tower=query_tower)
     return out_uri

@@ -23,7 +23,8 @@ from whetstone.models.encoder import Encoder
 
 
 class DualEncoder(nn.Module):
-    """One shared encoder applied to queries and documents in a single forward.
+    """One shared encoder applied to queries and documents in a single forward (or, with
+    ``query_encoder``, a frozen query tower beside the trained document encoder).
 
     Rows are encoded in length-sorted chunks of ``chunk_size``, each cut to its own longest row,
     and the embeddings are put back in input order: the result is the same as one big batch (each
@@ -37,28 +38,44 @@ class DualEncoder(nn.Module):
         chunk_size: rows per forward chunk; ``None`` encodes each side in one batch.
         autocast: run the transformer (forward and backward) under autocast to this dtype, e.g.
             ``torch.bfloat16``; weights, optimizer state, pooled embeddings and the loss stay float32.
+        query_encoder: a frozen query tower: queries are embedded by it in eval mode without
+            gradients, and only ``encoder`` (the document tower) trains. Its parameters are set to
+            ``requires_grad=False`` here, so DDP and the optimiser leave them alone.
     """
 
-    def __init__(self, encoder: Encoder, chunk_size: int | None = 16, autocast: torch.dtype | None = None):
+    def __init__(self, encoder: Encoder, chunk_size: int | None = 16, autocast: torch.dtype | None = None,
+                 query_encoder: Encoder | None = None):
         super().__init__()
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
         self.encoder = encoder
         self.chunk_size = chunk_size
         self.autocast = autocast
+        self.query_encoder = query_encoder
+        if query_encoder is not None:
+            query_encoder.requires_grad_(False)
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(N, L) right-padded tokens -> (N, D) unit-norm embeddings, chunked as described above."""
+    def train(self, mode: bool = True) -> DualEncoder:
+        super().train(mode)
+        if self.query_encoder is not None:
+            self.query_encoder.eval()  # frozen: never dropout
+        return self
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               encoder: Encoder | None = None) -> torch.Tensor:
+        """(N, L) right-padded tokens -> (N, D) unit-norm embeddings, chunked as described above
+        (by ``encoder``, default the trained one)."""
+        encoder = encoder or self.encoder
         rows = input_ids.shape[0]
         if self.chunk_size is None or rows <= self.chunk_size:
             width = max(int(attention_mask.sum(dim=1).max()), 1)
-            return self.encoder(input_ids[:, :width], attention_mask[:, :width], autocast=self.autocast)
+            return encoder(input_ids[:, :width], attention_mask[:, :width], autocast=self.autocast)
         lengths = attention_mask.sum(dim=1)  # (N,)
         order = torch.argsort(lengths, stable=True)  # (N,) shortest first
         parts = []
         for chunk in order.split(self.chunk_size):
             width = max(int(lengths[chunk].max()), 1)
-            parts.append(self.encoder(input_ids[chunk, :width], attention_mask[chunk, :width], autocast=self.autocast))
+            parts.append(encoder(input_ids[chunk, :width], attention_mask[chunk, :width], autocast=self.autocast))
         embeddings = torch.cat(parts)  # (N, D) in sorted order
         return embeddings[torch.argsort(order)]  # back to input order
 
@@ -70,7 +87,12 @@ class DualEncoder(nn.Module):
         doc_attention_mask: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (queries (B, D), documents (M, D)), unit-norm."""
-        return self.encode(query_input_ids, query_attention_mask), self.encode(doc_input_ids, doc_attention_mask)
+        if self.query_encoder is None:
+            queries = self.encode(query_input_ids, query_attention_mask)
+        else:
+            with torch.no_grad():
+                queries = self.encode(query_input_ids, query_attention_mask, self.query_encoder)
+        return queries, self.encode(doc_input_ids, doc_attention_mask)
 
 
 def stack_padded(a_ids: torch.Tensor, a_mask: torch.Tensor, b_ids: torch.Tensor, b_mask: torch.Tensor,

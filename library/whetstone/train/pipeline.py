@@ -109,7 +109,7 @@ def evaluate_model(model_uri: str, config: ContrastiveJobConfig, split, doc_ids:
     from whetstone.eval.retrieval import evaluate_encoder
     from whetstone.models.encoder import Encoder
 
-    encoder = Encoder.load(model_uri, storage=config.storage)
+    encoder = Encoder.load_query(model_uri, storage=config.storage)  # the query tower, if the model has one
     return evaluate_encoder(encoder, split.queries, split.qrels, doc_ids, doc_vectors,
                             config.encoder.query_max_length, dims=config.loss.matryoshka_dims or ())
 
@@ -410,6 +410,9 @@ def run_contrastive(config: ContrastiveJobConfig, train_loop: Callable[[dict], N
         "steps_per_epoch": steps_per_epoch,
         "positives": config.loss.positives,
         "precision": config.encoder.precision,
+        "query_tower": config.encoder.query_tower,
+        "query_model_uri": (store.join(final_model, "query_encoder") if config.encoder.query_tower == "frozen"
+                            else final_model),
         "topic_clusters": config.optim.topic_clusters,
         "tasks": _task_report(task_data, task_shares, train_metrics),
         "topic_pure_batch_share": train_metrics.get("topic_pure_batch_share"),
@@ -478,6 +481,8 @@ def _print_summary(report: dict, report_uri: str) -> None:
     lines.append(f"index versions {report['index_versions']}; peak memory {report['peak_memory_gib']} GiB; "
                  f"total {report['timings_s']['total_s']} s")
     lines.append(f"model: {report['model_uri']}")
+    if report["query_model_uri"] != report["model_uri"]:
+        lines.append(f"query tower (frozen; embed queries with it): {report['query_model_uri']}")
     if report.get("plot_uri"):
         lines.append(f"plot: {report['plot_uri']}")
     lines.append(f"report: {report_uri}")

@@ -191,7 +191,7 @@ class IndexRefresher:
         if self._eval_split is None:
             self._eval_split = load_eval_split(self.store_uri, split_name, self.storage)
         split = self._eval_split
-        metrics = evaluate_encoder(Encoder.load(checkpoint_uri, storage=self.storage), split.queries, split.qrels,
+        metrics = evaluate_encoder(Encoder.load_query(checkpoint_uri, storage=self.storage), split.queries, split.qrels,
                                    ids, vectors, self.settings["query_max_length"])
         return {"ndcg@10_at_index_length": metrics["ndcg@10"], "recall@100_at_index_length": metrics["recall@100"]}
 
