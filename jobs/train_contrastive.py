@@ -141,7 +141,7 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
         if negatives is not None:
             # The version this step should see: one refresh per `every` steps since this attempt began.
             expected_version = plan.get("first_version", 1) + ((for_step - start_step) // every if every else 0)
-            vectors = negatives.embed_queries(query_tower or encoder, queries)
+            vectors = negatives.embed_queries(query_tower if query_tower is not None else encoder, queries)
             future = prefetch.submit(negatives.fetch, vectors, batch["positive_ids"], expected_version,
                                      encoder.tokenizer)
         return batch, queries, future

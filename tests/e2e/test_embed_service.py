@@ -57,3 +57,35 @@ def test_embed_matches_the_encoder_and_follows_promotions(embed_url, tiny_encode
             break
         time.sleep(0.5)
     assert body["index_version"] == 2 and body["dim"] == 384
+
+
+def test_an_asymmetric_model_embeds_queries_with_its_query_tower(embed_url, tiny_encoder_dir, tmp_path):
+    import torch
+    from whetstone.index.ann import AnnConfig, AnnIndex
+    from whetstone.index.snapshot import latest_version
+    from whetstone.models.encoder import Encoder
+
+    url, root = embed_url
+    docs_tower, query_tower = Encoder.load(tiny_encoder_dir, device="cpu"), Encoder.load(tiny_encoder_dir, device="cpu")
+    with torch.no_grad():  # make the towers differ (a constant shift would vanish in LayerNorm)
+        generator = torch.Generator().manual_seed(0)
+        for param in docs_tower.transformer.parameters():
+            param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    model = docs_tower.save(tmp_path / "asym", query_tower=query_tower)
+    version = (latest_version(root) or 0) + 1
+    AnnIndex.build(np.eye(4, 32, dtype=np.float32), ["a", "b", "c", "d"], AnnConfig()).save(
+        root, version, checkpoint=str(model))
+    texts = ["a claim about proteins"]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        body = httpx.post(f"{url}/", json={"texts": texts, "kind": "document"}, timeout=60).json()
+        if body["index_version"] == version:
+            break
+        time.sleep(0.5)
+    assert body["index_version"] == version
+    assert np.allclose(np.array(body["vectors"]), docs_tower.encode(texts), atol=1e-5)
+    queries = httpx.post(f"{url}/", json={"texts": texts, "kind": "query"}, timeout=60).json()
+    assert np.allclose(np.array(queries["vectors"]), query_tower.encode(texts), atol=1e-5)
+    assert not np.allclose(np.array(queries["vectors"]), np.array(body["vectors"]), atol=1e-3)
+    bad = httpx.post(f"{url}/", json={"texts": texts, "kind": "passage"}, timeout=30)
+    assert bad.status_code == 422 and "kind" in bad.text
