@@ -31,6 +31,8 @@ Usage::
 
     python -m benchmarks.contrastive_throughput              # 45-90 min on 2 cores
     python -m benchmarks.contrastive_throughput --steps 6    # a quicker look
+    python -m benchmarks.contrastive_throughput --out benchmarks/results/contrastive_throughput_frozen_queries.json \
+        --only st_in_batch,whetstone_1w_live_frozen_queries,whetstone_1w_live_bf16_frozen_queries   # ~12 min
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ BATCH, LR, DOC_LEN = 32, 2e-5, 256
 # *_bf16: the same with encoder.precision=bfloat16 (the transformer under bf16 autocast)
 WHETSTONE_MODES = ("in_batch", "live", "live_cached", "in_batch_bf16", "live_bf16")
 LIVE_MODES = ("live", "live_cached", "live_bf16")
+# Extra modes, run only when named with --only (not part of the full run's goals): live negatives
+# with encoder.query_tower=frozen (the configuration that meets contrastive_quality's transfer goal).
+EXTRA_MODES = ("live_frozen_queries", "live_bf16_frozen_queries")
 
 
 # sentence-transformers runs: in-batch and one negative, each with the model's own dropout (0.1, the
@@ -132,7 +137,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10, help="training steps per run")
     parser.add_argument("--out", default=str(RESULTS / "contrastive_throughput.json"))
+    parser.add_argument("--only", default="", help="comma-separated run names (e.g. st_in_batch,"
+                        "whetstone_1w_live_frozen_queries): run just these, report their ratios to st_in_batch "
+                        "(no goals); write to a --out of its own")
     opts = parser.parse_args()
+    only = {name for name in opts.only.split(",") if name}
+    if only and opts.out == parser.get_default("out"):
+        raise SystemExit("--only: give --out a file of its own (the full run's results stay as they are)")
     from whetstone.models.assets import minilm_path
 
     results: dict = {"settings": {"global_batch": BATCH, "lr": LR, "doc_max_length": DOC_LEN,
@@ -140,6 +151,8 @@ def main() -> None:
                                   "steps": opts.steps, "model": "all-MiniLM-L6-v2", "data": "scifact-subset train"},
                      "machine_before": machine(), "runs": {}}
     for mode in ST_MODES:
+        if only and f"st_{mode}" not in only:
+            continue
         print(f"[bench] sentence-transformers, {mode} ...", flush=True)
         results["runs"][f"st_{mode}"] = run_st(mode, opts.steps)
         print(f"  {results['runs'][f'st_{mode}']}", flush=True)
@@ -147,8 +160,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         store = ingest_scifact(root)
         for workers in (1, 2):
-            for mode in WHETSTONE_MODES:
+            for mode in WHETSTONE_MODES + EXTRA_MODES:
                 name = f"whetstone_{workers}w_{mode}"
+                if (only and name not in only) or (not only and mode in EXTRA_MODES):
+                    continue
                 print(f"[bench] {name} ...", flush=True)
                 # Every run uses all cores, as sentence-transformers does: Ray Train gives each worker
                 # as many torch threads as CPUs it asked for.
@@ -156,8 +171,10 @@ def main() -> None:
                 extra = {"optim.cpus_per_worker": cpus}
                 if mode == "live_cached":
                     extra["negatives.encode"] = False
-                if mode.endswith("_bf16"):
+                if "_bf16" in mode:
                     extra["encoder.precision"] = "bfloat16"
+                if mode.endswith("_frozen_queries"):
+                    extra["encoder.query_tower"] = "frozen"
                 report = run_whetstone(store, str(minilm_path()), f"{root}/{name}", workers=workers,
                                        batch_per_worker=BATCH // workers, epochs=10, max_steps=opts.steps,
                                        lr=LR, live=mode.startswith("live"), seed=0, doc_max_length=DOC_LEN,
@@ -174,7 +191,12 @@ def main() -> None:
                 print(f"  {results['runs'][name]}", flush=True)
 
     runs = results["runs"]
-    summary = summarise(runs)
+    if only:
+        base = runs.get("st_in_batch", {}).get("pairs_per_s")
+        summary = {f"{name}_vs_st_in_batch": run["pairs_per_s"] / base
+                   for name, run in runs.items() if base and name.startswith("whetstone_")}
+    else:
+        summary = summarise(runs)
     results["summary"] = summary
     results["machine_after"] = machine()
 
