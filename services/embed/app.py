@@ -14,7 +14,6 @@ reloads the encoder when it changes, so queries embedded here match the served i
 import asyncio
 import logging
 import threading
-from pathlib import Path
 
 from fastapi import FastAPI, HTTPException
 from pydantic import Field, model_validator
@@ -60,8 +59,7 @@ class EmbedService:
 
     def _load_newest(self) -> None:
         from whetstone.index.snapshot import latest_version, read_manifest
-        from whetstone.models.assets import localize
-        from whetstone.models.encoder import QUERY_TOWER, Encoder
+        from whetstone.models.encoder import Encoder
 
         version, checkpoint = None, self.args.model_uri
         if self.args.index_uri:
@@ -73,8 +71,7 @@ class EmbedService:
             self.version = version
             return
         encoder = Encoder.load(checkpoint, device=None, storage=self.args.storage)
-        local = Path(localize(checkpoint, self.args.storage))
-        query_encoder = (Encoder.load_query(local, device=None) if (local / QUERY_TOWER).is_dir() else encoder)
+        query_encoder = Encoder.load_query_tower(checkpoint, device=None, storage=self.args.storage) or encoder
         with self.lock:  # swap the whole model at once; in-flight requests keep the old object
             self.encoder, self.query_encoder = encoder, query_encoder
             self.checkpoint, self.version = checkpoint, version

@@ -19,6 +19,14 @@ def _batch(rows: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor
     return ids * mask, mask
 
 
+@torch.no_grad()
+def _perturb(encoder: Encoder) -> None:
+    """Make two towers differ: seeded noise on every weight (a constant shift would vanish in LayerNorm)."""
+    generator = torch.Generator().manual_seed(0)
+    for param in encoder.transformer.parameters():
+        param.add_(0.1 * torch.randn(param.shape, generator=generator))
+
+
 def test_frozen_query_tower_embeds_queries_and_only_the_document_tower_learns(tiny_encoder_dir):
     docs_tower, query_tower = Encoder.load(str(tiny_encoder_dir)), Encoder.load(str(tiny_encoder_dir))
     query_before = {n: p.detach().clone() for n, p in query_tower.named_parameters()}
@@ -42,10 +50,7 @@ def test_frozen_query_tower_embeds_queries_and_only_the_document_tower_learns(ti
 
 def test_save_with_query_tower_loads_each_tower_and_falls_back_without_one(tiny_encoder_dir, tmp_path):
     docs_tower, query_tower = Encoder.load(str(tiny_encoder_dir)), Encoder.load(str(tiny_encoder_dir))
-    with torch.no_grad():  # make the towers differ (a constant shift would vanish in LayerNorm)
-        generator = torch.Generator().manual_seed(0)
-        for param in docs_tower.transformer.parameters():
-            param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    _perturb(docs_tower)
     docs_tower.save(tmp_path / "asym", query_tower=query_tower)
     docs_tower.save(tmp_path / "sym")
     texts = ["a claim about proteins", "another one"]
@@ -71,10 +76,7 @@ def test_save_with_query_tower_loads_each_tower_and_falls_back_without_one(tiny_
 
 def test_merge_keeps_the_frozen_query_tower(tiny_encoder_dir, tmp_path):
     docs_tower, query_tower = Encoder.load(str(tiny_encoder_dir)), Encoder.load(str(tiny_encoder_dir))
-    with torch.no_grad():  # make the towers differ (a constant shift would vanish in LayerNorm)
-        generator = torch.Generator().manual_seed(0)
-        for param in docs_tower.transformer.parameters():
-            param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    _perturb(docs_tower)
     docs_tower.save(tmp_path / "tuned", query_tower=query_tower)
     merged = merge_with_base(str(tmp_path / "tuned"), str(tiny_encoder_dir), 0.5, str(tmp_path / "merged"))
     texts = ["a query"]

@@ -133,15 +133,22 @@ class Encoder(nn.Module):
         return encoder.to(device or default_device()).eval()
 
     @classmethod
+    def load_query_tower(
+        cls, path: str | Path, device: str | torch.device | None = None, storage: StorageConfig | None = None
+    ) -> Encoder | None:
+        """The ``query_encoder/`` tower of an asymmetric model; None for a symmetric one."""
+        from whetstone.models.assets import localize
+
+        tower = Path(localize(str(path), storage)) / QUERY_TOWER
+        return cls.load(tower, device=device) if (tower / "config.json").is_file() else None
+
+    @classmethod
     def load_query(
         cls, path: str | Path, device: str | torch.device | None = None, storage: StorageConfig | None = None
     ) -> Encoder:
-        """The encoder for queries: the ``query_encoder/`` tower of an asymmetric model, else the model."""
-        from whetstone.models.assets import localize
-
-        local = Path(localize(str(path), storage))
-        tower = local / QUERY_TOWER
-        return cls.load(tower if (tower / "config.json").is_file() else local, device=device)
+        """The encoder for queries: an asymmetric model's query tower, else the model itself."""
+        tower = cls.load_query_tower(path, device=device, storage=storage)
+        return tower if tower is not None else cls.load(path, device=device, storage=storage)
 
     @property
     def device(self) -> torch.device:

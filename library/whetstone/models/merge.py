@@ -22,14 +22,12 @@ from the base, the in-domain gain late. Worth trying per task, not a default.
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
 
 import torch
 
 from whetstone import storage as store
 from whetstone.config.base import StorageConfig
-from whetstone.models.assets import localize
-from whetstone.models.encoder import QUERY_TOWER, Encoder
+from whetstone.models.encoder import Encoder
 
 
 class MergeError(ValueError):
@@ -73,8 +71,7 @@ def merge_with_base(fine_tuned_uri: str, base_uri: str, base_weight: float, out_
     state = interpolate_state(tuned.transformer.state_dict(), base.transformer.state_dict(), base_weight)
     tuned.transformer.load_state_dict(state)
     # An asymmetric model's frozen query tower is carried over as it is.
-    local = Path(localize(fine_tuned_uri, storage))
-    query_tower = Encoder.load_query(local, device="cpu") if (local / QUERY_TOWER).is_dir() else None
+    query_tower = Encoder.load_query_tower(fine_tuned_uri, device="cpu", storage=storage)
     if store.is_s3(out_uri):
         with tempfile.TemporaryDirectory() as folder:
             tuned.save(folder, query_tower=query_tower)
