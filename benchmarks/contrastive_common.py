@@ -204,6 +204,19 @@ def run_whetstone(store: str, base: str, out_uri: str, *, workers: int, batch_pe
     return report
 
 
+def variant_overrides(name: str) -> dict:
+    """The job overrides a benchmark method's or mode's name asks for: ``_cached`` (the index's stored
+    vectors as negatives), ``_bf16`` (bf16 autocast), ``_frozen_queries`` (a frozen query tower)."""
+    extra: dict = {}
+    if "_cached" in name:
+        extra["negatives.encode"] = False
+    if "_bf16" in name:
+        extra["encoder.precision"] = "bfloat16"
+    if name.endswith("_frozen_queries"):
+        extra["encoder.query_tower"] = "frozen"
+    return extra
+
+
 def steady_pairs_per_s(history: list[dict], global_batch: int, skip: int = 2) -> float:
     """Global pairs/s over the steps after the first ``skip`` (start-up, first index search)."""
     times = [m["step_s"] for m in history[skip:]] or [m["step_s"] for m in history]

@@ -58,6 +58,7 @@ from benchmarks.contrastive_common import (
     steady_pairs_per_s,
     train_pairs,
     train_sentence_transformers,
+    variant_overrides,
 )
 
 BATCH, LR, DOC_LEN = 32, 2e-5, 256
@@ -167,7 +168,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "contrastive_throughput.json"))
     parser.add_argument("--only", default="", help="comma-separated run names (e.g. st_in_batch,"
                         "whetstone_1w_live_frozen_queries): run just these, report their ratios to st_in_batch "
-                        "(no goals); write to a --out of its own")
+                        "(live modes also to st_one_negative; no goals); write to a --out of its own")
     opts = parser.parse_args()
     only = {name for name in opts.only.split(",") if name}
     if only and opts.out == parser.get_default("out"):
@@ -196,13 +197,7 @@ def main() -> None:
                 # Every run uses all cores, as sentence-transformers does: Ray Train gives each worker
                 # as many torch threads as CPUs it asked for.
                 cpus = max(1, (os.cpu_count() or 2) // workers)
-                extra = {"optim.cpus_per_worker": cpus}
-                if mode.startswith("live_cached"):
-                    extra["negatives.encode"] = False
-                if "_bf16" in mode:
-                    extra["encoder.precision"] = "bfloat16"
-                if mode.endswith("_frozen_queries"):
-                    extra["encoder.query_tower"] = "frozen"
+                extra = {"optim.cpus_per_worker": cpus, **variant_overrides(mode)}
                 report = run_whetstone(store, str(minilm_path()), f"{root}/{name}", workers=workers,
                                        batch_per_worker=BATCH // workers, epochs=10, max_steps=opts.steps,
                                        lr=LR, live=mode.startswith("live"), seed=0, doc_max_length=DOC_LEN,

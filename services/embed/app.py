@@ -71,7 +71,8 @@ class EmbedService:
             self.version = version
             return
         encoder = Encoder.load(checkpoint, device=None, storage=self.args.storage)
-        query_encoder = Encoder.load_query_tower(checkpoint, device=None, storage=self.args.storage) or encoder
+        query_encoder = Encoder.load_query_tower(checkpoint, device=None, storage=self.args.storage)
+        query_encoder = query_encoder if query_encoder is not None else encoder
         with self.lock:  # swap the whole model at once; in-flight requests keep the old object
             self.encoder, self.query_encoder = encoder, query_encoder
             self.checkpoint, self.version = checkpoint, version
