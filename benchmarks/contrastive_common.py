@@ -169,9 +169,8 @@ def run_whetstone(store: str, base: str, out_uri: str, *, workers: int, batch_pe
     per-step timings read from the run's history."""
     from ray import serve
     from whetstone.config.contrastive import ContrastiveJobConfig
-    from whetstone.train.pipeline import run_contrastive
 
-    from jobs.train_contrastive import train_loop_per_worker
+    from jobs.train_contrastive import run
 
     raw = {
         "run_name": f"bench-{int(time.time() * 1000) % 10**9}", "store_uri": store, "output_uri": out_uri,
@@ -194,7 +193,7 @@ def run_whetstone(store: str, base: str, out_uri: str, *, workers: int, batch_pe
         raw.setdefault(section, {})[key] = value
     config = ContrastiveJobConfig.model_validate(raw)
     started = time.perf_counter()
-    report = run_contrastive(config, train_loop_per_worker)
+    report = run(config)
     report["wall_s"] = round(time.perf_counter() - started, 2)
     history_uri = Path(out_uri) / "train-history.json"
     history = json.loads(history_uri.read_text()) if history_uri.exists() else []

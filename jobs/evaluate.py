@@ -39,8 +39,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from whetstone.data.stream import load_eval_split
     from whetstone.eval.retrieval import evaluate_rankings, exact_rankings
     from whetstone.models.encoder import Encoder
-    from whetstone.train.pipeline import init_ray, parse_job_args
     from whetstone.train.refresh import embed_corpus
+    from whetstone.train.runtime import init_ray, parse_job_args
 
     config = parse_job_args(EvaluateJobConfig, argv, __doc__)
     init_ray(config.ray_num_cpus, config.ray_object_store_mb)

@@ -70,7 +70,7 @@ def _needs_ray(config: IngestJobConfig, source: str) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     from whetstone.data.ingest import ingest
-    from whetstone.train.pipeline import init_ray, parse_job_args
+    from whetstone.train.runtime import init_ray, parse_job_args
 
     from jobs.quickstart import resolve_source
 

@@ -43,13 +43,13 @@ def ingest_if_needed(spec: IngestSpec, store_uri: str, storage) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from whetstone.train.pipeline import parse_job_args, run_contrastive
+    from whetstone.train.runtime import parse_job_args
 
-    from jobs.train_contrastive import train_loop_per_worker
+    from jobs.train_contrastive import run
 
     config = parse_job_args(QuickstartConfig, argv, __doc__)
     ingest_if_needed(config.ingest, config.store_uri, config.storage)
-    return run_contrastive(config, train_loop_per_worker)
+    return run(config)
 
 
 if __name__ == "__main__":

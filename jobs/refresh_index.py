@@ -41,8 +41,8 @@ class RefreshIndexJobConfig(StrictModel):
 def main(argv: Sequence[str] | None = None) -> dict:
     from whetstone.index.ann import latest_version
     from whetstone.index.client import IndexClient
-    from whetstone.train.pipeline import init_ray, parse_job_args
     from whetstone.train.refresh import embed_corpus, publish_index
+    from whetstone.train.runtime import init_ray, parse_job_args
 
     config = parse_job_args(RefreshIndexJobConfig, argv, __doc__)
     init_ray(config.ray_num_cpus, config.ray_object_store_mb)

@@ -44,7 +44,7 @@ def ray_cluster():
     deadlock waiting for each other.
     """
     import ray
-    from whetstone.train.pipeline import quiet_state_api_warnings
+    from whetstone.train.runtime import quiet_state_api_warnings
 
     if not ray.is_initialized():
         ray.init(

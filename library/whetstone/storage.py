@@ -212,3 +212,11 @@ def download_dir(uri: str, local_dir: str | Path, storage: StorageConfig | None 
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(read_bytes(join(uri, rel), storage))
     return local_dir
+
+
+def file_sizes(uri: str, storage: StorageConfig | None = None) -> dict[str, int]:
+    """Relative path -> size in bytes of every file under ``uri`` (empty when nothing is there)."""
+    loc = resolve(uri, storage)
+    selector = pafs.FileSelector(loc.path, allow_not_found=True, recursive=True)
+    infos = with_retries(uri, lambda: loc.filesystem.get_file_info(selector), storage, "list")
+    return {info.path[len(loc.path):].lstrip("/"): info.size for info in infos if info.type == pafs.FileType.File}

@@ -7,7 +7,7 @@ Training workers call the same methods through a Serve handle (see ``whetstone.i
 ``search`` requests from all callers share one ``@serve.batch`` queue, so many workers share one
 FAISS call.
 
-Versions and swaps. A replica holds one immutable :class:`_Snapshot` (index + its encoder) and
+Versions and swaps. A replica holds one immutable :class:`Snapshot` (index + its encoder) and
 replaces it by assigning one attribute, after the new one is fully loaded (double buffering).
 Each request pins the snapshot it was validated against, and the batch handler groups requests
 by snapshot, so a response is always computed on exactly one version, the one it reports.
@@ -16,13 +16,18 @@ by snapshot, so a response is always computed on exactly one version, the one it
 copy the current index, apply the change, publish it as version ``max + 1`` and swap it in.
 
 Per-replica versions for ``/stats``: each replica reports (version, size, pid) to a small
-registry actor every poll tick. The registry is a Serve *deployment-scoped actor*, created and
-deleted by the Serve controller with the deployment, so no detached actor outlives the app.
+registry actor every poll tick (``services.index.registry``).
 
 Auth. Mutations (``/upsert``, ``/delete``, ``/swap``) need ``Authorization: Bearer <token>``
 (``auth_token`` or env ``WHETSTONE_INDEX_TOKEN``; with neither set, HTTP mutations are refused);
 reads need it too when ``protect_reads``. Missing token: 401; wrong token: 403. Handle callers
 are inside the Ray cluster, the trust boundary, and are not asked for a token.
+
+Errors. The wire format, error codes included, lives in ``whetstone.index.wire``. Every error
+answer carries a ``code`` beside its ``detail`` (HTTP JSON), or is an ``IndexServiceError``
+carrying it (handle callers). The HTTP layer (auth, error answers, the error counter, the
+``/search`` fast path) is ``services.index.http``; the replica's state apart from Serve
+(snapshots, batched search, counters) is ``services.index.replica``.
 
 Run::
 
@@ -33,45 +38,52 @@ Run::
 # No `from __future__ import annotations`: Serve reads build_app's annotation as a class to
 # validate the `key=value` args into IndexServiceArgs.
 import asyncio
-import hmac
 import logging
 import os
 import time
 
 import numpy as np
 import pydantic_core
-import ray
-from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Depends
 from fastapi.responses import JSONResponse, PlainTextResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import Field, SecretStr, ValidationError
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import DeploymentActorConfig
 from ray.serve.schema import LoggingConfig
 from whetstone.config.base import StorageConfig, StrictModel
-from whetstone.index.ann import AnnInputError
-
-from services.index.replica import SearchCoalescer, Snapshot, SnapshotHolder, StatsRecorder, search_grouped
-from services.index.schemas import (
+from whetstone.index.ann import AnnInputError, SnapshotConflict, SnapshotError, SnapshotNotFound
+from whetstone.index.wire import (
     APP_NAME,
     DEPLOYMENT_NAME,
     ROUTE_PREFIX,
     DeleteRequest,
+    ErrorCode,
+    IndexServiceError,
     MutationResponse,
+    SearchArrays,
     SearchRequest,
     SearchResponse,
     StatsResponse,
+    StoredVectors,
     SwapRequest,
     SwapResponse,
     UpsertRequest,
 )
 
+from services.index.http import (
+    TOKEN_ENV,
+    bearer_matches,
+    build_fastapi,
+    is_json,
+    require_read_token,
+    require_write_token,
+)
+from services.index.registry import REGISTRY_ACTOR, ReplicaRegistry
+from services.index.replica import SearchCoalescer, Snapshot, SnapshotHolder, StatsRecorder, search_grouped
+
 logger = logging.getLogger(__name__)
 
-REGISTRY_ACTOR = "replica_registry"
-TOKEN_ENV = "WHETSTONE_INDEX_TOKEN"
 # Settings `reconfigure` may change on a live deployment (user_config); the rest need a redeploy.
 LIVE_FIELDS = ("protect_reads", "max_k", "max_queries_per_request", "max_exclude_per_query",
                "batch_max_size", "batch_wait_timeout_s", "poll_interval_s")
@@ -107,25 +119,6 @@ class IndexServiceArgs(StrictModel):
     access_log: bool = Field(False, description="Serve's per-request log lines (CPU at high QPS)")
 
 
-@ray.remote(num_cpus=0)
-class ReplicaRegistry:
-    """Last report of every replica of the deployment; stale entries (dead replicas) age out."""
-
-    def __init__(self) -> None:
-        self._reports: dict[str, dict] = {}
-
-    def report(self, replica_id: str, info: dict) -> None:
-        self._reports[replica_id] = {**info, "replica_id": replica_id, "updated_at": time.time()}
-
-    def forget(self, replica_id: str) -> None:
-        self._reports.pop(replica_id, None)
-
-    def list(self, max_age_s: float) -> list[dict]:
-        now = time.time()
-        self._reports = {k: v for k, v in self._reports.items() if now - v["updated_at"] <= max_age_s}
-        return sorted(self._reports.values(), key=lambda r: r["replica_id"])
-
-
 def resolve_token(args: IndexServiceArgs) -> str | None:
     """The configured bearer token, else ``$WHETSTONE_INDEX_TOKEN``, else None."""
     if args.auth_token is not None and args.auth_token.get_secret_value():
@@ -133,136 +126,11 @@ def resolve_token(args: IndexServiceArgs) -> str | None:
     return os.environ.get(TOKEN_ENV) or None
 
 
-fastapi_app = FastAPI(
-    title="Whetstone index service",
-    description="A live, versioned FAISS index. Every search response names the index version.",
-)
-_bearer = HTTPBearer(auto_error=False)
+fastapi_app = build_fastapi()
 
 
-def _servable() -> "IndexService":
-    return serve.get_replica_context().servable_object
-
-
-def _check_token(credentials: HTTPAuthorizationCredentials | None, expected: str | None, what: str) -> None:
-    if expected is None:
-        raise HTTPException(403, f"{what} refused: no auth token is configured on the service "
-                                 f"(set auth_token or ${TOKEN_ENV})")
-    if credentials is None:
-        raise HTTPException(401, f"{what} needs an `Authorization: Bearer <token>` header",
-                            headers={"WWW-Authenticate": "Bearer"})
-    if not hmac.compare_digest(credentials.credentials.encode(), expected.encode()):
-        raise HTTPException(403, f"{what} refused: the bearer token is not valid")
-
-
-async def require_write_token(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
-    """HTTP-only dependency (handle callers skip it): mutations always need the token."""
-    _check_token(credentials, _servable().token, "mutation")
-
-
-async def require_read_token(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
-    service = _servable()
-    if service.args.protect_reads:
-        _check_token(credentials, service.token, "read")
-
-
-@fastapi_app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
-    """422 naming each bad field, without echoing the input: it can be a large matrix, and a NaN
-    in it would make the default handler's JSON encoding fail (a 500)."""
-    detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-              for e in err.errors()]
-    return JSONResponse({"detail": detail}, status_code=422)
-
-
-class _ErrorCounter:
-    """Pure ASGI middleware counting responses >= 400 per path (Starlette's @middleware("http")
-    costs a task and a stream copy per request; this only peeks at the status line)."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-
-        async def send_counting(message) -> None:
-            if message["type"] == "http.response.start" and message["status"] >= 400:
-                _servable().recorder.error(scope.get("path", ""), message["status"])
-            await send(message)
-
-        await self.app(scope, receive, send_counting)
-
-
-class _SearchFastPath:
-    """Pure ASGI fast path for the hot request: a valid ``POST /search`` with vectors.
-
-    It parses the body with pydantic's JSON parser straight into :class:`SearchRequest`, runs the
-    same checks and the same batched search as the FastAPI route, and writes the response with
-    pydantic-core's serialiser. Anything else (texts, a missing or wrong token where reads are
-    protected, an input that fails a check) is handed to the FastAPI route with the body replayed,
-    so every error answer comes from one implementation. Under 32 concurrent clients on 2 cores,
-    FastAPI's request machinery and stdlib JSON were a third of the replica's event loop.
-    """
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith("/search"):
-            return await self.app(scope, receive, send)
-        chunks, message = [], {"more_body": True}
-        while message.get("more_body", False):
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away: let the app see it
-                return await self.app(scope, _replay(b"".join(chunks), message, receive), send)
-            chunks.append(message.get("body", b""))
-        body = b"".join(chunks)
-        answer = await _servable().fast_search(scope["headers"], body)
-        if answer is None:
-            return await self.app(scope, _replay(body, None, receive), send)
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(answer)).encode())]})
-        await send({"type": "http.response.body", "body": answer})
-
-
-def _replay(body: bytes, last: dict | None, receive):
-    """An ASGI ``receive`` that gives ``body`` back as one message (then ``last``, then the rest)."""
-    pending = [{"type": "http.request", "body": body, "more_body": False}] + ([last] if last else [])
-
-    async def replayed() -> dict:
-        return pending.pop(0) if pending else await receive()
-
-    return replayed
-
-
-def _is_json(headers) -> bool:
-    """A JSON content type, as FastAPI decides it (``application/json`` or ``application/*+json``)."""
-    for name, value in headers:
-        if name == b"content-type":
-            kind = value.decode("latin-1").split(";", 1)[0].strip().lower()
-            return kind == "application/json" or kind.startswith("application/") and kind.endswith("+json")
-    return False
-
-
-def _bearer_matches(headers, expected: str | None) -> bool:
-    if expected is None:
-        return False
-    for name, value in headers:
-        if name == b"authorization":
-            scheme, _, credentials = value.decode("latin-1").partition(" ")
-            return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(),
-                                                                      expected.encode())
-    return False
-
-
-fastapi_app.add_middleware(_ErrorCounter)
-fastapi_app.add_middleware(_SearchFastPath)
-
-
-def _bad_request(err: Exception, status: int = 422) -> HTTPException:
-    return HTTPException(status, str(err))
+def _bad_input(err: Exception) -> IndexServiceError:
+    return IndexServiceError(ErrorCode.BAD_INPUT, str(err))
 
 
 @serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=128, health_check_period_s=5.0)
@@ -289,6 +157,7 @@ class IndexService:
         # is fine: the service answers 503 to searches until a version is published or swapped in.
         await asyncio.to_thread(self.holder.load_latest_if_newer)
         self._registry = self._registry_handle()
+        self._stopping = False
         self._follower = asyncio.get_running_loop().create_task(self._follow_latest())
         logger.info("index replica %s up at version %s", self.replica_id, self.holder.version)
 
@@ -315,18 +184,25 @@ class IndexService:
 
     # ---------------------------------------------------------------- background
     async def _follow_latest(self) -> None:
-        """Follow LATEST and report to the registry, forever (one replica's heartbeat)."""
-        while True:
+        """Follow LATEST and report to the registry until the replica stops (its heartbeat)."""
+        while not self._stopping:
             try:
                 await asyncio.to_thread(self.holder.load_latest_if_newer)
-            except RuntimeError as err:
-                if "after shutdown" in str(err):  # the replica is stopping
-                    return
-                logger.warning("replica %s could not follow LATEST: %s", self.replica_id, err)
             except Exception as err:  # noqa: BLE001 - keep serving the current version
+                if self._stopping:  # e.g. Serve shut the thread pool down behind __del__
+                    return
                 logger.warning("replica %s could not follow LATEST: %s", self.replica_id, err)
             self._report()
             await asyncio.sleep(self.args.poll_interval_s)
+
+    def __del__(self) -> None:
+        """Serve calls this when it stops the replica (after its requests finished), before it
+        shuts the replica's thread pool down: stop following LATEST and free the search threads."""
+        if getattr(self, "_stopping", True):  # already stopped, or __init__ never got this far
+            return
+        self._stopping = True
+        self._follower.cancel()
+        self._coalescer.shutdown()
 
     def _report(self) -> None:
         if self._registry is None:
@@ -341,31 +217,31 @@ class IndexService:
 
     def check_health(self) -> None:
         """Serve restarts the replica when this raises: the LATEST follower must be alive."""
-        if self._follower.done():
+        if self._follower.done() and not self._stopping:  # __del__ cancels it on purpose
             raise RuntimeError(f"LATEST follower stopped: {self._follower.exception()!r}")
 
     # ---------------------------------------------------------------- search
     def _current(self) -> Snapshot:
         snapshot = self.holder.current
         if snapshot is None:
-            raise HTTPException(503, f"no index version is loaded yet (nothing published under "
-                                     f"{self.args.index_uri}); publish one or POST /swap")
+            raise IndexServiceError(ErrorCode.NO_VERSION, f"no index version is loaded yet (nothing published "
+                                                          f"under {self.args.index_uri}); publish one or POST /swap")
         return snapshot
 
     def _check_query_shape(self, snapshot: Snapshot, count: int, k: int, exclude_ids) -> None:
         args = self.args
         if count > args.max_queries_per_request:
-            raise HTTPException(413, f"vectors/texts: {count} queries exceed max_queries_per_request="
-                                     f"{args.max_queries_per_request}")
+            raise IndexServiceError(ErrorCode.TOO_MANY_QUERIES, f"vectors/texts: {count} queries exceed "
+                                                                f"max_queries_per_request={args.max_queries_per_request}")
         if not 1 <= k <= args.max_k:
-            raise HTTPException(422, f"k: {k} is out of range [1, {args.max_k}]")
+            raise IndexServiceError(ErrorCode.BAD_INPUT, f"k: {k} is out of range [1, {args.max_k}]")
         if exclude_ids is not None:
             if len(exclude_ids) != count:
-                raise HTTPException(422, f"exclude_ids: {len(exclude_ids)} lists for {count} queries")
+                raise IndexServiceError(ErrorCode.BAD_INPUT, f"exclude_ids: {len(exclude_ids)} lists for {count} queries")
             longest = max((len(e) for e in exclude_ids), default=0)
             if longest > args.max_exclude_per_query:
-                raise HTTPException(422, f"exclude_ids: a query excludes {longest} ids, more than "
-                                         f"max_exclude_per_query={args.max_exclude_per_query}")
+                raise IndexServiceError(ErrorCode.BAD_INPUT, f"exclude_ids: a query excludes {longest} ids, more "
+                                                             f"than max_exclude_per_query={args.max_exclude_per_query}")
 
     async def _search(self, snapshot: Snapshot, vectors: np.ndarray, k: int, exclude_ids,
                       score_excluded: bool = False) -> tuple:
@@ -408,7 +284,7 @@ class IndexService:
     async def fast_search(self, headers, body: bytes) -> bytes | None:
         """The JSON answer to a ``/search`` body, or None to let the FastAPI route answer it
         (texts, auth failures, invalid input: see :class:`_SearchFastPath`)."""
-        if not _is_json(headers) or self.args.protect_reads and not _bearer_matches(headers, self.token):
+        if not is_json(headers) or self.args.protect_reads and not bearer_matches(headers, self.token):
             return None
         try:
             request = SearchRequest.model_validate_json(body)
@@ -420,7 +296,7 @@ class IndexService:
             snapshot = self._current()
             self._check_query_shape(snapshot, len(request.vectors), request.k, request.exclude_ids)
             vectors = self._as_matrix(snapshot, request.vectors)
-        except HTTPException:
+        except IndexServiceError:
             return None
         version, ids, scores, latency_ms, extra = await self._search(
             snapshot, vectors, request.k, request.exclude_ids, request.score_excluded)
@@ -428,52 +304,46 @@ class IndexService:
         return pydantic_core.to_json({"version": version, "ids": ids, "scores": scores.tolist(),
                                       "latency_ms": latency_ms, "excluded_scores": extra}, inf_nan_mode="null")
 
-    async def search_arrays(self, vectors: np.ndarray, k: int, exclude_ids=None, score_excluded: bool = False) -> dict:
-        """Handle-only fast path for training workers: numpy in, numpy out, no JSON-shaped lists.
-
-        Returns:
-            ``{"version", "ids": Q lists of k, "scores": (Q, k) float32, "latency_ms",
-            "excluded_scores": per query and excluded id, or None}``.
-        """
+    async def search_arrays(self, vectors: np.ndarray, k: int, exclude_ids=None,
+                            score_excluded: bool = False) -> SearchArrays:
+        """Handle-only fast path for training workers: numpy in, numpy out, no JSON-shaped lists
+        (:class:`whetstone.index.wire.SearchArrays`)."""
         snapshot = self._current()
         vectors = np.asarray(vectors)
         if vectors.ndim != 2 or len(vectors) == 0:
-            raise HTTPException(422, f"vectors: expected a non-empty (Q, D) array, got shape {vectors.shape}")
+            raise IndexServiceError(ErrorCode.BAD_INPUT,
+                                    f"vectors: expected a non-empty (Q, D) array, got shape {vectors.shape}")
         self._check_query_shape(snapshot, len(vectors), int(k), exclude_ids)
         vectors = self._as_matrix(snapshot, vectors)
         version, ids, scores, latency_ms, extra = await self._search(snapshot, vectors, int(k), exclude_ids,
                                                                      bool(score_excluded))
-        return {"version": version, "ids": ids, "scores": scores, "latency_ms": latency_ms, "excluded_scores": extra}
+        return SearchArrays(version=version, ids=ids, scores=scores, latency_ms=latency_ms, excluded_scores=extra)
 
-    async def vectors_arrays(self, ids: list[str]) -> dict:
+    async def vectors_arrays(self, ids: list[str]) -> StoredVectors:
         """Handle-only: the stored vectors of ``ids`` (flat and HNSW indexes), for training with
-        cached negative embeddings.
-
-        Returns:
-            ``{"version", "vectors": (len(ids), D) float32}``.
-        """
+        cached negative embeddings (:class:`whetstone.index.wire.StoredVectors`)."""
         snapshot = self._current()
         if len(ids) > self.args.max_queries_per_request * self.args.max_k:
-            raise HTTPException(422, f"ids: {len(ids)} ids in one request, more than "
-                                     f"{self.args.max_queries_per_request * self.args.max_k}")
+            raise IndexServiceError(ErrorCode.BAD_INPUT, f"ids: {len(ids)} ids in one request, more than "
+                                                         f"{self.args.max_queries_per_request * self.args.max_k}")
         try:
             vectors = snapshot.index.vectors_for(list(ids))
         except AnnInputError as err:
-            raise _bad_request(err) from None
-        return {"version": snapshot.version, "vectors": np.ascontiguousarray(vectors, dtype=np.float32)}
+            raise _bad_input(err) from None
+        return StoredVectors(version=snapshot.version, vectors=np.ascontiguousarray(vectors, dtype=np.float32))
 
     @staticmethod
     def _as_matrix(snapshot: Snapshot, rows) -> np.ndarray:
         try:
             return snapshot.check_vectors(rows, "vectors")
         except AnnInputError as err:
-            raise _bad_request(err) from None
+            raise _bad_input(err) from None
 
     async def _encode(self, snapshot: Snapshot, texts: list[str]) -> np.ndarray:
         try:
             return await asyncio.to_thread(snapshot.encode, texts)
         except AnnInputError as err:
-            raise _bad_request(err, 409) from None
+            raise IndexServiceError(ErrorCode.TEXTS_UNSUPPORTED, str(err)) from None
 
     # ---------------------------------------------------------------- mutation
     @fastapi_app.post("/swap", dependencies=[Depends(require_write_token)])
@@ -507,15 +377,16 @@ class IndexService:
         return MutationResponse(**result)
 
     async def _run_storage_op(self, op, *op_args):
-        from whetstone.index.ann import SnapshotError
-
         try:
             return await asyncio.to_thread(op, *op_args)
         except AnnInputError as err:
-            raise _bad_request(err) from None
+            raise _bad_input(err) from None
+        except SnapshotNotFound as err:
+            raise IndexServiceError(ErrorCode.SNAPSHOT_NOT_FOUND, str(err)) from None
+        except SnapshotConflict as err:
+            raise IndexServiceError(ErrorCode.SNAPSHOT_CONFLICT, str(err)) from None
         except SnapshotError as err:
-            status = 404 if "no snapshot" in str(err) else 409
-            raise HTTPException(status, str(err)) from None
+            raise IndexServiceError(ErrorCode.SNAPSHOT_INVALID, str(err)) from None
 
     # ---------------------------------------------------------------- reads
     @fastapi_app.get("/stats", dependencies=[Depends(require_read_token)])
@@ -568,6 +439,26 @@ def build_app(args: IndexServiceArgs) -> Application:
                                                  actor_options={"num_cpus": 0})],
     )
     return deployment.bind(args)
+
+
+def start_serve(http_host: str, http_port: int) -> None:
+    """Start Serve with its HTTP proxy on ``http_host:http_port``.
+
+    A no-op (with a warning) when Serve already runs in this cluster, e.g. under a RayService.
+    A Serve instance still shutting down (its proxy being force-killed) fails the start with
+    ActorDiedError: wait for it to go and start again, a few times.
+    """
+    from ray.exceptions import ActorDiedError
+
+    for attempt in range(4):
+        try:
+            serve.start(http_options={"host": http_host, "port": http_port})
+            break
+        except ActorDiedError as err:
+            if attempt == 3:
+                raise
+            logger.warning("Serve start raced a shutting-down Serve instance (%s); retrying", err)
+            time.sleep(2.0 * (attempt + 1))
 
 
 def deploy(args: IndexServiceArgs, name: str = APP_NAME, route_prefix: str = ROUTE_PREFIX):

@@ -2,12 +2,14 @@
 
 Runs ``jobs.train_preference.main`` on real hh-rlhf pairs (ingested from the shared data) with
 the real GPT-2 tokenizer, reference log-probs precomputed by Ray Data and joined by pair_id, a
-leakage report, held-out evaluation, a checkpoint, a JSON report and a PNG plot.
+leakage report, held-out evaluation, checkpoints, a JSON report and a PNG plot; then a copy of
+that run, cut back to its step-12 checkpoint as if killed there, resumed with ``if_exists=resume``.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +49,7 @@ def dpo_report(ray_cluster, hh_store, tiny_gpt2_dir, tiny_encoder_dir) -> dict:
     from jobs.train_preference import main
 
     return main([
-        "--config", "jobs/configs/train_preference/smoke.yaml",
+        "--config", "jobs/configs/train_preference/smoke.yaml", "optim.checkpoint_every=6",  # steps 6, 12, 18
         f"store_uri={hh_store}", f"policy.path={tiny_gpt2_dir}", f"leakage.encoder={tiny_encoder_dir}",
     ])
 
@@ -104,6 +106,44 @@ def test_checkpoint_is_a_trained_hf_model(dpo_report, tiny_gpt2_dir):
     assert all(moved)
 
 
+def test_resume_continues_data_and_optimiser(dpo_report, hh_store, tiny_gpt2_dir, tiny_encoder_dir, tmp_path):
+    """A copy of the DPO run cut back to its step-12 checkpoint (epoch 1, 2 of its 10 batches done),
+    as if killed there, resumed with if_exists=resume: steps 13..20 see the same batches with the
+    same weights, AdamW moments and LR, so their losses equal the uninterrupted run's.
+
+    Tolerance 1e-4: both runs do the same float32 CPU arithmetic in the same order on the same
+    batches (the train stream keeps its order through Ray Train), so they agree exactly in practice
+    (measured: 0.0); the margin is for reductions that may regroup on another machine. Resuming
+    with a fresh AdamW instead moved steps 14..20 by up to 0.027 (measured), a wrong data position
+    by up to 0.047.
+    """
+    from whetstone.train.checkpoint import read_trainer_state
+
+    from jobs.train_preference import main
+
+    killed = tmp_path / "killed"
+    shutil.copytree(dpo_report["run_uri"], killed)
+    for name in ("train/final", "train/step-000018"):
+        shutil.rmtree(killed / name)
+    for name in ("history.json", "report.json", "training.png"):
+        (killed / name).unlink()
+    state = read_trainer_state(str(killed / "train" / "step-000012"))
+    assert state is not None and (state.step, state.epoch, state.epoch_batches) == (12, 1, 2)
+
+    report = main([
+        "--config", "jobs/configs/train_preference/smoke.yaml", "optim.checkpoint_every=6",
+        f"store_uri={hh_store}", f"policy.path={tiny_gpt2_dir}", f"leakage.encoder={tiny_encoder_dir}",
+        f"output_uri={killed}", "if_exists=resume",
+    ])
+    assert report["resumed_from_step"] == 12 and report["steps"] == dpo_report["steps"] == 20
+    assert Path(report["model_uri"]) == killed / "train-from-000012" / "final"
+    whole, resumed = _history(dpo_report), _history(report)
+    assert [m["step"] for m in resumed] == list(range(1, 21))  # steps 1..12 carried in the checkpoint
+    np.testing.assert_allclose([m["loss"] for m in resumed[12:]], [m["loss"] for m in whole[12:]], rtol=0, atol=1e-4)
+    np.testing.assert_allclose([m["lr"] for m in resumed[12:]], [m["lr"] for m in whole[12:]], rtol=1e-6)
+    assert report["eval"]["eval_margin"] == pytest.approx(dpo_report["eval"]["eval_margin"], abs=1e-4)
+
+
 def test_ns_dpo_with_on_the_fly_reference(ray_cluster, hh_store, tiny_gpt2_dir, tmp_path):
     """NS-DPO (hh-rlhf has no timestamps: every pair takes the newest step, weight 1) with the
     reference held by each worker instead of precomputed; leakage guard off."""
@@ -132,9 +172,11 @@ def test_reward_model_mode(ray_cluster, hh_store, tiny_encoder_dir, tmp_path):
         "--config", "jobs/configs/train_preference/smoke.yaml", f"store_uri={hh_store}", "mode=reward_model",
         f"reward_model.encoder={tiny_encoder_dir}", "reward_model.max_length=64", "reward_model.max_prompt_length=32",
         f"output_uri={tmp_path / 'rm'}", "leakage.mode=off", "optim.epochs=1", "optim.max_steps=4",
-        "data.max_eval_pairs=16",
+        "data.max_eval_pairs=16", "optim.checkpoint_every=2",
     ])
     assert report["mode"] == "reward_model" and report["loss"] == "bradley_terry" and report["steps"] == 4
+    step2 = tmp_path / "rm" / "train" / "step-000002"  # weights, optimiser and schedule, data position
+    assert (step2 / "optimizer_state.pt").is_file() and RewardModel.load(step2) is not None
     assert report["eval"]["eval_pairs"] == 16
     model = RewardModel.load(report["model_uri"])
     scores = model.score(["\n\nHuman: hi\n\nAssistant:"] * 2, ["Hello! How can I help?", "Go away."])

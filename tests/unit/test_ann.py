@@ -12,7 +12,9 @@ from whetstone.index.ann import (
     AnnConfig,
     AnnIndex,
     AnnInputError,
+    SnapshotConflict,
     SnapshotError,
+    SnapshotNotFound,
     latest_version,
     list_versions,
 )
@@ -195,9 +197,9 @@ def test_snapshot_versions_latest_and_errors(tmp_path, corpus):
     index.save(root, 7, checkpoint="c", set_latest=False)
     assert latest_version(root) == 2 and list_versions(root) == [1, 2, 7]
     assert AnnIndex.load(root).checkpoint == "b" and AnnIndex.load(root, 1).checkpoint == "a"
-    with pytest.raises(SnapshotError, match=r"no snapshot v5 under .*available versions: \[1, 2, 7\]"):
+    with pytest.raises(SnapshotNotFound, match=r"no snapshot v5 under .*available versions: \[1, 2, 7\]"):
         AnnIndex.load(root, 5)
-    with pytest.raises(SnapshotError, match="already exists"):
+    with pytest.raises(SnapshotConflict, match="already exists"):
         index.save(root, 2, checkpoint="again")
     index.save(root, 2, checkpoint="again", overwrite=True)
     # Corrupt one byte of the index file: the checksum check names the file.
@@ -205,10 +207,15 @@ def test_snapshot_versions_latest_and_errors(tmp_path, corpus):
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(SnapshotError, match=r"checksum mismatch for .*v1/index.faiss"):
+    with pytest.raises(SnapshotError, match=r"checksum mismatch for .*v1/index.faiss") as err:
         AnnIndex.load(root, 1)
-    with pytest.raises(SnapshotError, match="LATEST is missing"):
+    assert not isinstance(err.value, SnapshotNotFound), "there but broken is not 'not found'"
+    with pytest.raises(SnapshotNotFound, match="LATEST is missing"):
         AnnIndex.load(str(tmp_path / "empty"))
+    (tmp_path / "index" / "LATEST").write_text("7\n")
+    (tmp_path / "index" / "v7" / "manifest.json").unlink()  # LATEST names a version that is gone
+    with pytest.raises(SnapshotNotFound, match="no snapshot v7"):
+        AnnIndex.load(root)
 
 
 def test_copy_is_independent(corpus):

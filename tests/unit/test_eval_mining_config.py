@@ -143,11 +143,11 @@ def test_shipped_configs_validate():
 
 def test_worker_config_round_trips_with_secrets(monkeypatch):
     """The quickstart's config crosses to workers as a ContrastiveJobConfig, secrets included."""
-    from whetstone.train.pipeline import _worker_config
+    from whetstone.train.runtime import worker_job_config
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cret")
     config = QuickstartConfig.model_validate({"ingest": {"source": "builtin:scifact-subset"}})
-    job = _worker_config(config)
+    job = worker_job_config(config, ContrastiveJobConfig)
     assert "ingest" not in job
     restored = ContrastiveJobConfig.model_validate(job)
     assert restored.storage.secret_access_key.get_secret_value() == "s3cret"
@@ -155,7 +155,7 @@ def test_worker_config_round_trips_with_secrets(monkeypatch):
 
 
 def test_local_paths_become_absolute(tmp_path, monkeypatch):
-    from whetstone.train.pipeline import absolute_local_paths
+    from whetstone.train.contrastive_run import absolute_local_paths
 
     monkeypatch.chdir(tmp_path)
     config = ContrastiveJobConfig.model_validate({"store_uri": ".whetstone/store/x"})
@@ -212,7 +212,7 @@ def test_train_log_level_reaches_ray_trains_per_report_logger():
 def test_train_run_config_keeps_worker_prints_single_and_sets_the_log_level(tmp_path):
     import logging
 
-    from whetstone.train.pipeline import quiet_state_api_warnings, train_run_config
+    from whetstone.train.runtime import quiet_state_api_warnings, train_run_config
 
     run_config = train_run_config("train", str(tmp_path / "run"), None, "ERROR")
     assert run_config.logging_config.log_level == "ERROR"

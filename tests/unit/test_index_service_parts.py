@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from whetstone.index.ann import AnnConfig, AnnIndex, SnapshotError, latest_version
+from whetstone.index.ann import AnnConfig, AnnIndex, SnapshotNotFound, latest_version
+from whetstone.index.wire import SearchRequest, UpsertRequest
 
 from services.index.replica import SearchCoalescer, SnapshotHolder, StatsRecorder, search_grouped
-from services.index.schemas import SearchRequest, UpsertRequest
 
 REPO = Path(__file__).resolve().parents[2]
 DIM = 16
@@ -107,7 +107,7 @@ def test_mutations_publish_versions_and_start_from_latest(tmp_path):
     assert result["version"] == 4 and result["previous_version"] == 3 and result["size"] == 50
     assert "new" in other.current.index and "v2-0" not in other.current.index
     assert other.mutate("delete", ["missing"], None)["changed"] == 0 and latest_version(root) == 4
-    with pytest.raises(SnapshotError, match="no snapshot v9"):
+    with pytest.raises(SnapshotNotFound, match="no snapshot v9"):
         holder.swap_to(9)
     assert holder.version == 3, "a failed swap leaves the serving version alone"
 
@@ -141,6 +141,34 @@ def test_typed_app_builder_validates_key_value_args():
     assert deployment.name == "IndexService" and deployment.num_replicas == 2
     with pytest.raises(ValueError, match="max_k"):
         call_user_app_builder_with_args_if_necessary(build_app, {"index_uri": "/tmp/x", "max_k": 0})
+
+
+def test_start_serve_retries_while_a_shutting_down_serve_is_in_the_way(monkeypatch):
+    from ray.exceptions import ActorDiedError
+
+    from services.index import app
+
+    calls: list[dict] = []
+
+    def start(http_options: dict) -> None:
+        calls.append(http_options)
+        if len(calls) < 3:
+            raise ActorDiedError()
+
+    monkeypatch.setattr(app.serve, "start", start)
+    monkeypatch.setattr(app.time, "sleep", lambda seconds: None)
+    app.start_serve("127.0.0.1", 8123)
+    assert calls == [{"host": "127.0.0.1", "port": 8123}] * 3
+
+    def always_dying(http_options: dict) -> None:
+        calls.append(http_options)
+        raise ActorDiedError()
+
+    calls.clear()
+    monkeypatch.setattr(app.serve, "start", always_dying)
+    with pytest.raises(ActorDiedError):  # four failures: give up
+        app.start_serve("127.0.0.1", 8123)
+    assert len(calls) == 4
 
 
 def test_coalescer_merges_what_queues_behind_a_running_call():

@@ -65,6 +65,9 @@ class OptimConfig(StrictModel):
         "(1 - w) * trained + w * base (WiSE-FT, LM-Cocktail), e.g. 0.5; see benchmarks/contrastive_transfer.py "
         "for what it traded on scifact")
     log_every: int = Field(1, ge=1)
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="also checkpoint every N steps (refreshes checkpoint at their own steps); "
+                                "if_exists=resume continues from the newest complete checkpoint")
 
 
 class LossConfig(StrictModel):

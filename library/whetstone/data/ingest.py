@@ -17,18 +17,17 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import whetstone.storage as wstorage
 from whetstone.config.base import StorageConfig
 from whetstone.data import schemas as S
+from whetstone.data.ingest_files import ingest_records
+from whetstone.data.ingest_sink import DatasetCounts, DatasetSink, IngestError, IngestReport
 from whetstone.data.sources import SourceError, find_source_file, iter_lines, list_qrels_splits
 from whetstone.data.store import (
     MANIFEST_NAME,
     DatasetEntry,
     QuarantineEntry,
-    QuarantineWriter,
-    ShardWriter,
     new_manifest,
     read_manifest,
     write_manifest,
@@ -45,84 +44,7 @@ from whetstone.data.validate import (
 logger = logging.getLogger(__name__)
 
 
-class IngestError(RuntimeError):
-    """Ingest cannot proceed (bad destination, missing split); the message names the URI."""
-
-
-class DatasetCounts(BaseModel):
-    """Row accounting for one dataset: ``rows_in == rows_written + rows_quarantined``."""
-
-    model_config = ConfigDict(extra="forbid")
-    rows_in: int = Field(ge=0)
-    rows_written: int = Field(ge=0)
-    rows_quarantined: int = Field(ge=0)
-
-    @model_validator(mode="after")
-    def _adds_up(self) -> DatasetCounts:
-        if self.rows_in != self.rows_written + self.rows_quarantined:
-            raise ValueError(f"rows_in {self.rows_in} != written {self.rows_written} + "
-                             f"quarantined {self.rows_quarantined}")
-        return self
-
-
-class IngestReport(BaseModel):
-    """What an ingest did; JSON-serialisable (``report.model_dump_json()``)."""
-
-    model_config = ConfigDict(extra="forbid")
-    source: str
-    store_uri: str
-    manifest_uri: str
-    datasets: dict[str, DatasetCounts]
-    quarantine_files: dict[str, list[str]] = Field(default_factory=dict)
-    failed_files: dict[str, list[str]] = Field(
-        default_factory=dict, description="per dataset, files rejected whole (e.g. corrupt Parquet)")
-    engine: str = "local"
-    seconds: float = 0.0
-
-    @property
-    def rows_quarantined(self) -> int:
-        return sum(c.rows_quarantined for c in self.datasets.values())
-
-    def summary(self) -> str:
-        """One line per dataset, for logs and the CLI."""
-        lines = [f"ingested {self.source} -> {self.store_uri} in {self.seconds:.1f}s ({self.engine})"]
-        for name, c in sorted(self.datasets.items()):
-            lines.append(f"  {name:<20} in {c.rows_in:>9}  written {c.rows_written:>9}  "
-                         f"quarantined {c.rows_quarantined:>7}")
-        for name, files in sorted(self.failed_files.items()):
-            lines.extend(f"  {name:<20} whole file rejected: {file}" for file in files)
-        return "\n".join(lines)
-
-
-class _Sink:
-    """One dataset's shard writer + quarantine writer + its rows-in counter."""
-
-    def __init__(self, store_uri: str, dataset: str, schema: pa.Schema, rows_per_shard: int,
-                 storage_config: StorageConfig | None) -> None:
-        self.dataset = dataset
-        self.rows_in = 0
-        self.shards = ShardWriter(store_uri, dataset, schema, rows_per_shard, storage_config)
-        self.quarantine = QuarantineWriter(store_uri, dataset, storage_config)
-
-    def accept(self, row: dict[str, Any]) -> None:
-        self.shards.add(row)
-
-    def accept_table(self, table: pa.Table) -> None:
-        self.shards.add_table(table)
-
-    def reject(self, reason: str, file: str, line: int, raw: bytes | str, unit: str = "line") -> None:
-        logger.debug("quarantined %s %s %d: %s", file, unit, line, reason)
-        self.quarantine.add(reason, file, line, raw, unit)
-
-    def close(self) -> tuple[DatasetEntry, QuarantineEntry, DatasetCounts]:
-        entry = self.shards.close()
-        quarantined = self.quarantine.close()
-        counts = DatasetCounts(rows_in=self.rows_in, rows_written=entry.rows,
-                               rows_quarantined=quarantined.rows)
-        return entry, quarantined, counts
-
-
-def _ingest_jsonl(file_uri: str, sink: _Sink, validate: Callable[[dict[str, Any]], dict[str, Any]],
+def _ingest_jsonl(file_uri: str, sink: DatasetSink, validate: Callable[[dict[str, Any]], dict[str, Any]],
                   id_column: str, seen: dict[str, int], storage_config: StorageConfig | None,
                   on_accept: Callable[[dict[str, Any]], None] | None = None) -> None:
     """Validate each JSONL line of ``file_uri`` into ``sink``; ``seen`` maps accepted id -> line."""
@@ -159,7 +81,7 @@ def _looks_like_header(raw: bytes) -> bool:
     return is_qrels_header(fields) and not any(ch.isdigit() for ch in fields[-1])
 
 
-def _ingest_qrels(file_uri: str, sink: _Sink, doc_ids: dict[str, int], query_ids: dict[str, int],
+def _ingest_qrels(file_uri: str, sink: DatasetSink, doc_ids: dict[str, int], query_ids: dict[str, int],
                   storage_config: StorageConfig | None) -> dict[str, list[str]]:
     """Validate a qrels TSV into ``sink``; return query id -> positive doc ids (score > 0), in order."""
     positives: dict[str, list[str]] = {}
@@ -241,10 +163,10 @@ def ingest_beir(source: str, dest_uri: str, storage: StorageConfig | None = None
                           f"found {sorted(available)}")
     _prepare_destination(dest_uri, storage_config)
 
-    def sink(name: str, schema: pa.Schema) -> _Sink:
-        return _Sink(dest_uri, name, schema, rows_per_shard, storage_config)
+    def sink(name: str, schema: pa.Schema) -> DatasetSink:
+        return DatasetSink(dest_uri, name, schema, rows_per_shard, storage_config)
 
-    sinks: list[_Sink] = []
+    sinks: list[DatasetSink] = []
     doc_ids: dict[str, int] = {}
     corpus = sink("corpus", S.CORPUS_SCHEMA)
     _ingest_jsonl(corpus_uri, corpus, corpus_row, S.DOC_ID, doc_ids, storage_config)
@@ -270,7 +192,7 @@ def ingest_beir(source: str, dest_uri: str, storage: StorageConfig | None = None
     return _finish(source, dest_uri, sinks, storage_config, started)
 
 
-def _finish(source: str, dest_uri: str, sinks: list[_Sink], storage_config: StorageConfig | None,
+def _finish(source: str, dest_uri: str, sinks: list[DatasetSink], storage_config: StorageConfig | None,
             started: float) -> IngestReport:
     """Close every sink, write the manifest (last: its presence marks a complete store), report."""
     datasets: dict[str, DatasetEntry] = {}
@@ -326,8 +248,6 @@ def ingest(source: str, dest_uri: str, kind: IngestKind, dataset_name: str | Non
         return ingest_beir(source, dest_uri, storage, rows_per_shard=rows_per_shard, splits=splits)
     if splits is not None:
         raise IngestError(f"splits applies to kind 'beir' only; for {kind!r} name the split in dataset_name")
-    from whetstone.data.ingest_files import ingest_records
-
     return ingest_records(source, dest_uri, kind, dataset_name, storage, rows_per_shard, engine=engine, **options)
 
 

@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import whetstone.storage as wstorage
 from whetstone.config.base import StorageConfig
 from whetstone.data import schemas as S
-from whetstone.data.ingest import IngestError, IngestReport, _Sink
+from whetstone.data.ingest_sink import DatasetSink, IngestError, IngestReport
 from whetstone.data.records import (
     FILE,
     ID_COLUMN,
@@ -74,7 +74,7 @@ class _StagedConsumer:
             (the store has no corpus yet).
     """
 
-    def __init__(self, sink: _Sink, kind: str, corpus_ids: set[str] | None) -> None:
+    def __init__(self, sink: DatasetSink, kind: str, corpus_ids: set[str] | None) -> None:
         self.sink = sink
         self.kind = kind
         self.schema = target_schema(kind)
@@ -243,7 +243,7 @@ def ingest_records(source: str, dest_uri: str, kind: str, dataset_name: str | No
     files = list_source_files(source, storage)
     chosen = _choose_engine(engine, files, ray_min_bytes)
     old = _prepare_dataset(dest_uri, dataset, storage)
-    sink = _Sink(dest_uri, dataset, target_schema(kind), rows_per_shard, storage)
+    sink = DatasetSink(dest_uri, dataset, target_schema(kind), rows_per_shard, storage)
     consumer = _StagedConsumer(sink, kind, _corpus_ids(kind, dest_uri, old, storage))
     uris = [uri for uri, _ in files]
     staged = (_staged_ray(uris, source, kind, storage, chunk_rows, num_cpus) if chosen == "ray"

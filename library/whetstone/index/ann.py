@@ -40,7 +40,9 @@ from whetstone.config.base import StorageConfig, StrictModel
 from whetstone.index.snapshot import (
     LATEST_FILE,
     MANIFEST_FILE,
+    SnapshotConflict,
     SnapshotError,
+    SnapshotNotFound,
     latest_version,
     list_versions,
     read_manifest,
@@ -52,9 +54,9 @@ from whetstone.index.snapshot import (
 
 # The snapshot functions are part of this module's API (callers import them from here).
 __all__ = [
-    "AnnConfig", "AnnIndex", "AnnInputError", "SnapshotError", "check_vectors", "latest_version",
-    "list_versions", "read_manifest", "set_latest_version", "snapshot_path", "LATEST_FILE", "MANIFEST_FILE",
-    "INDEX_FILE", "IDS_FILE",
+    "AnnConfig", "AnnIndex", "AnnInputError", "SnapshotError", "SnapshotNotFound", "SnapshotConflict",
+    "check_vectors", "latest_version", "list_versions", "read_manifest", "set_latest_version", "snapshot_path",
+    "LATEST_FILE", "MANIFEST_FILE", "INDEX_FILE", "IDS_FILE",
 ]
 
 logger = logging.getLogger(__name__)
@@ -452,7 +454,7 @@ class AnnIndex:
             The snapshot URI.
 
         Raises:
-            SnapshotError: the version already exists (and not ``overwrite``).
+            SnapshotConflict: the version already exists (and not ``overwrite``).
         """
         if not isinstance(version, int) or isinstance(version, bool) or version < 0:
             raise AnnInputError(f"version: must be a non-negative integer, got {version!r}")
@@ -473,7 +475,8 @@ class AnnIndex:
         """Load snapshot ``version`` (None = the one ``LATEST`` names) and verify its checksums.
 
         Raises:
-            SnapshotError: no LATEST, a missing version, or a checksum mismatch (URI named).
+            SnapshotNotFound: no LATEST, or no snapshot of the version (URI named).
+            SnapshotError: a missing file or a checksum mismatch (URI named).
         """
         version, manifest, payloads = read_snapshot(index_root_uri, version, storage)
         snapshot_uri = snapshot_path(index_root_uri, version)

@@ -6,6 +6,8 @@ raise :class:`IndexUnavailable`, the signal to fall back to in-batch negatives f
 (and count it). After a failure the client fails fast for ``retry_after_s`` instead of waiting out
 the timeout again on every step. A request the service rejects (wrong dimension, k out of range,
 bad token) raises :class:`IndexRequestError`: that is a bug to fix, not an outage to ride out.
+Which is which is decided by the answer's HTTP status and error code (:func:`is_outage`), never by
+its message.
 
 The client is picklable: build it on the driver, ship it in the train config or closure; the
 handle or HTTP connection is created lazily in the process that uses it. Its sync methods must
@@ -32,14 +34,19 @@ from typing import Any, Literal
 
 import numpy as np
 
-from services.index.schemas import (
+from whetstone.index.wire import (
     APP_NAME,
     DEPLOYMENT_NAME,
     DeleteRequest,
+    ErrorCode,
+    IndexServiceError,
+    SearchArrays,
     SearchRequest,
     SearchResponse,
+    StoredVectors,
     SwapRequest,
     UpsertRequest,
+    parse_code,
 )
 
 logger = logging.getLogger(__name__)
@@ -50,11 +57,28 @@ class IndexUnavailable(RuntimeError):
 
 
 class IndexRequestError(ValueError):
-    """The service rejected the request (4xx); ``status`` is the HTTP status code."""
+    """The service rejected the request (4xx): ``status`` is the HTTP status code, ``code`` the
+    service's :class:`~whetstone.index.wire.ErrorCode` (a string when this client does not know
+    it, None when the answer carried none)."""
 
-    def __init__(self, message: str, status: int) -> None:
+    def __init__(self, message: str, status: int, code: ErrorCode | str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.code = code
+
+
+def is_outage(status: int, code: ErrorCode | str | None) -> bool:
+    """Whether an error answer means "the index is not there now, fall back" (True) rather than
+    "the service refused this request, fix it" (False).
+
+    Any 5xx is an outage, and so is the service's ``no_version`` (no index loaded yet). An answer
+    without the service's ``code`` did not come from its routes: a 404 then is Serve's proxy
+    saying no application serves the route (not deployed yet, or deleted), an outage too; any
+    other coded 4xx is the service refusing the request.
+    """
+    if status >= 500 or code == ErrorCode.NO_VERSION:
+        return True
+    return code is None and status == 404
 
 
 @dataclass
@@ -154,9 +178,10 @@ class IndexClient:
         excludes = [list(row) for row in exclude_ids] if exclude_ids is not None else None
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         if self.mode == "handle":
-            out = self._call_handle("search_arrays", (vectors, int(k), excludes, score_excluded), timeout_s)
+            out: SearchArrays = self._call_handle("search_arrays", (vectors, int(k), excludes, score_excluded),
+                                                  timeout_s)
             return SearchResult(out["version"], out["ids"], np.asarray(out["scores"], np.float32),
-                                out["latency_ms"], out.get("excluded_scores"))
+                                out["latency_ms"], out["excluded_scores"])
         request = SearchRequest(vectors=vectors.tolist(), k=int(k), exclude_ids=excludes,
                                 score_excluded=score_excluded)
         return self._result(SearchResponse.model_validate(self._post("/search", request, timeout_s)))
@@ -170,9 +195,10 @@ class IndexClient:
             IndexRequestError: unknown ids, or an index kind that stores no full vectors.
         """
         if self.mode != "handle":
-            raise IndexRequestError("vectors: only the Serve handle serves stored vectors", 400)
+            raise IndexRequestError("vectors: only the Serve handle serves stored vectors", 400,
+                                    ErrorCode.BAD_INPUT)
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        out = self._call_handle("vectors_arrays", (list(ids),), timeout_s)
+        out: StoredVectors = self._call_handle("vectors_arrays", (list(ids),), timeout_s)
         return int(out["version"]), np.asarray(out["vectors"], np.float32)
 
     def search_texts(self, texts: Sequence[str], k: int, exclude_ids=None, timeout_s: float | None = None):
@@ -255,8 +281,6 @@ class IndexClient:
         return cached[1]
 
     def _call_handle(self, method: str, args: tuple, timeout_s: float, use_breaker: bool = True):
-        from fastapi import HTTPException
-
         if use_breaker:
             self._check_breaker()
         try:
@@ -271,10 +295,10 @@ class IndexClient:
         except TimeoutError:
             response.cancel()
             raise self._unavailable(f"index search timed out after {timeout_s}s", use_breaker) from None
-        except HTTPException as err:  # raised by the replica; Ray re-raises it with its type
-            if err.status_code >= 500:
+        except IndexServiceError as err:  # raised by the replica; Ray re-raises it with its type
+            if is_outage(err.status, err.code):
                 raise self._unavailable(f"index service: {err.detail}", use_breaker) from None
-            raise IndexRequestError(str(err.detail), err.status_code) from None
+            raise IndexRequestError(str(err.detail), err.status, err.code) from None
         except Exception as err:  # noqa: BLE001 - dead replicas, back-pressure, shutdown
             raise self._unavailable(f"index service call failed: {type(err).__name__}: {err}",
                                     use_breaker) from None
@@ -306,14 +330,22 @@ class IndexClient:
                                     use_breaker) from None
         except httpx.TransportError as err:
             raise self._unavailable(f"{verb} {self.base_url}{path} failed: {err}", use_breaker) from None
-        if response.status_code >= 500 or response.status_code == 404 and "detail" not in response.text:
-            raise self._unavailable(f"{verb} {self.base_url}{path}: HTTP {response.status_code} "
-                                    f"{response.text[:300]}", use_breaker)
         if response.status_code >= 400:
-            try:
-                detail = response.json().get("detail", response.text)
-            except ValueError:
-                detail = response.text
-            raise IndexRequestError(f"HTTP {response.status_code}: {detail}", response.status_code)
+            detail, code = _error_body(response)
+            if is_outage(response.status_code, code):
+                raise self._unavailable(f"{verb} {self.base_url}{path}: HTTP {response.status_code} "
+                                        f"{response.text[:300]}", use_breaker)
+            raise IndexRequestError(f"HTTP {response.status_code}: {detail}", response.status_code, code)
         self._failed_at = None
         return response.json()
+
+
+def _error_body(response) -> tuple[object, ErrorCode | str | None]:
+    """``(detail, code)`` of an error answer; ``(text, None)`` when it is not the service's JSON."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text, None
+    if not isinstance(body, dict):
+        return response.text, None
+    return body.get("detail", response.text), parse_code(body.get("code"))

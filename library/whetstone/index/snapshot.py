@@ -30,6 +30,14 @@ class SnapshotError(RuntimeError):
     """A snapshot is missing, corrupt or already exists; the message names the URI."""
 
 
+class SnapshotNotFound(SnapshotError):
+    """Nothing is published (no LATEST), or the version asked for has no manifest."""
+
+
+class SnapshotConflict(SnapshotError):
+    """The version already exists: another writer published it first (snapshots are immutable)."""
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -47,12 +55,12 @@ def write_snapshot(
     """Write ``files`` and a manifest (``fields`` + checksums) as ``v{version}``; then LATEST.
 
     Raises:
-        SnapshotError: the version already has a manifest and ``overwrite`` is False.
+        SnapshotConflict: the version already has a manifest and ``overwrite`` is False.
     """
     snapshot_uri = snapshot_path(index_root_uri, version)
     manifest_uri = store.join(snapshot_uri, MANIFEST_FILE)
     if not overwrite and store.exists(manifest_uri, storage):
-        raise SnapshotError(f"snapshot {snapshot_uri} already exists (snapshots are immutable)")
+        raise SnapshotConflict(f"snapshot {snapshot_uri} already exists (snapshots are immutable)")
     digests = {name: {"sha256": _sha256(data), "bytes": len(data)} for name, data in files.items()}
     manifest = {
         "format": SNAPSHOT_FORMAT,
@@ -80,12 +88,13 @@ def read_snapshot(
         ``(version, manifest, {file name: bytes})``.
 
     Raises:
-        SnapshotError: nothing published, a missing version or file, or a checksum mismatch.
+        SnapshotNotFound: nothing published, or no snapshot of the version.
+        SnapshotError: a missing file or a checksum mismatch.
     """
     if version is None:
         version = latest_version(index_root_uri, storage)
         if version is None:
-            raise SnapshotError(f"no published index under {index_root_uri} ({LATEST_FILE} is missing)")
+            raise SnapshotNotFound(f"no published index under {index_root_uri} ({LATEST_FILE} is missing)")
     manifest = read_manifest(index_root_uri, version, storage)
     payloads = {}
     for name, meta in manifest["files"].items():
@@ -123,13 +132,13 @@ def snapshot_path(index_root_uri: str, version: int) -> str:
 
 
 def read_manifest(index_root_uri: str, version: int, storage: StorageConfig | None = None) -> dict:
-    """The manifest of snapshot ``version``; ``SnapshotError`` naming the URI when it is missing."""
+    """The manifest of snapshot ``version``; ``SnapshotNotFound`` naming the URI when it is missing."""
     uri = store.join(snapshot_path(index_root_uri, version), MANIFEST_FILE)
     data = _read_optional(uri, storage)
     if data is None:
         available = list_versions(index_root_uri, storage)
-        raise SnapshotError(f"no snapshot v{version} under {index_root_uri} ({uri} is missing; "
-                            f"available versions: {available})")
+        raise SnapshotNotFound(f"no snapshot v{version} under {index_root_uri} ({uri} is missing; "
+                               f"available versions: {available})")
     try:
         manifest = json.loads(data)
     except json.JSONDecodeError as err:

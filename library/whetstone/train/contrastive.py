@@ -134,19 +134,21 @@ class LiveNegatives:
         client: an ``IndexClient`` (handle in the cluster, HTTP outside).
         docs: a ``DocStore`` resolving ids to text.
         mining: rank window, margins and random mix.
+        seed, rank: the random draws of step t come from ``(seed, rank, t)`` alone, so a resumed run
+            mines what an uninterrupted one would have.
         max_versions_behind: staleness bound against the versions the run has asked for.
         encode: True: return the negatives' tokens (the step re-encodes them with the current
             weights); False: return their stored vectors from the index (a negative cache: no
             forward or backward for negatives, gradients through the queries only).
     """
 
-    def __init__(self, client, docs, mining: MiningConfig, rng: np.random.Generator,
+    def __init__(self, client, docs, mining: MiningConfig, seed: int, rank: int,
                  doc_max_length: int, timeout_s: float, max_versions_behind: int, encode: bool = True):
         self.client = client
         self.docs = docs
         self.doc_ids = docs.ids
         self.mining = mining
-        self.rng = rng
+        self.seed, self.rank = seed, rank
         self.doc_max_length = doc_max_length
         self.timeout_s = timeout_s
         self.max_versions_behind = max_versions_behind
@@ -163,7 +165,7 @@ class LiveNegatives:
         return vectors.float().cpu().numpy()
 
     def fetch(self, vectors: np.ndarray, positive_ids: list[list[str]], expected_version: int,
-              tokenizer) -> NegativeBatch:
+              tokenizer, step: int = 0) -> NegativeBatch:
         """Search, apply the staleness bound, mine, resolve ids to text and tokenise.
 
         Thread-safe with respect to the training step (it touches no model weights), so the
@@ -186,7 +188,8 @@ class LiveNegatives:
             return NegativeBatch(version=result.version, search_s=search_s,
                                  fallback_reason=f"index v{result.version} is {behind} versions behind")
         positive_scores = positive_reference_scores(result.excluded_scores) if guard else None
-        mined = mine_negatives(result.ids, result.scores, self.mining, self.rng, self.doc_ids,
+        rng = np.random.default_rng([self.seed, self.rank, step])
+        mined = mine_negatives(result.ids, result.scores, self.mining, rng, self.doc_ids,
                                positive_scores=positive_scores, exclude=[set(p) for p in positive_ids])
         flat = [doc_id for per_query in mined.ids for doc_id in per_query]
         counts = (mined.from_index, mined.random_fill, mined.dropped_by_margin)

@@ -1,9 +1,9 @@
-"""Preference training: the worker's step helpers and the driver's orchestration.
+"""Preference training, worker side: what one training step and the held-out evaluation call.
 
-The job file (``jobs/train_preference.py``) holds the loop; this module holds what the loop calls
-(policy loading, the loss dispatch, metrics, eval on held-out pairs) and :func:`run_preference`,
-which runs on the driver: select pairs, leakage guard, reference precompute, ``TorchTrainer``,
-report and plot.
+Loading and saving the policy (HF folder, storage URI or GGUF; optional LoRA), the loss dispatch,
+tokenising pairs, the reference log-probs of a batch, per-step metrics and the rank-0 progress
+log. The worker's setup, step and checkpoint hook are in :mod:`whetstone.train.preference_worker`;
+the driver's stages in :mod:`whetstone.train.preference_run`. Nothing here imports either.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from whetstone import storage as store
-from whetstone.config.base import ConfigError, StorageConfig, dump_config
+from whetstone.config.base import ConfigError, StorageConfig
 from whetstone.config.preference import LoRAConfig, LossConfig, PolicyConfig, PreferenceJobConfig
 from whetstone.data import schemas as S
 from whetstone.losses.preference_base import PreferenceLossOutput
@@ -29,6 +28,8 @@ from whetstone.train.preference_data import REF_CHOSEN, REF_REJECTED
 
 # Per-step metrics that are averaged over workers (each worker sees its own pairs).
 PAIR_METRICS = ("loss", "chosen_reward", "rejected_reward", "reward_accuracy", "margin")
+# Rank 0's per-step history so far, in every checkpoint folder (a resumed run continues it).
+HISTORY_FILE = "history.json"
 
 
 def load_policy(policy: PolicyConfig, storage: StorageConfig | None, lora: LoRAConfig | None = None):
@@ -229,6 +230,24 @@ class PreferenceStepLog:
         self.rank, self.total_steps, self.log_every, self.global_batch = rank, total_steps, log_every, global_batch
         self.started = self.last = time.monotonic()
         self.history: list[dict[str, Any]] = []
+        self.resumed_steps = 0  # history entries an earlier attempt logged (see resume_history)
+
+    def resume_history(self, checkpoint: str, step: int, storage: StorageConfig | None) -> None:
+        """Rank 0 takes the history of steps 1..``step`` from the checkpoint resumed from (nothing
+        when it holds none), so a resumed run's history and plot cover the whole run."""
+        if self.rank != 0:
+            return
+        try:
+            saved = json.loads(store.read_bytes(store.join(checkpoint, HISTORY_FILE), storage))
+        except FileNotFoundError:
+            return
+        self.history = [m for m in saved if m["step"] <= step]
+        self.resumed_steps = len(self.history)
+
+    def save_history(self, folder: str) -> None:
+        """Put the history so far into a checkpoint folder (rank 0 writes checkpoints)."""
+        with open(os.path.join(folder, HISTORY_FILE), "w") as fh:
+            json.dump(self.history, fh)
 
     def step(self, step: int, epoch: int, lr: float, values: dict[str, float]) -> dict[str, Any]:
         now = time.monotonic()
@@ -248,7 +267,8 @@ class PreferenceStepLog:
         """Rank 0 writes the per-step history (the driver plots it)."""
         if self.rank != 0:
             return
-        print(f"[train] done: {len(self.history)} steps in {time.monotonic() - self.started:.1f} s", flush=True)
+        trained = len(self.history) - self.resumed_steps
+        print(f"[train] done: {trained} steps in {time.monotonic() - self.started:.1f} s", flush=True)
         store.write_bytes(history_uri, json.dumps(self.history).encode(), storage)
 
 
@@ -263,152 +283,3 @@ def save_policy(model: nn.Module, tokenizer: Any, folder: str) -> None:
         core = copy.deepcopy(core).merge_and_unload()
     core.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-
-
-# ----------------------------------------------------------------------------------------------
-# Driver side
-# ----------------------------------------------------------------------------------------------
-
-
-def absolute_local_paths(config: PreferenceJobConfig) -> PreferenceJobConfig:
-    """Make local paths absolute on the driver: Ray workers and actors run in other directories."""
-    from whetstone.models.assets import resolve_model_path
-    from whetstone.storage import absolute_local as fix
-
-    update: dict[str, Any] = {"store_uri": fix(config.store_uri), "output_uri": fix(config.output_uri)}
-    if config.policy is not None:
-        update["policy"] = config.policy.model_copy(update={
-            "path": fix(config.policy.path, True), "tokenizer": fix(config.policy.tokenizer, True)})
-    update["leakage"] = config.leakage.model_copy(
-        update={"encoder": fix(resolve_model_path(config.leakage.encoder), True)})
-    update["reward_model"] = config.reward_model.model_copy(
-        update={"encoder": fix(resolve_model_path(config.reward_model.encoder), True)})
-    return config.model_copy(update=update)
-
-
-def _prepare_run_dir(config: PreferenceJobConfig) -> None:
-    if store.exists(config.run_uri, config.storage):
-        if config.if_exists == "error":
-            raise ConfigError(f"run_name: {config.run_uri} exists; set if_exists=overwrite or resume")
-        if config.if_exists == "overwrite":
-            print(f"[run] removing previous outputs at {config.run_uri}", flush=True)
-            store.delete_dir(config.run_uri, config.storage)
-
-
-def run_preference(config: PreferenceJobConfig, train_loop: Callable[[dict], None]) -> dict:
-    """Run the whole job on the driver; returns the report (also at ``<run_uri>/report.json``)."""
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from whetstone.train.memory import MemorySampler
-    from whetstone.train.pipeline import Timer, init_ray, train_run_config
-    from whetstone.train.preference_data import (
-        leakage_guard,
-        pairs_for_training,
-        reference_table,
-        select_pairs,
-    )
-
-    timer = Timer()
-    memory = MemorySampler(include_ray=bool(os.environ.get("RAY_ADDRESS"))).start()
-    config = absolute_local_paths(config)
-    print(f"[run] resolved config:\n{dump_config(config)}", flush=True)
-    init_ray(config.ray_num_cpus, config.ray_object_store_mb)
-    _prepare_run_dir(config)
-    run_uri = config.run_uri
-    t = time.monotonic()
-    selection = select_pairs(config)
-    print(f"[data] {len(selection.train_ids)} train pairs ({selection.train_name}), {len(selection.eval_ids)} eval "
-          f"pairs ({selection.eval_name}); kept aside at ingest: {selection.kept_aside}", flush=True)
-    leakage = leakage_guard(config, selection)
-    timer.mark("select_s", t)
-
-    reference, reference_uri = None, None
-    if config.needs_reference and config.reference.mode == "precompute":
-        t = time.monotonic()
-        reference_uri = store.join(run_uri, "reference_logps.parquet")
-        reference = reference_table(config, selection, reference_uri)
-        print(f"[reference] {reference.num_rows} pairs scored by the reference model in "
-              f"{timer.mark('reference_s', t)} s -> {reference_uri}", flush=True)
-
-    world, batch = config.optim.num_workers, config.optim.batch_size
-    steps_per_epoch = len(selection.train_ids) // world // batch
-    if steps_per_epoch == 0:
-        raise ConfigError(f"optim.batch_size: {len(selection.train_ids)} pairs cannot fill one step of "
-                          f"{world} x {batch}")
-    total_steps = min(steps_per_epoch * config.optim.epochs, config.optim.max_steps or 10**12)
-    datasets = {"train": pairs_for_training(config, selection, "train", reference, seed=config.optim.seed)}
-    if selection.eval_ids:
-        datasets["eval"] = pairs_for_training(config, selection, "eval", reference)
-    plan = {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-            "current_time_step": selection.time_plan.current_step,
-            "history_uri": store.join(run_uri, "history.json"), "has_eval": bool(selection.eval_ids)}
-    job = config.model_dump(mode="json")
-    job["storage"] = config.storage.resolved().to_wire()  # workers need the real secrets
-    print(f"[train] {config.loss.name}: {world} workers x batch {batch}: {steps_per_epoch} steps/epoch, "
-          f"{total_steps} steps", flush=True)
-    t = time.monotonic()
-    result = TorchTrainer(
-        train_loop, train_loop_config={"job": job, "plan": plan},
-        scaling_config=ScalingConfig(num_workers=world, use_gpu=config.optim.use_gpu,
-                                     resources_per_worker={"CPU": config.optim.cpus_per_worker}),
-        datasets=datasets,
-        run_config=train_run_config("train", run_uri, config.storage, config.ray_train_log_level),
-    ).fit()
-    timer.mark("train_s", t)
-    return _finish(config, selection, leakage, reference_uri, dict(result.metrics or {}), plan, timer, memory)
-
-
-def _finish(config, selection, leakage, reference_uri, metrics, plan, timer, memory) -> dict:
-    from whetstone.train.plots import plot_metrics
-
-    run_uri = config.run_uri
-    history = json.loads(store.read_bytes(plan["history_uri"], config.storage))
-    plot_uri = store.join(run_uri, "training.png")
-    keys = ["loss", "reward_accuracy", "margin"] if config.mode == "policy" else ["loss", "reward_accuracy"]
-    epoch_starts = [(m["step"], f"epoch {m['epoch']}") for m in history[1:] if m["step"] % plan["steps_per_epoch"] == 1
-                    and plan["steps_per_epoch"] > 1]
-    plot_metrics(history, keys, plot_uri, markers=epoch_starts, storage=config.storage,
-                 title=f"{config.run_name}: {config.loss.name if config.mode == 'policy' else 'reward model'}")
-    k = max(1, min(10, len(history) // 4))
-    report = {
-        "run_uri": run_uri, "mode": config.mode,
-        "loss": config.loss.name if config.mode == "policy" else "bradley_terry",
-        "model_uri": store.join(run_uri, "train", "final"),
-        "steps": plan["total_steps"], "train_pairs": len(selection.train_ids), "eval_pairs": len(selection.eval_ids),
-        "kept_aside_at_ingest": selection.kept_aside, "dropped_by_time_filter": selection.dropped_by_time_filter,
-        "reference": {"mode": config.reference.mode if config.needs_reference else "none", "uri": reference_uri},
-        "leakage": leakage,
-        "first_loss_mean": float(np.mean([m["loss"] for m in history[:k]])),
-        "last_loss_mean": float(np.mean([m["loss"] for m in history[-k:]])),
-        "final_train": {key: metrics.get(key) for key in PAIR_METRICS},
-        "eval": {key: metrics[key] for key in metrics if key.startswith("eval_")},
-        "pairs_per_s": float(np.median([m["pairs_per_s"] for m in history])),
-        "history_uri": plan["history_uri"], "plot_uri": plot_uri,
-        "timings_s": {**timer.marks, "total_s": round(time.monotonic() - timer.started, 2)},
-        "peak_memory_gib": round(memory.stop() / 1024**3, 2),
-    }
-    report_uri = store.join(run_uri, "report.json")
-    store.write_bytes(report_uri, json.dumps(report, indent=2).encode(), config.storage)
-    _print_summary(report, report_uri)
-    return report
-
-
-def _print_summary(report: dict, report_uri: str) -> None:
-    lines = ["", f"=== Whetstone preference run ({report['mode']}, {report['loss']}) ==="]
-    lines.append(f"pairs: train {report['train_pairs']}, eval {report['eval_pairs']}; kept aside at ingest "
-                 f"{report['kept_aside_at_ingest']}")
-    lines.append(f"loss: first steps {report['first_loss_mean']:.4f} -> last steps {report['last_loss_mean']:.4f} "
-                 f"over {report['steps']} steps; {report['pairs_per_s']:.1f} pairs/s")
-    if report["eval"]:
-        ev = report["eval"]
-        lines.append(f"held-out: reward accuracy {ev['eval_reward_accuracy']:.3f}, margin {ev['eval_margin']:+.4f} "
-                     f"on {ev['eval_pairs']} pairs")
-    leak = report["leakage"]
-    if leak.get("mode") != "off":
-        lines.append(f"leakage: {leak['flagged']} eval prompts near a train prompt (removed {leak['removed']})")
-    lines.append(f"peak memory {report['peak_memory_gib']} GiB; total {report['timings_s']['total_s']} s")
-    lines.append(f"model: {report['model_uri']}")
-    lines.append(f"plot: {report['plot_uri']}")
-    lines.append(f"report: {report_uri}")
-    print("\n".join(lines), flush=True)

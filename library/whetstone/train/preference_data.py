@@ -1,12 +1,14 @@
-"""Preference pairs for training: train/eval split, NS-DPO time steps, reference log-probs, datasets.
+"""Preference pairs for training, driver side: train/eval split, NS-DPO time steps, datasets.
 
-Driver side: :func:`select_pairs` reads only ``pair_id``, ``prompt`` and ``time`` of the store's
-preference rows, splits them deterministically (a seeded hash of ``pair_id``, so the same pair
-lands on the same side in every run and on every machine) and works out the NS-DPO time steps.
-:func:`precompute_reference_logps` runs the frozen reference model once over the selected pairs
-as Ray Data batch inference; the resulting small table (pair id + two floats per pair) is
-broadcast and joined to the streamed pairs by ``pair_id`` inside :func:`pairs_for_training`, so no
-training worker holds the reference model.
+:func:`select_pairs` reads only ``pair_id``, ``prompt`` and ``time`` of the store's preference
+rows, splits them deterministically (a seeded hash of ``pair_id``, so the same pair lands on the
+same side in every run and on every machine) and works out the NS-DPO time steps;
+:func:`leakage_guard` reports (or removes) eval pairs whose prompt is near a train prompt;
+:func:`pairs_for_training` streams the selected pairs as a Ray Dataset and joins the small table
+of precomputed reference log-probs (:mod:`whetstone.train.preference_reference`) by ``pair_id``,
+so no training worker holds the reference model.
+
+No torch here: Ray Data tasks import this module to run :func:`_select_and_join`.
 """
 
 from __future__ import annotations
@@ -150,7 +152,8 @@ def select_pairs(config: PreferenceJobConfig) -> PairSelection:
                          kept_aside, dropped)
 
 
-def _shard_paths(config: PreferenceJobConfig, names: list[str]) -> tuple[list[str], Any]:
+def shard_paths(config: PreferenceJobConfig, names: list[str]) -> tuple[list[str], Any]:
+    """The Parquet shard paths of the store's datasets ``names`` and the filesystem they are on."""
     from whetstone.data.store import read_manifest
 
     manifest = read_manifest(config.store_uri, config.storage)
@@ -207,14 +210,15 @@ def pairs_for_training(config: PreferenceJobConfig, selection: PairSelection, wh
         ds = preference_dataset(config.store_uri, selection.train_name, config.storage, seed=seed)
         ids = selection.train_ids
     else:
-        paths, filesystem = _shard_paths(config, [selection.eval_name])
+        paths, filesystem = shard_paths(config, [selection.eval_name])
         ds = ray.data.read_parquet(paths, filesystem=filesystem, schema=S.PREFERENCE_SCHEMA)
         ids = selection.eval_ids
-    return _select(ds, ids, reference, selection.time_plan, config.loss.time_column)
+    return select_rows(ds, ids, reference, selection.time_plan, config.loss.time_column)
 
 
-def _select(ds, ids: list[str], reference: pa.Table | None, plan: TimePlan, time_column: str,
-            batch_size: int = 256):
+def select_rows(ds, ids: list[str], reference: pa.Table | None, plan: TimePlan, time_column: str,
+                batch_size: int = 256):
+    """``ds`` cut down to the pairs ``ids``, with time steps and (given a table) reference log-probs."""
     import ray
 
     keep_ref = ray.put(pa.array(ids, pa.string()))
@@ -225,58 +229,6 @@ def _select(ds, ids: list[str], reference: pa.Table | None, plan: TimePlan, time
                    "reference_key": reference_ref.hex() if reference_ref is not None else "",
                    "time_plan": plan.__dict__, "time_column": time_column},
     )
-
-
-class ReferenceScorer:
-    """Ray Data actor: the frozen reference model's summed completion log-probs per pair."""
-
-    def __init__(self, job: dict) -> None:
-        from whetstone.train.preference import load_policy
-
-        self.config = PreferenceJobConfig.model_validate(job)
-        self.model, self.tokenizer = load_policy(self.config.policy, self.config.storage, lora=None)
-        self.model.eval()
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
-        from whetstone.models.policy import preference_logps
-        from whetstone.train.preference import tokenize_pairs
-
-        tokens = tokenize_pairs(self.tokenizer, batch, self.config)
-        with torch.no_grad():
-            logps = preference_logps(self.model, tokens, self.config.policy.chunk_size)
-        return {S.PAIR_ID: batch[S.PAIR_ID],
-                REF_CHOSEN: logps["chosen_logps"].double().numpy(),
-                REF_REJECTED: logps["rejected_logps"].double().numpy()}
-
-
-def precompute_reference_logps(config: PreferenceJobConfig, selection: PairSelection) -> pa.Table:
-    """Ray Data batch inference with the reference model over the train and eval pairs, once.
-
-    Returns:
-        A table ``pair_id``, ``reference_chosen_logps``, ``reference_rejected_logps`` (one row per pair).
-    """
-    import ray
-    import ray.data
-
-    names = [selection.train_name] + ([selection.eval_name] if selection.eval_name else [])
-    paths, filesystem = _shard_paths(config, names)
-    ds = ray.data.read_parquet(paths, filesystem=filesystem, schema=S.PREFERENCE_SCHEMA)
-    ds = _select(ds, selection.train_ids + selection.eval_ids, None, selection.time_plan, config.loss.time_column)
-    job = config.model_dump(mode="json")
-    job["storage"] = config.storage.resolved().to_wire()
-    scored = ds.map_batches(
-        ReferenceScorer, fn_constructor_kwargs={"job": job}, batch_format="numpy",
-        batch_size=config.reference.batch_size, concurrency=config.reference.concurrency,
-        num_cpus=config.reference.num_cpus,
-    )
-    tables = [pa.table(t) if not isinstance(t, pa.Table) else t for t in ray.get(scored.to_arrow_refs())]
-    table = pa.concat_tables(tables).cast(REFERENCE_SCHEMA) if tables else REFERENCE_SCHEMA.empty_table()
-    expected = len(set(selection.train_ids) | set(selection.eval_ids))
-    if table.num_rows != expected:
-        raise RuntimeError(f"reference precompute returned {table.num_rows} rows for {expected} pairs")
-    return table
 
 
 def leakage_guard(config: PreferenceJobConfig, selection: PairSelection) -> dict:
@@ -298,18 +250,3 @@ def leakage_guard(config: PreferenceJobConfig, selection: PairSelection) -> dict
     print(f"[leakage] {len(flagged)} of {report.eval_count} eval prompts have a train prompt with cosine >= "
           f"{config.leakage.threshold} ({'removed' if config.leakage.mode == 'remove' else 'reported'})", flush=True)
     return out
-
-
-def reference_table(config: PreferenceJobConfig, selection: PairSelection, uri: str) -> pa.Table:
-    """The precomputed reference log-probs: reused from ``uri`` on resume, else computed and written there."""
-    import io
-
-    import pyarrow.parquet as pq
-
-    if config.if_exists == "resume" and wstorage.exists(uri, config.storage):
-        return pq.read_table(io.BytesIO(wstorage.read_bytes(uri, config.storage)))
-    table = precompute_reference_logps(config, selection)
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    wstorage.write_bytes(uri, sink.getvalue(), config.storage)
-    return table

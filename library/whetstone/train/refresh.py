@@ -120,7 +120,7 @@ class IndexRefresher:
         self.index_uri = index_uri
         self.storage = StorageConfig(**storage_wire)
         self.settings = settings
-        from whetstone.train.pipeline import quiet_ray_data
+        from whetstone.train.runtime import quiet_ray_data
 
         quiet_ray_data()
         self.pending: tuple[str, int] | None = None

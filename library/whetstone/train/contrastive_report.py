@@ -1,0 +1,130 @@
+"""The contrastive job's report: one JSON file, a plot and a short summary on the console."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from whetstone import storage as store
+from whetstone.config.contrastive import ContrastiveJobConfig
+from whetstone.train.contrastive_run import ContrastiveRun, Embedded, FinalModel
+from whetstone.train.plan import ContrastiveRunPlan
+
+
+def write_report(run: ContrastiveRun, plan: ContrastiveRunPlan, base: Embedded, final: FinalModel,
+                 train_metrics: dict[str, Any]) -> dict:
+    """Build the report, plot the run, write both under the run folder and print the summary
+    (its last line is the report's path). Returns the report."""
+    config = run.config
+    report = {
+        "run_uri": config.run_uri,
+        "model_uri": final.embedded.model_uri,
+        "trained_model_uri": final.trained_uri,
+        "merge_base_weight": config.optim.merge_base_weight,
+        "eval_split": config.eval.split,
+        "before": base.metrics,
+        "after": final.embedded.metrics,
+        "steps": plan.total_steps,
+        "train_rows_per_epoch": plan.train_rows,
+        "steps_per_epoch": plan.steps_per_epoch,
+        "positives": config.loss.positives,
+        "precision": config.encoder.precision,
+        "query_tower": config.encoder.query_tower,
+        "query_model_uri": (store.join(final.embedded.model_uri, "query_encoder")
+                            if config.encoder.query_tower == "frozen" else final.embedded.model_uri),
+        "topic_clusters": config.optim.topic_clusters,
+        "tasks": _task_report(run.task_data, plan.task_shares, train_metrics),
+        "topic_pure_batch_share": train_metrics.get("topic_pure_batch_share"),
+        "resumed_from_step": plan.resume_step if plan.resume_checkpoint else None,
+        **_negatives_report(train_metrics, config.optim.num_workers),
+        "final_loss": train_metrics.get("loss"),
+        "worker_nodes": train_metrics.get("worker_nodes"),
+        "data_wait_fraction": train_metrics.get("data_wait_fraction"),
+        "index_versions": final.versions,
+        "refreshes": final.refreshes,
+        "refresh_errors": final.refresh_errors,
+        "history_uri": plan.history_uri,
+        "timings_s": {**run.timer.marks, "total_s": round(time.monotonic() - run.timer.started, 2)},
+        "peak_memory_gib": round(run.memory.stop() / 1024**3, 2),
+        "peak_memory_top_processes_gib": run.memory.peak_breakdown,
+    }
+    report["plot_uri"] = _plot_run(config, plan, base.metrics, final.embedded.metrics, final.refreshes)
+    report_uri = store.join(config.run_uri, "report.json")
+    store.write_bytes(report_uri, json.dumps(report, indent=2).encode(), config.storage)
+    _print_summary(report, report_uri)
+    return report
+
+
+def _negatives_report(train_metrics: dict[str, Any], world: int) -> dict[str, Any]:
+    """Where the hard negatives came from (rank 0's running totals; every worker mines alike)."""
+    served = train_metrics.get("total_negatives_from_index")
+    return {
+        "negatives_served_by_index": served,
+        "negatives_note": "rank-0 worker's count; every worker mines the same number per step",
+        "negatives_served_all_workers": (served or 0) * world,
+        "fallback_steps_rank0": train_metrics.get("total_fallback_steps"),
+        "negatives_random_fill": train_metrics.get("total_negatives_random_fill"),
+        "negatives_dropped_as_false_negatives": train_metrics.get("total_negatives_dropped_margin"),
+        "false_negative_dropped_share": (train_metrics.get("total_negatives_dropped_margin") or 0)
+        / max(train_metrics.get("total_negative_candidates") or 0, 1),
+    }
+
+
+def _task_report(task_data: dict[str, Any], shares: dict[str, float] | None, metrics: dict) -> dict | None:
+    """Per task: its data's accounting, its share of the schedule and the steps rank 0 trained on it."""
+    if not task_data:
+        return None
+    total = sum(shares.values())
+    out: dict[str, dict] = {"retrieval": {"kind": "retrieval", "share": shares["retrieval"] / total,
+                                          "steps": metrics.get("total_steps_retrieval")}}
+    for name, data in task_data.items():
+        out[name] = {**data.summary(), "share": shares[name] / total, "steps": metrics.get(f"total_steps_{name}")}
+    return out
+
+
+def _plot_run(config: ContrastiveJobConfig, plan: ContrastiveRunPlan, before: dict, after: dict, refreshes: list[dict]) -> str | None:
+    """PNG of loss, score gap and nDCG@10 over steps, with refreshes marked (None if no history)."""
+    from whetstone.train.plots import plot_metrics
+
+    try:
+        history = json.loads(store.read_bytes(plan.history_uri, config.storage))
+    except FileNotFoundError:
+        return None
+    points = list(history)
+    if before:
+        points.append({"step": 0, "ndcg@10": before["ndcg@10"]})
+    points += [{"step": r["step"], "ndcg@10": r["ndcg@10_at_index_length"]} for r in refreshes
+               if "ndcg@10_at_index_length" in r]
+    if after:
+        points.append({"step": plan.total_steps, "ndcg@10": after["ndcg@10"]})
+    points.sort(key=lambda m: m["step"])
+    markers = [(r["step"], f"refresh v{r['old_version']}->v{r['new_version']}") for r in refreshes]
+    task_losses = sorted({k for point in history for k in point if k.startswith("loss_")})
+    keys = ["loss", "score_gap"] + task_losses + (["ndcg@10"] if before or after else [])
+    uri = store.join(config.run_uri, "training.png")
+    return plot_metrics(points, keys, uri, markers=markers, storage=config.storage,
+                        title=f"{config.run_name}: loss, positive-negative gap, nDCG@10 (refreshes dashed)")
+
+
+def _print_summary(report: dict, report_uri: str) -> None:
+    before, after = report["before"], report["after"]
+    lines = ["", "=== Whetstone contrastive run ==="]
+    if before and after:
+        lines.append(f"nDCG@10    before {before['ndcg@10']:.4f}  after {after['ndcg@10']:.4f}  "
+                     f"({after['ndcg@10'] - before['ndcg@10']:+.4f})")
+        lines.append(f"Recall@100 before {before['recall@100']:.4f}  after {after['recall@100']:.4f}")
+    lines.append(f"steps {report['steps']}, hard negatives served by the index: "
+                 f"{report['negatives_served_all_workers']} (fallback steps on rank 0: {report['fallback_steps_rank0']})")
+    for r in report["refreshes"]:
+        lines.append(f"refresh at step {r['step']}: index v{r['old_version']} -> v{r['new_version']} "
+                     f"({r['total_s']} s)")
+    lines.append(f"index versions {report['index_versions']}; peak memory {report['peak_memory_gib']} GiB; "
+                 f"total {report['timings_s']['total_s']} s")
+    lines.append(f"model: {report['model_uri']}")
+    if report["query_model_uri"] != report["model_uri"]:
+        lines.append(f"query tower (frozen; embed queries with it): {report['query_model_uri']}")
+    if report.get("plot_uri"):
+        lines.append(f"plot: {report['plot_uri']}")
+    lines.append(f"report: {report_uri}")
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,343 @@
+"""The contrastive job's driver stages, each a function the job's ``run`` calls in order.
+
+``jobs/train_contrastive.py:run`` reads as::
+
+    run = start_run(config)                          # paths, Ray, run folder, task data, resume point
+    base = embed_and_evaluate(run, run.base_model)   # corpus vectors + nDCG before training
+    version = publish_first_version(run, base)       # index v1 (a resumed run keeps its newest)
+    ... the job deploys the index service (Serve is the job's business, not the library's) ...
+    refresher = start_refresher(run)                 # background re-embedding + swaps
+    plan = plan_run(run, version, refresher)         # steps, epochs, where checkpoints go
+    metrics = fit(run, plan, training_datasets(run), train_loop_per_worker)
+    final = finish_model(run, plan, refresher)       # merge, embed, evaluate, promote
+    return write_report(run, plan, base, final, metrics)
+
+Everything here runs on the driver.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from whetstone import storage as store
+from whetstone.config.base import ConfigError, dump_config
+from whetstone.config.contrastive import ContrastiveJobConfig
+from whetstone.models.assets import resolve_model_path
+from whetstone.train.checkpoint import TrainerState, find_resume_checkpoint
+from whetstone.train.memory import MemorySampler
+from whetstone.train.plan import ContrastiveRunPlan
+from whetstone.train.runtime import (
+    Timer,
+    init_ray,
+    ordered_data_config,
+    prepare_run_dir,
+    train_run_config,
+    worker_job_config,
+)
+
+
+@dataclass
+class ContrastiveRun:
+    """What the driver knows once the run has started (built by :func:`start_run`)."""
+
+    config: ContrastiveJobConfig
+    timer: Timer
+    memory: MemorySampler
+    base_model: str
+    task_data: dict[str, Any] = field(default_factory=dict)
+    resume: tuple[str, TrainerState] | None = None  # (checkpoint URI, its state) when resuming
+    eval_split: Any = None
+
+    @property
+    def index_uri(self) -> str:
+        return store.join(self.config.run_uri, "index")
+
+    @property
+    def attempt(self) -> str:
+        """This attempt's Ray Train run name: ``train``, or ``train-from-<step>`` for a resume."""
+        return f"train-from-{self.resume[1].step:06d}" if self.resume else "train"
+
+
+@dataclass
+class Embedded:
+    """The corpus embedded by one model, and that model's retrieval quality on the eval split."""
+
+    model_uri: str
+    ids: list[str]
+    vectors: np.ndarray  # (N, D) float32, unit rows
+    metrics: dict[str, float]
+
+
+def absolute_local_paths(config: ContrastiveJobConfig) -> ContrastiveJobConfig:
+    """Make local paths absolute on the driver: workers and actors run in other directories."""
+    from whetstone.storage import absolute_local as fix
+
+    # A base model that is not a local folder (an object-storage URI) stays as it is.
+    base_model = fix(resolve_model_path(config.encoder.base_model), must_exist=True)
+    encoder = config.encoder.model_copy(update={"base_model": base_model})
+    loss = config.loss
+    if loss.kind == "gist":
+        loss = loss.model_copy(update={"guide_model": fix(resolve_model_path(loss.guide_model), must_exist=True)})
+    tasks = [task.model_copy(update={"data": fix(task.data)}) for task in config.multitask.tasks]
+    multitask = config.multitask.model_copy(update={"tasks": tasks})
+    return config.model_copy(update={"store_uri": fix(config.store_uri), "output_uri": fix(config.output_uri),
+                                     "encoder": encoder, "loss": loss, "multitask": multitask})
+
+
+def start_run(config: ContrastiveJobConfig) -> ContrastiveRun:
+    """Resolve paths, log the config, join or start Ray, apply ``if_exists``, read the auxiliary
+    tasks' data (bad task data fails the run before the slow parts) and find the resume point."""
+    memory = MemorySampler(include_ray=bool(os.environ.get("RAY_ADDRESS"))).start()
+    timer = Timer()
+    config = absolute_local_paths(config)
+    print(f"[run] resolved config:\n{dump_config(config)}", flush=True)
+    init_ray(config.ray_num_cpus, config.ray_object_store_mb)
+    prepare_run_dir(config)
+    run = ContrastiveRun(config, timer, memory, resolve_model_path(config.encoder.base_model),
+                         task_data=load_tasks(config))
+    if config.if_exists == "resume":
+        run.resume = find_resume_checkpoint(config.run_uri, config.storage)
+    if config.eval.split:
+        from whetstone.data.stream import load_eval_split
+
+        run.eval_split = load_eval_split(config.store_uri, config.eval.split, config.storage)
+    return run
+
+
+def load_tasks(config: ContrastiveJobConfig) -> dict[str, Any]:
+    """Read and validate every auxiliary task's data (bad rows to ``<run>/quarantine/task-<name>/``).
+
+    Raises:
+        ConfigError: a task cannot fill one step on every worker, or has no usable rows; the message
+            names the task and its data.
+    """
+    from whetstone.data.tasks import TaskDataError, load_task_data
+
+    out = {}
+    world = config.optim.num_workers
+    for task in config.multitask.tasks:
+        t = time.monotonic()
+        try:
+            data = load_task_data(task.name, task.kind, task.data, config.run_uri, config.storage, config.optim.seed)
+        except TaskDataError as err:
+            raise ConfigError(f"multitask.tasks[{task.name}].data: {err}") from None
+        batch = task.batch_size or config.optim.batch_size
+        if data.table.num_rows // world < batch:
+            raise ConfigError(f"multitask.tasks[{task.name}]: {data.table.num_rows} valid rows in {task.data} cannot "
+                              f"fill one step of {world} workers x batch {batch}")
+        labels = f", {len(data.labels)} labels" if data.labels else ""
+        quarantined = f"; {data.quarantined} rows quarantined under {config.run_uri}/quarantine/task-{task.name}/" \
+            if data.quarantined else ""
+        print(f"[train] task {task.name} ({task.kind}): {data.table.num_rows} rows of {data.rows_read} from "
+              f"{task.data}{labels}{quarantined} ({time.monotonic() - t:.1f} s)", flush=True)
+        out[task.name] = data
+    return out
+
+
+def embed_and_evaluate(run: ContrastiveRun, model_uri: str, name: str = "base") -> Embedded:
+    """Embed the corpus with ``model_uri`` (Ray Data batch inference) and rank it exactly for the
+    eval split's queries (at every Matryoshka width the loss trains)."""
+    from whetstone.eval.retrieval import evaluate_encoder
+    from whetstone.models.encoder import Encoder
+    from whetstone.train.refresh import embed_corpus
+
+    config, t = run.config, time.monotonic()
+    ids, vectors = embed_corpus(config.store_uri, model_uri, config.storage,
+                                concurrency=config.index.initial_embed_concurrency,
+                                batch_size=config.refresh.embed_batch_size, max_length=config.eval.doc_max_length)
+    print(f"[index] embedded {len(ids)} documents with the {name} model in "
+          f"{run.timer.mark(f'embed_{name}_s', t)} s", flush=True)
+    metrics: dict[str, float] = {}
+    split = run.eval_split
+    if split is not None:
+        encoder = Encoder.load_query(model_uri, storage=config.storage)  # the query tower, if the model has one
+        metrics = evaluate_encoder(encoder, split.queries, split.qrels, ids, vectors,
+                                   config.encoder.query_max_length, dims=config.loss.matryoshka_dims or ())
+        print(f"[eval] {name}: nDCG@10 {metrics['ndcg@10']:.4f} Recall@100 {metrics['recall@100']:.4f}", flush=True)
+    return Embedded(model_uri, ids, vectors, metrics)
+
+
+def publish_first_version(run: ContrastiveRun, base: Embedded) -> int:
+    """Publish the base model's vectors as index v1; a resumed run keeps serving its newest version."""
+    from whetstone.index.ann import latest_version
+    from whetstone.train.refresh import publish_index
+
+    config = run.config
+    existing = latest_version(run.index_uri, config.storage) if run.resume else None
+    if existing:
+        return existing
+    publish_index(base.ids, base.vectors, run.index_uri, 1, base.model_uri, config.index.kind, config.storage)
+    return 1
+
+
+@dataclass
+class Refresher:
+    """The run's :class:`IndexRefresher` actor; rank 0 finds it by ``name``."""
+
+    name: str
+    actor: Any
+
+
+def start_refresher(run: ContrastiveRun) -> Refresher:
+    """Start the actor that re-embeds the corpus from each checkpoint rank 0 sends it and swaps the
+    new index version in, in the background."""
+    from whetstone.train.refresh import IndexRefresher
+
+    config = run.config
+    name = f"whetstone-refresher-{config.run_name}-{uuid.uuid4().hex[:6]}"
+    settings = {**config.refresh.model_dump(), "kind": config.index.kind,
+                "index_max_length": config.refresh.doc_max_length or config.eval.doc_max_length,
+                "eval_split": config.eval.split, "query_max_length": config.encoder.query_max_length}
+    actor = IndexRefresher.options(name=name).remote(config.store_uri, run.index_uri,
+                                                     config.storage.resolved().to_wire(), settings)
+    return Refresher(name, actor)
+
+
+def plan_run(run: ContrastiveRun, first_version: int, refresher: Refresher | None) -> ContrastiveRunPlan:
+    """Steps per epoch (multi-task steps interleaved), total steps and where this attempt writes."""
+    from whetstone.data.stream import count_training_rows
+
+    config = run.config
+    pairs = count_training_rows(config.store_uri, config.train_split, config.storage, config.loss.positives)
+    world, batch = config.optim.num_workers, config.optim.batch_size
+    steps_per_epoch = pairs // world // batch
+    if steps_per_epoch == 0:
+        raise ConfigError(f"optim.batch_size: {pairs} pairs cannot fill one step of {world} x {batch}")
+    task_shares, epoch_ends = None, [steps_per_epoch * (epoch + 1) for epoch in range(config.optim.epochs)]
+    if run.task_data:
+        from whetstone.losses.multitask import TaskScheduler
+
+        task_shares = config.multitask.shares()
+        epoch_ends = TaskScheduler(task_shares, config.optim.seed).epoch_ends(
+            "retrieval", steps_per_epoch, config.optim.epochs)
+    plan = ContrastiveRunPlan(
+        total_steps=min(epoch_ends[-1], config.optim.max_steps or epoch_ends[-1]), steps_per_epoch=steps_per_epoch,
+        checkpoint_root=store.join(config.run_uri, run.attempt),
+        history_uri=store.join(config.run_uri, f"{run.attempt}-history.json"),
+        resume_checkpoint=run.resume[0] if run.resume else None, resume_step=run.resume[1].step if run.resume else 0,
+        base_model=run.base_model, train_rows=pairs, epoch_ends=epoch_ends, task_shares=task_shares,
+        task_labels={name: data.labels for name, data in run.task_data.items() if data.labels},
+        refresher=refresher.name if refresher else None, first_version=first_version)
+    print(f"[train] {pairs} pairs, {world} workers x batch {batch}: {steps_per_epoch} steps/epoch, "
+          f"{plan.total_steps} steps", flush=True)
+    if run.resume:
+        print(f"[train] resuming from {plan.resume_checkpoint} (step {plan.resume_step}, index v{first_version}) "
+              "with its optimiser state and data position", flush=True)
+    return plan
+
+
+def training_datasets(run: ContrastiveRun) -> dict[str, Any]:
+    """The tokenised training pairs (``train``) and one dataset per auxiliary task."""
+    import ray.data
+
+    from whetstone.data.stream import pairs_dataset, tokenize_pairs
+    from whetstone.train.multitask import task_dataset_name
+
+    config = run.config
+    topics = query_topics(config, run.base_model) if config.optim.topic_clusters else None
+    pairs = pairs_dataset(config.store_uri, config.train_split, config.storage, seed=config.optim.seed,
+                          negatives_per_query=0, positives=config.loss.positives, topics=topics)
+    train = tokenize_pairs(pairs, run.base_model, config.encoder.query_max_length, config.encoder.doc_max_length)
+    return {"train": train, **{task_dataset_name(name): ray.data.from_arrow(data.table)
+                               for name, data in run.task_data.items()}}
+
+
+def query_topics(config: ContrastiveJobConfig, base_model: str) -> dict[str, int]:
+    """TAS: k-means topic of every training query, from the base model's query embeddings.
+
+    Embedded on the driver (queries are short and, next to the corpus, few); FAISS k-means with
+    the run's seed, so a rerun draws the same topics.
+    """
+    from whetstone.data.store import read_dataset_table
+    from whetstone.models.encoder import Encoder
+    from whetstone.train.tas_balanced import cluster_queries
+
+    started = time.monotonic()
+    table = read_dataset_table(config.store_uri, f"pairs/{config.train_split}", config.storage,
+                               columns=["query_id", "query"])
+    queries = dict(zip(table.column("query_id").to_pylist(), table.column("query").to_pylist(), strict=True))
+    k = config.optim.topic_clusters
+    if k > len(queries):
+        raise ConfigError(f"optim.topic_clusters: {k} topics for {len(queries)} training queries")
+    encoder = Encoder.load(base_model, storage=config.storage)
+    vectors = encoder.encode(list(queries.values()), batch_size=128, max_length=config.encoder.query_max_length)
+    labels = cluster_queries(vectors, k, seed=config.optim.seed)
+    sizes = np.bincount(labels, minlength=k)
+    print(f"[train] topic-aware batches: {len(queries)} queries in {k} topics (sizes min {sizes.min()}, "
+          f"median {int(np.median(sizes))}, max {sizes.max()}), {time.monotonic() - started:.1f} s", flush=True)
+    return dict(zip(queries, labels.tolist(), strict=True))
+
+
+def fit(run: ContrastiveRun, plan: ContrastiveRunPlan, datasets: dict[str, Any],
+        train_loop: Callable[[dict], None]) -> dict[str, Any]:
+    """Ray Train: ``num_workers`` workers run ``train_loop`` on the config and the plan (as JSON-safe
+    data); returns the last reported metrics (rank 0's)."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    config, t = run.config, time.monotonic()
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"job": worker_job_config(config, ContrastiveJobConfig), "plan": plan.model_dump()},
+        scaling_config=ScalingConfig(num_workers=config.optim.num_workers, use_gpu=config.optim.use_gpu,
+                                     resources_per_worker={"CPU": config.optim.cpus_per_worker},
+                                     placement_strategy=config.optim.placement_strategy),
+        datasets=datasets,
+        dataset_config=ordered_data_config(),  # the same batches in the same order: a resume skips the right ones
+        run_config=train_run_config(run.attempt, config.run_uri, config.storage, config.ray_train_log_level),
+    )
+    result = trainer.fit()
+    run.timer.mark("train_s", t)
+    return dict(result.metrics or {})
+
+
+@dataclass
+class FinalModel:
+    """The trained model, embedded and evaluated, and what the refresher did during training."""
+
+    trained_uri: str
+    embedded: Embedded
+    versions: list[int]
+    refreshes: list[dict]
+    refresh_errors: list[str]
+
+
+def finish_model(run: ContrastiveRun, plan: ContrastiveRunPlan, refresher: Refresher | None) -> FinalModel:
+    """Wait for the last refresh, merge with the base (if asked), embed and evaluate the final
+    model and promote it as the newest index version."""
+    import ray
+
+    config = run.config
+    status: dict = {"history": [], "errors": []}
+    if refresher is not None:
+        status = ray.get(refresher.actor.wait_idle.remote())
+        for err in status["errors"]:
+            print(f"[refresh] FAILED: {err}", flush=True)
+    trained = final = store.join(config.run_uri, run.attempt, "final")
+    if config.optim.merge_base_weight is not None:
+        from whetstone.models.merge import merge_with_base
+
+        t = time.monotonic()
+        final = merge_with_base(trained, run.base_model, config.optim.merge_base_weight,
+                                store.join(config.run_uri, run.attempt, "final-merged"), config.storage)
+        print(f"[train] merged with the base model (base weight {config.optim.merge_base_weight}) in "
+              f"{run.timer.mark('merge_s', t)} s: {final}", flush=True)
+    embedded = embed_and_evaluate(run, final, "final")
+    versions = [plan.first_version] + [r["new_version"] for r in status["history"]]
+    if refresher is not None:
+        from whetstone.index.client import IndexClient
+        from whetstone.train.refresh import publish_index
+
+        versions.append(max(versions) + 1)
+        publish_index(embedded.ids, embedded.vectors, run.index_uri, versions[-1], final, config.index.kind,
+                      config.storage)
+        IndexClient.from_handle().swap(versions[-1])
+        print(f"[index] promoted v{versions[-1]} built from the final model", flush=True)
+    return FinalModel(trained, embedded, versions, status["history"], status["errors"])
