@@ -211,6 +211,9 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(ray_cluster, scifact_stor
     np.testing.assert_allclose([m["lr"] for m in resumed], [m["lr"] for m in history[resumed_at:]], rtol=1e-9)
     assert whole["resumed_from_step"] is None and second["model_uri"] == str(attempt / "final")
     final = attempt / "final"
+    # step checkpoints carry AdamW's state; the published final model does not
+    assert (run / "train" / "step-000002" / "optimizer_state.pt").is_file()
+    assert not (final / "optimizer_state.pt").exists()
     assert second["query_tower"] == "frozen" and second["query_model_uri"] == str(final / "query_encoder")
     base = load_file(tiny_encoder_dir / "model.safetensors")
     queries, docs = load_file(final / "query_encoder" / "model.safetensors"), load_file(final / "model.safetensors")

@@ -41,12 +41,14 @@ class TrainerState(BaseModel):
 
 def write_checkpoint(folder: str, save_model: Callable[[str], None], optimizer: Any, scheduler: Any,
                      state: TrainerState) -> None:
-    """Fill ``folder``: the model, then the optimiser and scheduler, then ``trainer_state.json``."""
+    """Fill ``folder``: the model, then the optimiser and scheduler (unless ``optimizer`` is None),
+    then ``trainer_state.json``."""
     import torch
 
     save_model(folder)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-               os.path.join(folder, OPTIMIZER_STATE))
+    if optimizer is not None:
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                   os.path.join(folder, OPTIMIZER_STATE))
     files = store.file_sizes(folder)
     files.pop(TRAINER_STATE, None)
     with open(os.path.join(folder, TRAINER_STATE), "w") as fh:
@@ -63,6 +65,8 @@ def report_step(metrics: dict, *, rank: int, checkpoint: bool, save_model: Calla
         ray.train.report(metrics)
         return
     numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if name == "final":  # the published model: a finished run is never resumed, AdamW's state (2x) stays out
+        optimizer = None
     with tempfile.TemporaryDirectory() as folder:
         write_checkpoint(folder, save_model, optimizer, scheduler, state.model_copy(update={"metrics": numbers}))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
