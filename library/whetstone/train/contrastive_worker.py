@@ -31,10 +31,10 @@ from whetstone.train.contrastive import (
     LiveNegatives,
     NegativeBatch,
     build_loss,
-    linear_warmup_decay,
 )
 from whetstone.train.plan import ContrastiveRunPlan
 from whetstone.train.progress import StepLog
+from whetstone.train.schedule import optimiser_step, warmup_decay_schedule
 
 
 @dataclass
@@ -65,11 +65,7 @@ class WorkerRun:
 
     def optimise(self, loss: torch.Tensor) -> None:
         """Backward, clip, optimiser and scheduler step."""
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
+        optimiser_step(self.model, self.optimizer, self.scheduler, loss, self.config.optim.max_grad_norm)
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
@@ -135,15 +131,14 @@ def setup_worker(config: ContrastiveJobConfig, plan: ContrastiveRunPlan) -> Work
                          "bfloat16 support (Ampere or newer); use encoder.precision=float32")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.optim.lr,
                                   weight_decay=config.optim.weight_decay)
-    total, warmup = plan.total_steps, int(plan.total_steps * config.optim.warmup_ratio)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_warmup_decay(s, total, warmup))
+    scheduler = warmup_decay_schedule(optimizer, plan.total_steps, config.optim.warmup_ratio)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state["optimizer"])
         scheduler.load_state_dict(optimizer_state["scheduler"])
     else:  # a checkpoint from before optimiser state was saved: only the schedule can be replayed
         for _ in range(start.step):
             scheduler.step()
-    log = StepLog(rank, total, config.optim.log_every, config.optim.batch_size * world)
+    log = StepLog(rank, plan.total_steps, config.optim.log_every, config.optim.batch_size * world)
     log.worker_nodes = _worker_nodes(world)
     run = WorkerRun(config, plan, rank, world, model, encoder, tower, optimizer, scheduler,
                     build_loss(config.loss, config.optim.temperature, config.optim.symmetric), log, start)

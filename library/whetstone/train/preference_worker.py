@@ -34,7 +34,6 @@ from whetstone.config.preference import PreferenceJobConfig
 from whetstone.data import schemas as S
 from whetstone.models.policy import preference_logps
 from whetstone.train.checkpoint import TrainerState, read_trainer_state, report_step, restore_optimizer
-from whetstone.train.contrastive import linear_warmup_decay
 from whetstone.train.plan import PreferenceRunPlan
 from whetstone.train.preference import (
     PreferenceStepLog,
@@ -49,6 +48,7 @@ from whetstone.train.preference import (
     tokenize_pairs,
 )
 from whetstone.train.preference_data import TIME_STEP
+from whetstone.train.schedule import optimiser_step, warmup_decay_schedule
 
 
 @dataclass(kw_only=True)
@@ -129,9 +129,7 @@ def resume_folder(plan: PreferenceRunPlan) -> Iterator[str | None]:
 def lr_schedule(optimizer: torch.optim.Optimizer, config: PreferenceJobConfig,
                 plan: PreferenceRunPlan) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over ``optim.warmup_ratio`` of the run, then linear decay to 0."""
-    total = plan.total_steps
-    warmup = int(total * config.optim.warmup_ratio)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_warmup_decay(s, total, warmup))
+    return warmup_decay_schedule(optimizer, plan.total_steps, config.optim.warmup_ratio)
 
 
 def restore_training_state(folder: str | None, run: WorkerRun, plan: PreferenceRunPlan,
@@ -255,11 +253,7 @@ def train_batches(shard: Any, config: PreferenceJobConfig, plan: PreferenceRunPl
 
 def optimise(run: WorkerRun, loss: torch.Tensor, max_grad_norm: float) -> None:
     """Backward, clip, optimiser step, schedule step."""
-    run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_grad_norm)
-    run.optimizer.step()
-    run.scheduler.step()
+    optimiser_step(run.model, run.optimizer, run.scheduler, loss, max_grad_norm)
 
 
 def model_device(model: nn.Module) -> torch.device:
