@@ -1,11 +1,13 @@
 # Whetstone: `make demo` runs the quickstart end to end; `make test` runs the whole suite.
 # Everything installs into .venv. torch goes in first (CPU build pinned) so that nothing else
-# pulls a multi-GB CUDA build; override TORCH_SPEC/TORCH_PIP_ARGS on a GPU machine.
+# pulls a multi-GB CUDA build; override TORCH_SPEC/TORCH_PIP_ARGS on a GPU machine, and
+# FAISS_EXTRA=gpu for FAISS's CUDA build (faiss-gpu) in place of faiss-cpu.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
+FAISS_EXTRA ?= cpu
 STAMP := $(VENV)/.whetstone-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -21,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -e ".[models,test]"
+	$(BIN)/python -m pip install -e ".[models,test,$(FAISS_EXTRA)]"
 	touch $(STAMP)
 
 demo: install

@@ -85,18 +85,25 @@ def msmarco_vectors() -> tuple[np.ndarray, list[str], np.ndarray]:
     return docs, [str(i) for i in ids], query_vectors
 
 
+def mixture_centres(clusters: int, dim: int, rng: np.random.Generator) -> np.ndarray:
+    """(clusters, dim) random unit centres of the synthetic mixture."""
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    return centres / np.linalg.norm(centres, axis=1, keepdims=True)
+
+
+def draw_mixture(centres: np.ndarray, spread: float, count: int, rng: np.random.Generator) -> np.ndarray:
+    """(count, dim) unit vectors: a random centre each plus per-coordinate Gaussian noise ``spread``."""
+    rows = centres[rng.integers(0, len(centres), count)] + spread * rng.standard_normal(
+        (count, centres.shape[1])).astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
 def clustered_vectors(count: int, dim: int, clusters: int, spread: float, queries: int, seed: int = 0):
     """Unit vectors around ``clusters`` random unit centres, per-coordinate noise ``spread``."""
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-
-    def draw(n: int) -> np.ndarray:
-        rows = centres[rng.integers(0, clusters, n)] + spread * rng.standard_normal((n, dim)).astype(np.float32)
-        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
-
-    docs = draw(count)
-    return docs, [f"c{i}" for i in range(count)], draw(queries)
+    centres = mixture_centres(clusters, dim, rng)
+    docs = draw_mixture(centres, spread, count, rng)
+    return docs, [f"c{i}" for i in range(count)], draw_mixture(centres, spread, queries, rng)
 
 
 def cached_index(name: str, docs: np.ndarray, ids: list[str], config: AnnConfig) -> tuple[AnnIndex, str, float]:

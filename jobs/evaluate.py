@@ -1,6 +1,7 @@
 """Evaluate an embedding model on a BEIR-format split in the store: nDCG@10, Recall@100, MRR@10.
 
-The corpus is embedded with Ray Data batch inference and ranked exactly; the JSON result goes
+The corpus is embedded with Ray Data batch inference and ranked exactly as its batches stream in
+(chunked FAISS search, a running top 100 per query: no process holds the corpus' vectors); the JSON result goes
 to ``output_uri`` (default ``<store_uri>/eval/<name>.json``) and the last line printed is its path.
 
 Launch:
@@ -39,26 +40,26 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from whetstone.data.stream import load_eval_split
     from whetstone.eval.retrieval import evaluate_rankings, exact_rankings
     from whetstone.models.encoder import Encoder
-    from whetstone.train.refresh import embed_corpus
+    from whetstone.train.refresh import CorpusVectors, embedded_batches
     from whetstone.train.runtime import init_ray, parse_job_args
 
     config = parse_job_args(EvaluateJobConfig, argv, __doc__)
     init_ray(config.ray_num_cpus, config.ray_object_store_mb)
     started = time.monotonic()
     split = load_eval_split(config.store_uri, config.split, config.storage)
-    doc_ids, doc_vectors = embed_corpus(config.store_uri, config.model, config.storage, config.batch_size,
-                                        config.doc_max_length, config.embed_concurrency)
     encoder = Encoder.load_query(config.model, storage=config.storage)  # an asymmetric model's query tower
     query_ids = list(split.queries)
     query_vectors = encoder.encode([split.queries[q] for q in query_ids], max_length=config.query_max_length)
-    metrics = evaluate_rankings(exact_rankings(query_ids, query_vectors, doc_ids, doc_vectors, 100), split.qrels)
+    corpus = CorpusVectors(embedded_batches(config.store_uri, config.model, config.storage, config.batch_size,
+                                            config.doc_max_length, config.embed_concurrency))
+    metrics = evaluate_rankings(exact_rankings(query_ids, query_vectors, corpus, None, 100), split.qrels)
     result = {"model": config.model, "store_uri": config.store_uri, "split": config.split,
-              "documents": len(doc_ids), **metrics, "seconds": round(time.monotonic() - started, 1)}
+              "documents": corpus.rows, **metrics, "seconds": round(time.monotonic() - started, 1)}
     output = config.output_uri or store.join(config.store_uri, "eval", f"{config.name}.json")
     store.write_bytes(output, json.dumps(result, indent=2).encode(), config.storage)
     print(f"[eval] {config.model} on {config.split}: nDCG@10 {metrics['ndcg@10']:.4f} "
           f"Recall@100 {metrics['recall@100']:.4f} MRR@10 {metrics['mrr@10']:.4f} "
-          f"({int(metrics['queries'])} queries, {len(doc_ids)} docs)", flush=True)
+          f"({int(metrics['queries'])} queries, {corpus.rows} docs)", flush=True)
     print(f"result: {output}", flush=True)
     return result
 

@@ -1,9 +1,14 @@
 """Build a new index version from a checkpoint and swap it into the running index service.
 
-Ray Data batch inference re-embeds the corpus with ``checkpoint``; the FAISS index is saved as
-``<index_uri>/v{n+1}`` (checksummed manifest naming the checkpoint), then ``/swap`` is called on
-the service (Serve handle when the service runs in this cluster, HTTP with a bearer token when
-``service_url`` is set). Searches keep answering during the swap.
+Ray Data batch inference re-embeds the corpus with ``checkpoint`` and streams the vectors to
+``<index_uri>/vectors/v{n+1}/`` in chunks; one Ray task per shard builds that shard from the
+chunks and writes it to ``<index_uri>/v{n+1}`` (checksummed manifest naming the checkpoint); then
+``/swap`` is called on the service (Serve handle when the service runs in this cluster, HTTP with a
+bearer token when ``service_url`` is set), which loads the version on every shard and flips them
+together. Searches keep answering during the swap. No process holds the whole corpus' vectors.
+
+``index`` (kind, FAISS knobs, ``num_shards``) defaults to the newest version's, so a refresh keeps
+the layout the service was deployed with (its ``num_shards`` must match).
 
 Launch:
   local:           python -m jobs.refresh_index --config jobs/configs/refresh_index/smoke.yaml
@@ -20,6 +25,7 @@ from typing import Literal
 
 from pydantic import Field
 from whetstone.config.base import StorageConfig, StrictModel
+from whetstone.config.contrastive import IndexBuildConfig
 
 
 class RefreshIndexJobConfig(StrictModel):
@@ -27,7 +33,9 @@ class RefreshIndexJobConfig(StrictModel):
     store_uri: str = Field(..., description="the ingested store whose corpus is embedded")
     index_uri: str = Field(..., description="index root holding v{n}/ and LATEST")
     storage: StorageConfig = StorageConfig()
-    kind: Literal["flat", "hnsw", "ivf", "ivfpq"] = "flat"
+    index: IndexBuildConfig | None = Field(
+        None, description="kind, FAISS knobs and num_shards of the new version; None: the newest version's "
+                          "(flat, one shard when there is none)")
     doc_max_length: int = Field(256, ge=16, le=512)
     dtype: Literal["float32", "bfloat16"] = "float32"
     batch_size: int = Field(32, ge=1)
@@ -38,31 +46,59 @@ class RefreshIndexJobConfig(StrictModel):
     ray_object_store_mb: int = Field(512, ge=128)
 
 
+def build_settings(config: RefreshIndexJobConfig, latest: int | None) -> IndexBuildConfig:
+    """The configured ``index``, else the layout of version ``latest`` (so the service's shards match)."""
+    if config.index is not None:
+        return config.index
+    if latest is None:
+        return IndexBuildConfig()
+    from whetstone.index.snapshot import read_manifest
+
+    manifest = read_manifest(config.index_uri, latest, config.storage)
+    knobs = {key: value for key, value in manifest.config.items() if key in IndexBuildConfig.model_fields}
+    return IndexBuildConfig.model_validate({**knobs, "use_gpu": knobs.get("use_gpu") is True,
+                                            "num_shards": manifest.num_shards})
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
-    from whetstone.index.ann import latest_version
     from whetstone.index.client import IndexClient
-    from whetstone.train.refresh import embed_corpus, publish_index
+    from whetstone.index.snapshot import latest_version, snapshot_path
+    from whetstone.train.refresh import (
+        CorpusVectors,
+        embedded_batches,
+        next_version,
+        publish_index,
+        vectors_uri,
+    )
     from whetstone.train.runtime import init_ray, parse_job_args
 
     config = parse_job_args(RefreshIndexJobConfig, argv, __doc__)
+    if config.swap == "http" and not config.service_url:
+        raise SystemExit("error: service_url: required when swap=http")
     init_ray(config.ray_num_cpus, config.ray_object_store_mb)
     started = time.monotonic()
-    ids, vectors = embed_corpus(config.store_uri, config.checkpoint, config.storage, config.batch_size,
-                                config.doc_max_length, config.embed_concurrency, dtype=config.dtype)
     old = latest_version(config.index_uri, config.storage) or 0
-    path = publish_index(ids, vectors, config.index_uri, old + 1, config.checkpoint, config.kind, config.storage)
+    settings = build_settings(config, old or None)
+    new = next_version(config.index_uri, config.storage)
+    vectors_at = vectors_uri(config.index_uri, new)
+    corpus = CorpusVectors(embedded_batches(config.store_uri, config.checkpoint, config.storage, config.batch_size,
+                                            config.doc_max_length, config.embed_concurrency, dtype=config.dtype),
+                           vectors_at, config.storage).drain()
+    # With a service, its two-phase swap writes LATEST once every shard holds the new version.
+    manifest = publish_index(vectors_at, config.index_uri, new, config.checkpoint, settings, config.storage,
+                             set_latest=config.swap == "none")
     swapped = None
     if config.swap == "handle":
-        swapped = IndexClient.from_handle().swap(old + 1)
+        swapped = IndexClient.from_handle().swap(new)
     elif config.swap == "http":
-        if not config.service_url:
-            raise SystemExit("error: service_url: required when swap=http")
         client = IndexClient.from_http(config.service_url, token=os.environ.get("WHETSTONE_INDEX_TOKEN"))
-        swapped = client.swap(old + 1)
-    result = {"old_version": old, "new_version": old + 1, "snapshot": path, "documents": len(ids),
+        swapped = client.swap(new)
+    path = snapshot_path(config.index_uri, new)
+    result = {"old_version": old, "new_version": new, "snapshot": path, "vectors": vectors_at,
+              "documents": corpus.rows, "kind": settings.kind, "num_shards": manifest.num_shards,
               "swapped": swapped, "seconds": round(time.monotonic() - started, 1)}
-    print(f"[refresh] index v{old} -> v{old + 1} from {config.checkpoint} ({len(ids)} docs, "
-          f"{result['seconds']} s); snapshot {path}", flush=True)
+    print(f"[refresh] index v{old} -> v{new} from {config.checkpoint} ({corpus.rows} docs, {settings.kind}, "
+          f"{manifest.num_shards} shard(s), {result['seconds']} s); snapshot {path}", flush=True)
     return result
 
 

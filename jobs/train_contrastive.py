@@ -115,11 +115,12 @@ def run(config: ContrastiveJobConfig) -> dict:
     from whetstone.train.contrastive_report import write_report
 
     run = stage.start_run(config)  # paths, Ray, run folder, task data, resume point
-    base = stage.embed_and_evaluate(run, run.base_model, "base")  # corpus vectors, nDCG before training
+    # corpus vectors streamed to storage (index v1's chunks) through the exact evaluation: nDCG before training
+    base = stage.embed_and_evaluate(run, run.base_model, "base", stage.first_vectors_uri(run))
     version, refresher = 1, None
     if config.negatives.source == "index":
-        version = stage.publish_first_version(run, base)  # v1, or the newest of the run resumed
-        deploy_index(run, version, len(base.ids))
+        version = stage.publish_first_version(run, base)  # v1's shards built from those chunks, or the newest resumed
+        deploy_index(run, version, base.count)
         refresher = stage.start_refresher(run)  # re-embeds from rank 0's checkpoints while training goes on
     plan = stage.plan_run(run, version, refresher)  # steps, epochs, where this attempt writes
     metrics = stage.fit(run, plan, stage.training_datasets(run), train_loop_per_worker)
@@ -128,17 +129,22 @@ def run(config: ContrastiveJobConfig) -> dict:
 
 
 def deploy_index(run: ContrastiveRun, version: int, documents: int) -> None:
-    """Start Serve's HTTP proxy and deploy the index service on the run's index (it loads LATEST)."""
+    """Start Serve's HTTP proxy and deploy the index service on the run's index (it loads LATEST):
+    ``index.num_shards`` shard deployments of ``index.replicas_per_shard`` replicas each (with GPUs
+    when ``index.use_gpu``) behind one router."""
     import time
 
     from services.index.app import IndexServiceArgs, deploy, start_serve
 
-    config, t = run.config, time.monotonic()
-    start_serve(config.index.http_host, config.index.http_port)  # a no-op when Serve already runs (RayService)
-    deploy(IndexServiceArgs(index_uri=run.index_uri, storage=config.storage.resolved(),
-                            num_cpus=config.index.num_cpus, num_replicas=config.index.num_replicas))
-    print(f"[index] v{version} deployed ({config.index.kind}, {documents} docs) in {run.timer.mark('deploy_s', t)} s; "
-          f"HTTP: http://{config.index.http_host}:{config.index.http_port}/index/stats", flush=True)
+    config, t, index = run.config, time.monotonic(), run.config.index
+    start_serve(index.http_host, index.http_port)  # a no-op when Serve already runs (RayService)
+    deploy(IndexServiceArgs(index_uri=run.index_uri, storage=config.storage.resolved(), num_shards=index.num_shards,
+                            replicas_per_shard=index.replicas_per_shard, num_cpus=index.num_cpus,
+                            use_gpu=index.use_gpu, gpus_per_replica=index.gpus_per_replica,
+                            router_replicas=index.router_replicas))
+    print(f"[index] v{version} deployed ({index.kind}, {index.num_shards} shard(s) x {index.replicas_per_shard} "
+          f"replica(s), {documents} docs) in {run.timer.mark('deploy_s', t)} s; "
+          f"HTTP: http://{index.http_host}:{index.http_port}/index/stats", flush=True)
 
 
 def main(argv: list[str] | None = None) -> dict:

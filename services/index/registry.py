@@ -4,9 +4,13 @@ The registry is a Serve *deployment-scoped actor* (``DeploymentActorConfig``), c
 by the Serve controller with the deployment, so no detached actor outlives the app.
 """
 
+import logging
 import time
 
 import ray
+from ray import serve
+
+logger = logging.getLogger(__name__)
 
 REGISTRY_ACTOR = "replica_registry"
 
@@ -28,3 +32,12 @@ class ReplicaRegistry:
         now = time.time()
         self._reports = {k: v for k, v in self._reports.items() if now - v["updated_at"] <= max_age_s}
         return sorted(self._reports.values(), key=lambda r: r["replica_id"])
+
+
+def registry_handle(missing: str):
+    """This deployment's registry actor, or None (logged, with what ``missing`` costs) when Serve has none."""
+    try:
+        return serve.get_deployment_actor(REGISTRY_ACTOR)
+    except Exception as err:  # noqa: BLE001 - the caller degrades to what this replica knows
+        logger.warning("no replica registry (%s); %s", err, missing)
+        return None

@@ -1,7 +1,8 @@
-"""A replica's state, apart from Serve: the current snapshot, how it changes, and its counters.
+"""A shard replica's search machinery apart from Serve: batched FAISS calls over pinned versions,
+the coalescer that merges queued searches, and the counters every replica keeps.
 
-Everything here runs in worker threads (``asyncio.to_thread``) of one replica; no Ray imports, so
-the swap and mutation rules are testable on their own.
+No Ray imports: the grouping and coalescing rules are testable on their own. What a shard
+replica holds lives in ``services.index.shard_state``; the ingress's logic in ``services.index.routing``.
 """
 
 from __future__ import annotations
@@ -10,9 +11,6 @@ import collections
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any
 
 import numpy as np
 from prometheus_client import (
@@ -23,165 +21,17 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from whetstone.config.base import StorageConfig
-from whetstone.index.ann import (
-    AnnIndex,
-    AnnInputError,
-    check_vectors,
-    latest_version,
-    list_versions,
-    set_latest_version,
-)
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(eq=False)
-class Snapshot:
-    """One loaded index version and (lazily) the encoder its checkpoint names. Never mutated:
-    a change builds a new Snapshot, so a search that pinned this one finishes on it."""
-
-    index: AnnIndex
-    encoder_loader: Callable[[str], Any]
-    _encoder: Any = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def version(self) -> int:
-        return self.index.version
-
-    def check_vectors(self, rows, name: str) -> np.ndarray:
-        """``rows`` as a (Q, D) float32 matrix of this index's dimension, finite."""
-        return check_vectors(rows, self.index.dim, name)
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        """Embed ``texts`` (Q strings) with this version's encoder: (Q, D) float32 unit rows."""
-        checkpoint = self.index.checkpoint
-        if not checkpoint:
-            raise AnnInputError(f"texts: index v{self.version} names no encoder checkpoint; send vectors")
-        with self._lock:
-            if self._encoder is None:
-                try:
-                    self._encoder = self.encoder_loader(checkpoint)
-                except Exception as err:  # noqa: BLE001 - any load failure means "no text queries"
-                    raise AnnInputError(f"texts: cannot load the encoder {checkpoint!r} of index "
-                                        f"v{self.version} ({type(err).__name__}: {err}); send vectors") from None
-            encoder = self._encoder
-        vectors = encoder.encode(texts)
-        if vectors.shape[1] != self.index.dim:
-            raise AnnInputError(f"texts: encoder {checkpoint!r} gives dimension {vectors.shape[1]}, "
-                                f"the index has {self.index.dim}")
-        return vectors
-
-
-class SnapshotHolder:
-    """Holds the current :class:`Snapshot` and replaces it atomically (one attribute write).
-
-    Loads, swaps and mutations are serialised by a lock; searches never take it.
-    """
-
-    def __init__(self, index_uri: str, storage: StorageConfig, encoder_device: str | None = None) -> None:
-        self.index_uri = index_uri
-        self.storage = storage
-        self.encoder_device = encoder_device
-        self.current: Snapshot | None = None
-        self._lock = threading.Lock()
-        self._encoders: collections.OrderedDict[str, Any] = collections.OrderedDict()
-        self._encoders_lock = threading.Lock()
-
-    @property
-    def version(self) -> int | None:
-        snapshot = self.current
-        return None if snapshot is None else snapshot.version
-
-    @property
-    def size(self) -> int:
-        snapshot = self.current
-        return 0 if snapshot is None else snapshot.index.size
-
-    def _load_encoder(self, checkpoint: str):
-        """Encoders are shared across versions built from the same checkpoint (keep the last 2)."""
-        with self._encoders_lock:
-            if checkpoint in self._encoders:
-                self._encoders.move_to_end(checkpoint)
-                return self._encoders[checkpoint]
-        from whetstone.models.encoder import Encoder
-
-        # Texts sent to search are queries: an asymmetric model's query tower embeds them.
-        encoder = Encoder.load_query(checkpoint, device=self.encoder_device, storage=self.storage)
-        with self._encoders_lock:
-            self._encoders[checkpoint] = encoder
-            while len(self._encoders) > 2:
-                self._encoders.popitem(last=False)
-        return encoder
-
-    def _install(self, index: AnnIndex) -> None:
-        # The double-buffer swap: `index` is complete before this single reference assignment.
-        previous = self.version
-        self.current = Snapshot(index, self._load_encoder)
-        logger.info("index swapped v%s -> v%s (%d docs)", previous, index.version, index.size)
-
-    def load_latest_if_newer(self) -> int | None:
-        """Follow LATEST: load and install it when it names another version. Returns the version."""
-        with self._lock:
-            latest = latest_version(self.index_uri, self.storage)
-            if latest is not None and latest != self.version:
-                self._install(AnnIndex.load(self.index_uri, latest, self.storage))
-            return self.version
-
-    def swap_to(self, version: int) -> None:
-        """Load ``version`` (checksums verified), install it, then publish it as LATEST."""
-        with self._lock:
-            if version != self.version:
-                self._install(AnnIndex.load(self.index_uri, version, self.storage))
-            set_latest_version(self.index_uri, version, self.storage)
-
-    def mutate(self, op: str, ids: list[str], vectors: np.ndarray | None) -> dict:
-        """Apply an upsert or delete to a copy, publish it as version ``max + 1``, install it.
-
-        Returns:
-            ``{"version", "previous_version", "changed", "size"}``.
-
-        Raises:
-            SnapshotError: another writer published the same version first (retry).
-        """
-        with self._lock:
-            # Start from what is published, not from a stale local copy (lost updates).
-            latest = latest_version(self.index_uri, self.storage)
-            if latest is not None and latest != self.version:
-                self._install(AnnIndex.load(self.index_uri, latest, self.storage))
-            current = self.current
-            previous = current.version
-            updated = current.index.copy()
-            if op == "upsert":
-                updated.add(vectors, ids)
-                changed = len(ids)
-            else:
-                changed = updated.remove(ids)
-            if changed == 0:
-                return {"version": previous, "previous_version": previous, "changed": 0, "size": updated.size}
-            version = max(list_versions(self.index_uri, self.storage) + [previous]) + 1
-            updated.built_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            extra = {**current.index.extra, "parent_version": previous, "mutation": op}
-            updated.save(self.index_uri, version, current.index.checkpoint or "", self.storage, extra)
-            self._install(updated)
-            return {"version": version, "previous_version": previous, "changed": changed, "size": updated.size}
-
-    def describe(self) -> dict:
-        snapshot = self.current
-        if snapshot is None:
-            return {"version": None, "checkpoint": None, "size": 0, "dim": None, "kind": None, "built_at": None}
-        index = snapshot.index
-        return {"version": index.version, "checkpoint": index.checkpoint, "size": index.size,
-                "dim": index.dim, "kind": index.kind, "built_at": index.built_at}
-
-
 def search_grouped(items: list[tuple]) -> list[tuple]:
-    """Run batched requests, one FAISS search per pinned snapshot.
+    """Run batched requests, one FAISS search per pinned version.
 
     Args:
-        items: ``(snapshot, vectors (q_i, D), k_i, exclude_ids_i | None[, score_excluded_i])`` per
-            request.
+        items: ``(held, vectors (q_i, D), k_i, exclude_ids_i | None[, score_excluded_i])`` per
+            request; ``held`` has ``.index`` (an AnnIndex) and ``.version`` (what the answer
+            reports), e.g. a :class:`services.index.shard_state.ShardVersion`.
 
     Returns:
         ``(version, ids (q_i lists of k_i), scores (q_i, k_i), excluded scores or None)`` per
@@ -357,3 +207,34 @@ class StatsRecorder:
         self._version.set(-1 if version is None else version)
         self._size.set(size)
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def storage_error(err: Exception) -> Exception:
+    """The service's answer to a storage-side failure of a swap, mutation or load: an
+    :class:`IndexServiceError` with the matching code (input, missing, conflicting or broken
+    snapshot), or ``err`` itself when it is none of those."""
+    from whetstone.index.ann import AnnInputError
+    from whetstone.index.snapshot import SnapshotConflict, SnapshotError, SnapshotNotFound
+    from whetstone.index.wire import ErrorCode, IndexServiceError
+
+    if isinstance(err, IndexServiceError):
+        return err
+    if isinstance(err, AnnInputError):
+        return IndexServiceError(ErrorCode.BAD_INPUT, str(err))
+    if isinstance(err, SnapshotNotFound):
+        return IndexServiceError(ErrorCode.SNAPSHOT_NOT_FOUND, str(err))
+    if isinstance(err, SnapshotConflict):
+        return IndexServiceError(ErrorCode.SNAPSHOT_CONFLICT, str(err))
+    if isinstance(err, SnapshotError):
+        return IndexServiceError(ErrorCode.SNAPSHOT_INVALID, str(err))
+    return err
+
+
+async def run_storage_op(op: Callable, *op_args):
+    """``op(*op_args)`` on a worker thread, its storage failures turned into service errors."""
+    import asyncio
+
+    try:
+        return await asyncio.to_thread(op, *op_args)
+    except Exception as err:  # noqa: BLE001 - mapped, or re-raised as it is
+        raise storage_error(err) from None

@@ -1,7 +1,8 @@
 """The index service over real HTTP on loopback (and its Serve handle), on a local Ray.
 
-One application (2 replicas, LATEST polled every 0.5 s) serves three snapshots whose document ids
-carry their version (``v2-doc-17``), so a response mixing versions would show in its ids.
+One application (one shard, 2 replicas of it, LATEST polled every 0.5 s) serves three snapshots
+whose document ids carry their version (``v2-doc-17``), so a response mixing versions would show
+in its ids. The sharded cases are in ``test_index_shards``.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def service(ray_cluster, index_root):
     deploy(args, name=APP, route_prefix=PREFIX)
     base = root_url + PREFIX
     with httpx.Client(base_url=base, timeout=30) as http:
-        wait_for(lambda: len(http.get("/stats").json()["replicas"]) == 2, what="two replicas report")
+        wait_for(lambda: len(shard_replicas(http)) == 2, what="two replicas report")
         yield {"base": base, "http": http, "root": index_root}
     serve.delete(APP)
 
@@ -90,18 +91,24 @@ def swap_everywhere(service, version: int) -> None:
     wait_converged(service, version)
 
 
+def shard_replicas(http) -> list[dict]:
+    """The replicas of the (only) shard, as ``/stats`` lists them."""
+    (shard,) = http.get("/stats").json()["shards"]
+    return shard["replicas"]
+
+
 def wait_converged(service, version: int) -> None:
-    """Replicas other than the one that took a swap or mutation follow LATEST within a poll."""
+    """Every shard replica follows LATEST within a poll (the swap made them load it already)."""
 
     def converged():
-        replicas = service["http"].get("/stats").json()["replicas"]
+        replicas = shard_replicas(service["http"])
         return len(replicas) == 2 and all(r["version"] == version for r in replicas)
 
     wait_for(converged, what=f"all replicas at v{version}")
 
 
 def stats_per_replica(http, timeout_s: float = 30.0) -> dict[str, dict]:
-    """Each replica's own ``/stats`` (counters are per replica; Serve picks the replica that
+    """Each ingress replica's own ``/stats`` (counters are per replica; Serve picks the replica that
     answers, at random between idle ones, so ask until every listed replica has answered)."""
     listed = {r["replica_id"] for r in http.get("/stats").json()["replicas"]}
     answers: dict[str, dict] = {}
@@ -307,14 +314,13 @@ def test_upsert_and_delete_publish_new_versions(service):
 
 def test_killed_replica_comes_back_with_the_latest_version(service):
     swap_everywhere(service, 2)
-    replicas = service["http"].get("/stats").json()["replicas"]
-    victim = replicas[0]
+    victim = shard_replicas(service["http"])[0]
     os.kill(victim["pid"], signal.SIGKILL)
 
     # Searches keep working on the survivor meanwhile: Serve's router reserves a slot on a replica
     # before it sends a request there, and a dead replica fails that reservation, so the request
-    # goes to the survivor. At worst (no replica can take it for a moment) the proxy answers 503:
-    # retry that briefly; a 500 (a request lost with the replica) is a failure.
+    # goes to the survivor (the ingress retries a failed shard call once). At worst (no replica can
+    # take it for a moment) the answer is 503: retry that briefly; a 500 is a failure.
     deadline = time.monotonic() + 5.0
     while True:
         r = service["http"].post("/search", json={"vectors": [[0.3] * DIM], "k": 2})
@@ -325,7 +331,7 @@ def test_killed_replica_comes_back_with_the_latest_version(service):
     assert r.status_code == 200 and r.json()["version"] == 2, (r.status_code, r.text[:300])
 
     def replaced():
-        now = service["http"].get("/stats").json()["replicas"]
+        now = shard_replicas(service["http"])
         fresh = [x for x in now if x["replica_id"] != victim["replica_id"] and x["pid"] != victim["pid"]]
         return len(now) == 2 and all(x["version"] == 2 for x in now) and len(fresh) == 2 and now
 

@@ -46,6 +46,7 @@ def contrastive_report(ray_cluster, scifact_store, tiny_encoder_dir) -> dict:
         f"encoder.base_model={tiny_encoder_dir}",
         f"index.http_port={free_port()}",
         "optim.max_steps=4", "refresh.every_steps=2",
+        "index.num_shards=2",  # the sharded path: two build tasks, two shard deployments, swaps across both
     ])
     yield report
     from ray import serve
@@ -82,6 +83,37 @@ def test_index_service_serves_the_promoted_version(contrastive_report):
     client = IndexClient.from_handle()
     result = client.search(np.ones((1, 32), dtype=np.float32), k=5)
     assert result.version == 3 and len(result.ids[0]) == 5
+    assert contrastive_report["index"] == {"kind": "flat", "num_shards": 2, "replicas_per_shard": 1,
+                                           "use_gpu": False, "documents": contrastive_report["index"]["documents"]}
+    stats = client.stats()
+    assert stats["num_shards"] == 2 and stats["size"] == contrastive_report["index"]["documents"]
+
+
+def test_refresh_and_evaluate_jobs_stream_the_corpus(contrastive_report, scifact_store, tmp_path):
+    """jobs.refresh_index re-embeds into vector chunks, builds the next version with the served
+    layout (2 shards, read from the newest manifest) and swaps it in through the handle;
+    jobs.evaluate ranks the streamed corpus exactly."""
+    import numpy as np
+    from whetstone.index.client import IndexClient
+    from whetstone.index.snapshot import latest_version, read_manifest
+    from whetstone.index.vector_chunks import read_vector_chunks
+
+    from jobs.evaluate import main as evaluate
+    from jobs.refresh_index import main as refresh
+
+    index_uri = str(Path(contrastive_report["run_uri"]) / "index")
+    documents = contrastive_report["index"]["documents"]
+    result = refresh([f"checkpoint={contrastive_report['model_uri']}", f"store_uri={scifact_store}",
+                      f"index_uri={index_uri}", "swap=handle", "doc_max_length=64"])
+    assert (result["old_version"], result["new_version"], result["num_shards"]) == (3, 4, 2)
+    assert result["documents"] == documents and read_vector_chunks(result["vectors"]).count == documents
+    assert latest_version(index_uri) == 4 and read_manifest(index_uri, 4).count == documents
+    assert IndexClient.from_handle().search(np.ones((1, 32), dtype=np.float32), k=3).version == 4
+    out = tmp_path / "eval.json"
+    metrics = evaluate([f"model={contrastive_report['model_uri']}", f"store_uri={scifact_store}",
+                        f"output_uri={out}", "doc_max_length=64"])
+    assert metrics["documents"] == documents and metrics["queries"] == 77
+    assert json.loads(out.read_text())["ndcg@10"] == metrics["ndcg@10"]
 
 
 def test_model_loads_in_sentence_transformers_and_transformers(contrastive_report):

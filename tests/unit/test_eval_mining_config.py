@@ -184,10 +184,60 @@ def test_every_job_config_validates_against_its_job():
 
 def test_cached_negatives_need_stored_vectors_and_no_guide():
     assert load_config(ContrastiveJobConfig, None, ["negatives.encode=false", "index.kind=hnsw"]).negatives.encode is False
-    with pytest.raises(ConfigError, match="index.kind flat or hnsw, not ivf"):
+    with pytest.raises(ConfigError, match="index.kind=ivf keeps no full vectors: negatives.encode=false needs"):
         load_config(ContrastiveJobConfig, None, ["negatives.encode=false", "index.kind=ivf"])
     with pytest.raises(ConfigError, match="does not combine with loss.kind=gist"):
         load_config(ContrastiveJobConfig, None, ["negatives.encode=false", "loss.kind=gist"])
+
+
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+@pytest.mark.parametrize("margin", ["relative_margin=0.1", "absolute_margin=0.05"])
+def test_a_margin_on_a_kind_that_cannot_score_positives_is_refused(kind, margin):
+    """IVF kinds keep no full vectors: the positives' scores would come back None and the margin rule
+    would silently not run, so the config is refused, naming the fields at fault."""
+    name = margin.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"index.kind={kind} keeps no full vectors: "
+                                          rf"negatives.mining.{name}=\S+ needs each positive's score.*"
+                                          rf"remove negatives.mining.{name}"):
+        load_config(ContrastiveJobConfig, None, [f"negatives.mining.{margin}", f"index.kind={kind}"])
+    for scoring_kind in ("flat", "hnsw"):
+        config = load_config(ContrastiveJobConfig, None, [f"negatives.mining.{margin}", f"index.kind={scoring_kind}"])
+        assert config.index.scores_documents
+    # both rules at once: one message naming both
+    with pytest.raises(ConfigError, match=r"absolute_margin=0.05 needs.*negatives.encode=false needs.*"
+                                          r"remove negatives.mining.absolute_margin and set negatives.encode=true"):
+        load_config(ContrastiveJobConfig, None, ["negatives.mining.absolute_margin=0.05", "negatives.encode=false",
+                                                 f"index.kind={kind}"])
+    assert load_config(ContrastiveJobConfig, None, [f"index.kind={kind}"]).index.kind == kind  # no rule: fine
+
+
+def test_index_section_reaches_every_faiss_knob_and_the_shard_layout():
+    from whetstone.index.ann import AnnConfig
+
+    config = load_config(ContrastiveJobConfig, None, [
+        "index.kind=ivfpq", "index.nlist=256", "index.nprobe=16", "index.pq_m=48", "index.pq_nbits=6",
+        "index.hnsw_m=24", "index.ef_construction=120", "index.ef_search=64", "index.use_gpu=true",
+        "index.num_shards=4", "index.replicas_per_shard=2", "index.gpus_per_replica=0.5"])
+    ann = config.index.ann_config()
+    assert type(ann) is AnnConfig
+    assert ann == AnnConfig(kind="ivfpq", nlist=256, nprobe=16, pq_m=48, pq_nbits=6, hnsw_m=24, ef_construction=120,
+                            ef_search=64, use_gpu="auto")  # CPU build tasks, GPU replicas
+    assert (config.index.num_shards, config.index.replicas_per_shard, config.index.gpus_per_replica) == (4, 2, 0.5)
+    defaults = ContrastiveJobConfig().index
+    assert (defaults.kind, defaults.num_shards, defaults.replicas_per_shard, defaults.use_gpu) == ("flat", 1, 1, False)
+    assert defaults.ann_config().use_gpu is False  # CPU unless asked: "auto" would pick a GPU the replica never got
+    with pytest.raises(ConfigError, match=r"index\.nprobe"):
+        load_config(ContrastiveJobConfig, None, ["index.nprobe=0"])
+    with pytest.raises(ConfigError, match=r"index\.num_shards"):
+        load_config(ContrastiveJobConfig, None, ["index.num_shards=0"])
+    with pytest.raises(ConfigError, match="FAISS has no GPU HNSW"):
+        load_config(ContrastiveJobConfig, None, ["index.use_gpu=true", "index.kind=hnsw"])
+
+
+def test_index_num_replicas_is_the_old_name_of_replicas_per_shard():
+    assert load_config(ContrastiveJobConfig, None, ["index.num_replicas=3"]).index.replicas_per_shard == 3
+    with pytest.raises(ConfigError, match="give one"):
+        load_config(ContrastiveJobConfig, None, ["index.num_replicas=3", "index.replicas_per_shard=2"])
 
 
 def test_train_log_level_reaches_ray_trains_per_report_logger():

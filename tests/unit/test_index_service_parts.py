@@ -2,26 +2,55 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from whetstone.index.ann import AnnConfig, AnnIndex, SnapshotNotFound, latest_version
+from whetstone.index.ann import AnnConfig, AnnIndex
+from whetstone.index.shard_io import save_shard
+from whetstone.index.snapshot import (
+    SnapshotError,
+    SnapshotNotFound,
+    publish_manifest,
+    read_manifest,
+    set_latest_version,
+    set_staged_version,
+    shard_of,
+)
 from whetstone.index.wire import SearchRequest, UpsertRequest
 
-from services.index.replica import SearchCoalescer, SnapshotHolder, StatsRecorder, search_grouped
+from services.index.replica import SearchCoalescer, StatsRecorder, search_grouped
+from services.index.shard_state import ShardHolder
 
 REPO = Path(__file__).resolve().parents[2]
 DIM = 16
 
 
-def make_root(tmp_path, versions=(1, 2)) -> str:
+def publish_sharded(root: str, version: int, vectors: np.ndarray, ids: list[str], num_shards: int,
+                    config: AnnConfig | None = None, checkpoint: str = "c", set_latest: bool = True):
+    """Build ``num_shards`` indexes (documents by ``shard_of``) and publish them as ``version``."""
+    config = config or AnnConfig()
+    shards = shard_of(ids, num_shards)
+    entries = []
+    for shard in range(num_shards):
+        rows = np.flatnonzero(shards == shard)
+        index = AnnIndex.build(vectors[rows], [ids[i] for i in rows], config)
+        entries.append(save_shard(index, root, version, shard))
+    return publish_manifest(root, version, entries, checkpoint=checkpoint, dim=vectors.shape[1], kind=config.kind,
+                            config=config.model_dump(mode="json"), set_latest=set_latest)
+
+
+def version_vectors(version: int, count: int = 60) -> tuple[np.ndarray, list[str]]:
+    rng = np.random.default_rng(version)
+    return rng.standard_normal((count, DIM)).astype(np.float32), [f"v{version}-{i}" for i in range(count)]
+
+
+def make_root(tmp_path, versions=(1, 2), num_shards: int = 2) -> str:
     root = str(tmp_path / "index")
     for version in versions:
-        rng = np.random.default_rng(version)
-        ids = [f"v{version}-{i}" for i in range(50)]
-        AnnIndex.build(rng.standard_normal((50, DIM)).astype(np.float32), ids, AnnConfig()).save(root, version, "c")
+        publish_sharded(root, version, *version_vectors(version), num_shards)
     return root
 
 
@@ -60,56 +89,80 @@ def test_schemas_reject_bad_requests():
 
 def test_grouped_batch_equals_separate_searches_and_keeps_versions_apart(tmp_path):
     root = make_root(tmp_path)
-    holder = SnapshotHolder(root, None)
-    holder.load_latest_if_newer()
-    old = holder.current
-    holder.swap_to(1)
-    new = holder.current
-    assert (old.version, new.version, latest_version(root)) == (2, 1, 1)
+    holder = ShardHolder(root, None, shard=1, num_shards=2)
+    assert holder.follow() == [2] and holder.latest == 2
+    new = holder.get(2)
+    old = holder.stage(1)
     rng = np.random.default_rng(9)
     items = [(old, rng.standard_normal((2, DIM)).astype(np.float32), 3, None),
-             (new, rng.standard_normal((1, DIM)).astype(np.float32), 5, [["v1-0"]]),
-             (old, rng.standard_normal((3, DIM)).astype(np.float32), 1, [["v2-1"], [], ["v2-2", "v2-3"]])]
+             (new, rng.standard_normal((1, DIM)).astype(np.float32), 5, [["v2-0"]]),
+             (old, rng.standard_normal((3, DIM)).astype(np.float32), 1, [["v1-1"], [], ["v1-2", "v1-3"]])]
     results = search_grouped(items)
-    for (snapshot, vectors, k, excludes), (version, ids, scores, extra) in zip(items, results, strict=True):
+    for (held, vectors, k, excludes), (version, ids, scores, extra) in zip(items, results, strict=True):
         assert extra is None  # excluded ids' scores only when asked
-        want_ids, want_scores = snapshot.index.search(vectors, k, exclude_ids=excludes)
-        assert version == snapshot.version and ids == want_ids and scores.shape == (len(vectors), k)
+        want_ids, want_scores = held.index.search(vectors, k, exclude_ids=excludes)
+        assert version == held.version and ids == want_ids and scores.shape == (len(vectors), k)
         np.testing.assert_allclose(scores, want_scores, atol=1e-6)
         assert all(doc.startswith(f"v{version}-") for row in ids for doc in row)
+        assert set(shard_of([d for row in ids for d in row if d], 2)) <= {1}, "only this shard's documents"
 
 
 def test_excluded_ids_scores_come_from_the_stored_vectors(tmp_path):
-    root = make_root(tmp_path)
-    holder = SnapshotHolder(root, None)
-    holder.load_latest_if_newer()
-    snapshot = holder.current
+    root = make_root(tmp_path, num_shards=1)
+    holder = ShardHolder(root, None, shard=0, num_shards=1)
+    holder.follow()
+    held = holder.get(2)
     queries = np.random.default_rng(4).standard_normal((2, DIM)).astype(np.float32)
     excludes = [["v2-1", "nope"], []]
-    ((version, ids, _, extra),) = search_grouped([(snapshot, queries, 4, excludes, True)])
-    stored = snapshot.index.vectors_for(["v2-1"])[0]
+    ((version, ids, _, extra),) = search_grouped([(held, queries, 4, excludes, True)])
+    stored = held.index.vectors_for(["v2-1"])[0]
     assert extra[0][1] is None and extra[1] == []  # unknown id: no score, not an error
     unit = queries[0] / np.linalg.norm(queries[0])  # scored like search scores (cosine)
     np.testing.assert_allclose(extra[0][0], float(stored @ unit), atol=1e-5)
     assert "v2-1" not in ids[0]
 
 
-def test_mutations_publish_versions_and_start_from_latest(tmp_path):
-    root = make_root(tmp_path)
-    holder, other = SnapshotHolder(root, None), SnapshotHolder(root, None)
-    holder.load_latest_if_newer()
-    other.load_latest_if_newer()
-    vector = np.ones((1, DIM), np.float32)
-    assert holder.mutate("upsert", ["new"], vector) == {"version": 3, "previous_version": 2, "changed": 1,
-                                                        "size": 51}
-    # `other` is still at v2 locally; its mutation must build on v3 (no lost update).
-    result = other.mutate("delete", ["v2-0", "missing"], None)
-    assert result["version"] == 4 and result["previous_version"] == 3 and result["size"] == 50
-    assert "new" in other.current.index and "v2-0" not in other.current.index
-    assert other.mutate("delete", ["missing"], None)["changed"] == 0 and latest_version(root) == 4
+def test_holder_follows_latest_and_staged_and_drops_after_the_grace(tmp_path):
+    root = make_root(tmp_path, versions=(1, 2, 3))
+    set_latest_version(root, 1)
+    holder = ShardHolder(root, None, shard=0, num_shards=2, grace_s=0.3, keep_s=0.3)
+    assert holder.follow() == [1]
+    set_staged_version(root, 2)  # phase 1: held beside LATEST
+    assert holder.follow() == [1, 2] and holder.latest == 1
+    set_latest_version(root, 2)  # the flip; the previous LATEST stays for the grace
+    set_staged_version(root, None)
+    assert holder.follow() == [1, 2] and holder.latest == 2
+    time.sleep(0.4)
+    assert holder.follow() == [2]
+    assert holder.stage(3).version == 3 and holder.versions() == [2, 3]  # asked directly: kept keep_s
+    time.sleep(0.4)
+    assert holder.follow() == [2], "a staged version nothing names any more is dropped"
     with pytest.raises(SnapshotNotFound, match="no snapshot v9"):
-        holder.swap_to(9)
-    assert holder.version == 3, "a failed swap leaves the serving version alone"
+        holder.stage(9)
+    with pytest.raises(SnapshotError, match="num_shards=3"):
+        ShardHolder(root, None, shard=0, num_shards=3).follow()
+    assert holder.versions() == [2], "a failed load leaves what is held alone"
+
+
+def test_holder_reuses_an_unchanged_shard_and_mutates_only_its_own(tmp_path):
+    root = make_root(tmp_path, versions=(1,))
+    holders = [ShardHolder(root, None, shard=s, num_shards=2) for s in range(2)]
+    for holder in holders:
+        holder.follow()
+    new_id = next(f"new-{i}" for i in range(100) if shard_of([f"new-{i}"], 2)[0] == 0)
+    result = holders[0].mutate(1, 2, "upsert", [new_id], np.ones((1, DIM), np.float32))
+    base = read_manifest(root, 1)
+    assert result["changed"] == 1 and result["entry"].prefix == "v2/shard-0000"
+    assert result["count"] == base.shards[0].count + 1 and holders[0].versions() == [1, 2]
+    publish_manifest(root, 2, [result["entry"], base.shards[1]], checkpoint="c", dim=DIM, kind="flat",
+                     config=base.config)
+    # Shard 1 was not touched: v2 names its v1 files, and the replica reuses the object it holds.
+    assert holders[1].stage(2).index is holders[1].get(1).index
+    assert new_id in holders[0].get(2).index and new_id not in holders[0].get(1).index
+    unchanged = holders[0].mutate(2, 3, "delete", ["not-there"], None)
+    assert unchanged["changed"] == 0 and unchanged["entry"].prefix == "v2/shard-0000"
+    deleted = holders[0].mutate(2, 3, "delete", [new_id, "not-there"], None)
+    assert deleted["changed"] == 1 and deleted["count"] == base.shards[0].count
 
 
 def test_stats_recorder_percentiles_and_prometheus():
@@ -137,8 +190,10 @@ def test_typed_app_builder_validates_key_value_args():
     from services.index.app import build_app
 
     app = call_user_app_builder_with_args_if_necessary(build_app, {"index_uri": "/tmp/x", "num_replicas": "2"})
-    deployment = app._bound_deployment
-    assert deployment.name == "IndexService" and deployment.num_replicas == 2
+    router = app._bound_deployment
+    assert router.name == "IndexService" and router.num_replicas == 1
+    (shard,) = router.init_args[1]  # one shard by default, num_replicas (old name) replicas of it
+    assert shard._bound_deployment.name == "IndexService-shard-0" and shard._bound_deployment.num_replicas == 2
     with pytest.raises(ValueError, match="max_k"):
         call_user_app_builder_with_args_if_necessary(build_app, {"index_uri": "/tmp/x", "max_k": 0})
 

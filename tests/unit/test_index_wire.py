@@ -43,6 +43,8 @@ def test_service_error_survives_pickling_and_rays_wrapping():
     ("status", "code", "outage"),
     [
         (503, ErrorCode.NO_VERSION, True),
+        (503, ErrorCode.SHARD_UNAVAILABLE, True),  # one shard of a sharded index did not answer
+        (503, ErrorCode.VERSION_UNAVAILABLE, True),
         (500, None, True),  # an unhandled error in the replica, or the proxy
         (503, None, True),  # Serve's proxy: no replica can take it
         (404, None, True),  # Serve's proxy: no application serves the route
@@ -95,6 +97,8 @@ def test_http_client_raises_request_errors_with_the_code(answer, code):
     "answer",
     [
         httpx.Response(503, json={"detail": "no index version is loaded yet", "code": "no_version"}),
+        httpx.Response(503, json={"detail": "shard 1 of 3 (IndexService-shard-1) did not answer: ...",
+                                  "code": "shard_unavailable"}),
         httpx.Response(404, text="Path '/index/search' not found. Ping http://.../-/routes for available routes."),
         httpx.Response(404, json={"detail": "Not Found"}),  # JSON, but not the service's (no code)
         httpx.Response(500, text="Internal Server Error"),
@@ -140,6 +144,9 @@ def test_handle_client_classifies_the_replicas_error_by_code():
     assert (err.value.status, err.value.code) == (404, ErrorCode.SNAPSHOT_NOT_FOUND)
     with pytest.raises(IndexUnavailable, match="no index version"):
         handle_client(raised(ErrorCode.NO_VERSION, "no index version is loaded yet")).search(QUERY, 3)
+    with pytest.raises(IndexUnavailable, match="shard 2 of 4"):
+        handle_client(raised(ErrorCode.SHARD_UNAVAILABLE, "shard 2 of 4 (IndexService-shard-2) did not answer: x")
+                      ).search(QUERY, 3)
     with pytest.raises(IndexUnavailable, match="ActorDiedError"):
         from ray.exceptions import ActorDiedError
 
@@ -159,7 +166,9 @@ class _Replica:
         self.recorder = StatsRecorder("r1")
 
     async def fast_search(self, headers, body: bytes):
-        return None  # every search goes to the routes below
+        if b"shard-down" in body:  # searched, and a shard did not answer: the fast path answers it
+            return IndexServiceError(ErrorCode.SHARD_UNAVAILABLE, "shard 1 of 2 (IndexService-shard-1) did not answer")
+        return None  # every other search goes to the routes below
 
 
 @pytest.fixture()
@@ -195,10 +204,13 @@ def test_every_error_answer_carries_a_code_beside_its_detail(layer):
         "forbidden": client.post("/swap", headers={"Authorization": "Bearer wrong"}),
         "not_found": client.get("/no-such-route"),
         "http_error": client.get("/swap"),  # 405
+        "shard_unavailable": client.post("/search", json={"vectors": [[0.1] * DIM], "k": 2,
+                                                          "exclude_ids": [["shard-down"]]}),
     }
     statuses = {code: r.status_code for code, r in answers.items()}
     assert statuses == {"no_version": 503, "bad_input": 422, "unauthorized": 401, "forbidden": 403,
-                        "not_found": 404, "http_error": 405}
+                        "not_found": 404, "http_error": 405, "shard_unavailable": 503}
+    assert "shard 1 of 2" in answers["shard_unavailable"].json()["detail"]
     for code, r in answers.items():
         assert r.json()["code"] == code and r.json()["detail"], r.text
     assert answers["unauthorized"].headers["www-authenticate"] == "Bearer"

@@ -74,6 +74,20 @@ class StorageConfig(StrictModel):
         return {k: (v.get_secret_value() if isinstance(v, SecretStr) else v) for k, v in data.items()}
 
 
+def renamed_field(data: Any, old: str, new: str, where: str = "") -> Any:
+    """``data`` with the field ``old`` moved to ``new`` (a pydantic ``mode="before"`` validator's
+    input): old configs keep working; giving both names with different values is refused."""
+    if not isinstance(data, dict) or old not in data:
+        return data
+    data = dict(data)
+    value = data.pop(old)
+    if new in data and data[new] != value:
+        raise ValueError(f"{where}{old}={value} and {where}{new}={data[new]}: give one ({old} is the old name of "
+                         f"{new})")
+    data[new] = value
+    return data
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split ``a.b.c=value`` into a key path and a YAML-parsed value.
 

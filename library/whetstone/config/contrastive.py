@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from whetstone.config.base import RayTrainLogLevel, StorageConfig, StrictModel
+from whetstone.config.base import RayTrainLogLevel, StorageConfig, StrictModel, renamed_field
+from whetstone.index.ann import AnnConfig
 from whetstone.index.mining import MiningConfig
+
+# Index kinds that store every document's full vector: the only ones that can score a given
+# document (the false-negative margin needs each positive's score) or return its vector (cached
+# negatives). IVF-Flat keeps vectors only inside its cell lists, IVF-PQ only codes.
+KINDS_WITH_VECTORS = ("flat", "hnsw")
 
 
 class EncoderConfig(StrictModel):
@@ -119,13 +125,64 @@ class RefreshConfig(StrictModel):
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="bfloat16: faster refreshes on CPU")
 
 
-class IndexSection(StrictModel):
-    kind: Literal["flat", "hnsw", "ivf", "ivfpq"] = "flat"
-    num_cpus: float = Field(0.25, gt=0, description="CPU share of each index replica")
-    num_replicas: int = Field(1, ge=1)
+class IndexBuildConfig(AnnConfig):
+    """How an index version is built: the FAISS kind and its knobs (those of
+    :class:`whetstone.index.ann.AnnConfig`; typical values there) and the number of shards.
+
+    A corpus of N documents is split into ``num_shards`` shards by a hash of the id, each built by
+    its own Ray task from the vector chunks in storage (``nlist`` is per shard). One shard and
+    ``flat`` (the defaults) is right up to a few million documents; docs/scale.md sizes the rest.
+    """
+
+    use_gpu: bool = Field(
+        False, description="FAISS's GPU index for the shards (needs the `gpu` install extra); served shard "
+                           "replicas then ask Ray for GPUs. HNSW has no GPU index in FAISS")
+    num_shards: int = Field(1, ge=1, le=4096, description="shards the index is split into (one build task and "
+                                                          "one Serve deployment each)")
+    build_cpus: float = Field(1.0, gt=0, description="CPUs of each shard's build task (FAISS add/train threads)")
+
+    @model_validator(mode="after")
+    def _gpu_kind(self) -> IndexBuildConfig:
+        if self.use_gpu and self.kind == "hnsw":
+            raise ValueError("index.use_gpu=true with index.kind=hnsw: FAISS has no GPU HNSW index (the replicas "
+                             "would hold GPUs they never use); use kind flat, ivf or ivfpq on GPUs")
+        return self
+
+    def ann_config(self) -> AnnConfig:
+        """The FAISS part, as the index builders take it.
+
+        ``use_gpu=true`` becomes FAISS's ``"auto"``: the build tasks ask Ray for no GPU and build on
+        CPU, and a shard replica that asked Ray for GPUs sees one and moves its shard there;
+        ``false`` stays false (CPU even where a GPU is visible).
+        """
+        fields = self.model_dump(include=set(AnnConfig.model_fields))
+        return AnnConfig.model_validate({**fields, "use_gpu": "auto" if self.use_gpu else False})
+
+    @property
+    def scores_documents(self) -> bool:
+        """Whether the kind keeps full vectors, so the index can score a named document (a positive)
+        and hand back its stored vector; IVF kinds keep only cell lists (and PQ codes)."""
+        return self.kind in KINDS_WITH_VECTORS
+
+
+class IndexSection(IndexBuildConfig):
+    """The job's index: how it is built (:class:`IndexBuildConfig`), served (Serve replicas per
+    shard, their CPUs and GPUs) and where Serve listens."""
+
+    replicas_per_shard: int = Field(1, ge=1, description="Serve replicas of each shard (throughput, availability); "
+                                                         "num_replicas is accepted as its old name")
+    num_cpus: float = Field(0.25, gt=0, description="CPU share of each shard replica")
+    gpus_per_replica: float = Field(1.0, gt=0, description="GPUs of each shard replica when use_gpu (0.5: two "
+                                                          "replicas share a GPU)")
+    router_replicas: int = Field(1, ge=1, description="replicas of the index router (fans out, merges; no vectors)")
     initial_embed_concurrency: int = Field(2, ge=1, description="embedding actors before training")
     http_host: str = Field("127.0.0.1", description="Serve HTTP proxy host (0.0.0.0 to expose it)")
     http_port: int = Field(8000, ge=1, le=65535, description="Serve HTTP port for /index/search etc.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_replicas_name(cls, data: Any) -> Any:
+        return renamed_field(data, "num_replicas", "replicas_per_shard", "index.")
 
 
 class EvalConfig(StrictModel):
@@ -200,17 +257,32 @@ class ContrastiveJobConfig(StrictModel):
     def _refresh_needs_index(self) -> ContrastiveJobConfig:
         if self.refresh.every_steps and self.negatives.source != "index":
             raise ValueError("refresh.every_steps needs negatives.source=index")
-        if not self.negatives.encode:
-            if self.index.kind not in ("flat", "hnsw"):
-                raise ValueError(f"negatives.encode=false needs stored vectors: index.kind flat or hnsw, "
-                                 f"not {self.index.kind}")
-            if self.loss.kind == "gist":
-                raise ValueError("negatives.encode=false does not combine with loss.kind=gist (the guide "
-                                 "scores the negatives' text)")
+        self._index_can_score()
+        if not self.negatives.encode and self.loss.kind == "gist":
+            raise ValueError("negatives.encode=false does not combine with loss.kind=gist (the guide "
+                             "scores the negatives' text)")
         if self.encoder.query_tower == "frozen" and self.multitask.tasks:
             raise ValueError("encoder.query_tower=frozen does not combine with multitask.tasks (their pairs "
                              "are symmetric; both sides go through one tower)")
         return self
+
+    def _index_can_score(self) -> None:
+        """Refuse the rules that need a document's score or stored vector from an index kind that keeps
+        neither (IVF), instead of training without them: the search would answer, the rule would not run."""
+        if self.index.scores_documents:
+            return
+        mining = self.negatives.mining
+        needs, fixes = [], []
+        for name, value in (("relative_margin", mining.relative_margin), ("absolute_margin", mining.absolute_margin)):
+            if value:
+                needs.append(f"negatives.mining.{name}={value} needs each positive's score")
+                fixes.append(f"remove negatives.mining.{name}")
+        if not self.negatives.encode:
+            needs.append("negatives.encode=false needs each negative's stored vector")
+            fixes.append("set negatives.encode=true")
+        if needs:
+            raise ValueError(f"index.kind={self.index.kind} keeps no full vectors: {'; '.join(needs)}. Use "
+                             f"index.kind flat or hnsw, or {' and '.join(fixes)}")
 
     @property
     def run_uri(self) -> str:

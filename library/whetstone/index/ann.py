@@ -1,55 +1,59 @@
 """A FAISS index with string document ids, per-query exclusions and versioned snapshots.
 
 This module knows nothing about Ray: the Serve deployment (``services/index``), the refresh job
-and the benchmarks all use it in-process.
+and the benchmarks all use it in-process. An :class:`AnnIndex` is one whole index or one shard
+of a sharded one (``whetstone.index.shard_io``, ``whetstone.index.build``).
 
-Index kinds (:class:`AnnConfig.kind`): ``flat`` (exact inner product), ``hnsw`` (graph, Malkov &
-Yashunin 2016), ``ivf`` (inverted lists over k-means cells) and ``ivfpq`` (IVF with product
-quantisation, Jégou et al. 2011). With ``normalize=True`` (the default) vectors and queries are
-L2-normalised, so inner product is cosine similarity.
+Index kinds and their knobs are in :mod:`whetstone.index.faiss_kinds` (:class:`AnnConfig`:
+``flat``, ``hnsw``, ``ivf``, ``ivfpq``). Document ids are strings; FAISS only knows int64
+*labels*, so the wrapper keeps an :class:`~whetstone.index.idmap.IdMap` (numpy arrays, no
+per-id Python objects). ``flat`` and ``ivf*`` remove vectors natively; FAISS's HNSW cannot, so
+removed HNSW labels become tombstones (an int64 array) that a search-time ``IDSelector`` skips,
+and the graph is rebuilt from the stored vectors once tombstones exceed a quarter of it.
 
-Document ids are strings; FAISS only knows int64 *labels*, so the wrapper keeps the mapping.
-``flat`` and ``ivf*`` remove vectors natively; FAISS's HNSW cannot, so removed HNSW labels
-become tombstones that a search-time ``IDSelector`` skips, and the graph is rebuilt from the
-stored vectors once tombstones exceed a quarter of it.
-
-Snapshot layout under an index root (a local folder or ``s3://``; see ``whetstone.index.snapshot``)::
-
-    index_root/v{n}/index.faiss     faiss.serialize_index bytes
-    index_root/v{n}/ids.json        {"labels": [...], "ids": [...], "next_label": n, "tombstones": [...]}
-    index_root/v{n}/manifest.json   checkpoint, dim, kind, count, built_at, config, sha256 per file
-    index_root/LATEST               the published version number, written last
-
+Snapshots are format 2 (``whetstone.index.snapshot``): :meth:`AnnIndex.save` writes a 1-shard
+snapshot whose files stream through checksummed chunks; :meth:`AnnIndex.load` reads one back.
 Readers follow ``LATEST``, so a snapshot is visible only after all its files are in place.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from collections.abc import Sequence
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any
 
 import faiss
 import numpy as np
-from pydantic import Field
 
-from whetstone.config.base import StorageConfig, StrictModel
+from whetstone.config.base import StorageConfig
+from whetstone.index.faiss_kinds import (
+    AnnConfig,
+    AnnInputError,
+    check_vectors,
+    make_faiss,
+    maybe_to_gpu,
+    on_gpu,
+)
+from whetstone.index.idmap import IdMap
+from whetstone.index.shard_files import read_shard_files, write_shard_files
 from whetstone.index.snapshot import (
+    DEFAULT_CHUNK_BYTES,
+    IDS_FILE,
+    INDEX_FILE,
     LATEST_FILE,
     MANIFEST_FILE,
     SnapshotConflict,
     SnapshotError,
+    SnapshotManifest,
     SnapshotNotFound,
     latest_version,
     list_versions,
+    manifest_exists,
+    publish_manifest,
     read_manifest,
-    read_snapshot,
     set_latest_version,
     snapshot_path,
-    write_snapshot,
 )
 
 # The snapshot functions are part of this module's API (callers import them from here).
@@ -61,110 +65,35 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-INDEX_FILE = "index.faiss"
-IDS_FILE = "ids.json"
 # HNSW graphs are rebuilt once this share of their labels are tombstones (search quality and
 # speed degrade as the selector filters more of the visited nodes).
 HNSW_REBUILD_FRACTION = 0.25
 
 
-class AnnInputError(ValueError):
-    """Vectors, ids or search arguments are invalid; the message names the argument at fault."""
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-class AnnConfig(StrictModel):
-    """Which FAISS index to build and how to search it.
-
-    Typical values: ``hnsw_m`` 16-64 (graph degree; memory grows with it), ``ef_construction``
-    100-400, ``ef_search`` 64-256 (recall vs speed at query time); ``nlist`` about 4*sqrt(N)
-    cells, ``nprobe`` 8-64 cells visited per query; ``pq_m`` sub-quantisers (must divide the
-    dimension; D/8 keeps 8 dims per code byte).
-    """
-
-    kind: Literal["flat", "hnsw", "ivf", "ivfpq"] = "flat"
-    hnsw_m: int = Field(32, ge=4, le=256)
-    ef_construction: int = Field(200, ge=8)
-    ef_search: int = Field(128, ge=1)
-    nlist: int | None = Field(None, ge=1, description="IVF cells; None = about 4*sqrt(N)")
-    nprobe: int | None = Field(None, ge=1, description="IVF cells visited; None = max(8, nlist/16)")
-    pq_m: int | None = Field(None, ge=1, description="PQ sub-quantisers; None = D/8 (or a divisor of D)")
-    pq_nbits: int = Field(8, ge=4, le=12)
-    use_gpu: Literal["auto"] | bool = "auto"
-    normalize: bool = True
-
-
-def _auto_nlist(count: int) -> int:
-    # FAISS wants ~39 training points per centroid; fewer gives poor cells and a warning.
-    return max(1, min(int(4 * math.sqrt(max(count, 1))), count // 39))
-
-
-def _auto_pq_m(dim: int) -> int:
-    for m in range(max(dim // 8, 1), 0, -1):
-        if dim % m == 0:
-            return m
-    return 1
-
-
-def _gpu_available() -> bool:
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
-
-def _on_gpu(config: AnnConfig) -> bool:
-    """Whether this config's index lives on the GPU (FAISS has no GPU HNSW: that stays on CPU)."""
-    if config.use_gpu is False or (config.use_gpu == "auto" and not _gpu_available()):
-        return False
-    if not _gpu_available():
-        raise AnnInputError("use_gpu: true, but FAISS has no GPU support here "
-                            "(install faiss-gpu, the `gpu` extra, on a CUDA machine)")
-    return config.kind != "hnsw"
-
-
-def check_vectors(vectors: Any, dim: int | None, name: str) -> np.ndarray:
-    """Validate a (N, D) array and return it as contiguous float32 (a copy, safe to normalise)."""
-    try:
-        array = np.array(vectors, dtype=np.float32, copy=True)
-    except (TypeError, ValueError) as err:
-        raise AnnInputError(f"{name}: not a numeric (N, D) array ({err})") from None
-    if array.ndim != 2:
-        raise AnnInputError(f"{name}: expected shape (N, D), got {array.shape}")
-    if dim is not None and array.shape[1] != dim:
-        raise AnnInputError(f"{name}: dimension {array.shape[1]} does not match the index dimension {dim}")
-    bad = ~np.isfinite(array)
-    if bad.any():
-        row, col = (int(i) for i in np.argwhere(bad)[0])
-        raise AnnInputError(f"{name}[{row}][{col}] is {array[row, col]} (NaN or infinite values are refused)")
-    return np.ascontiguousarray(array)
-
-
-def _check_ids(ids: Sequence[str], count: int) -> list[str]:
-    ids = list(ids)
-    if len(ids) != count:
-        raise AnnInputError(f"ids: {len(ids)} ids for {count} vectors")
-    for position, doc_id in enumerate(ids):
-        if not isinstance(doc_id, str) or not doc_id:
-            raise AnnInputError(f"ids[{position}] must be a non-empty string, got {doc_id!r}")
-    if len(set(ids)) != len(ids):
-        seen: set[str] = set()
-        dup = next(i for i in ids if i in seen or seen.add(i))
-        raise AnnInputError(f"ids: {dup!r} appears more than once")
-    return ids
+def _valid_ids(ids: Sequence[Any]) -> list[str]:
+    """The ids that can name a document (non-empty strings); others can match nothing."""
+    return [doc_id for doc_id in ids if isinstance(doc_id, str) and doc_id]
 
 
 class AnnIndex:
-    """A FAISS index over string ids. Build with :meth:`build` or :meth:`load`.
+    """A FAISS index over string ids. Build with :meth:`build`, :meth:`create` + :meth:`add`, or :meth:`load`.
 
     Not safe for concurrent mutation: the index service mutates a :meth:`copy` and swaps it in,
     so searches (which FAISS runs thread-safely) never see a half-applied change.
     """
 
-    def __init__(self, index: faiss.Index, config: AnnConfig, dim: int) -> None:
+    def __init__(self, index: faiss.Index, config: AnnConfig, dim: int, idmap: IdMap | None = None) -> None:
         self._index = index
         self.config = config
         self.dim = dim
-        self._label_to_id: dict[int, str] = {}
-        self._id_to_label: dict[str, int] = {}
-        self._next_label = 0
-        self._tombstones: set[int] = set()
+        self.idmap = idmap if idmap is not None else IdMap()
+        # HNSW keeps removed labels in its graph: every dead label is a tombstone.
+        self._tombstones = self.idmap.dead_labels() if config.kind == "hnsw" else np.zeros(0, np.int64)
+        self._selector: tuple[Any, Any] | None = None  # (IDSelectorNot, its batch), built on demand
         self.version: int | None = None
         self.checkpoint: str | None = None
         self.built_at: str | None = None
@@ -172,92 +101,69 @@ class AnnIndex:
 
     # ----------------------------------------------------------------- construction
     @classmethod
+    def create(
+        cls, dim: int, config: AnnConfig | None = None, train: np.ndarray | None = None, count: int | None = None
+    ) -> AnnIndex:
+        """An empty index of dimension ``dim``; IVF kinds are trained on ``train`` first.
+
+        Args:
+            train: (T, D) rows for IVF training (at most ``64 * nlist`` are used, sampled with a
+                seeded rng); ignored by ``flat`` and ``hnsw``.
+            count: how many rows the index will hold, for the automatic ``nlist`` (default T).
+        """
+        config = config or AnnConfig()
+        if train is not None:
+            train = check_vectors(train, dim, "vectors")
+        index = cls(maybe_to_gpu(make_faiss(dim, config, train, count), config), config, dim)
+        index.built_at = _now()
+        return index
+
+    @classmethod
     def build(cls, vectors: np.ndarray, ids: Sequence[str], config: AnnConfig | None = None) -> AnnIndex:
         """Build an index from ``vectors`` (N, D) float32 named by ``ids`` (N strings).
 
         IVF kinds train their cells on these vectors, so they need at least ``nlist`` of them
         (``ivfpq``: also at least ``2**pq_nbits``). ``flat`` and ``hnsw`` accept N = 0.
         """
-        config = config or AnnConfig()
         array = np.asarray(vectors)
         if array.ndim != 2 or array.shape[1] < 1:
             raise AnnInputError(f"vectors: expected shape (N, D) with D >= 1, got {array.shape}")
         array = check_vectors(array, None, "vectors")
-        index = cls(cls._make_faiss(array, config), config, array.shape[1])
-        index.built_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        index.add(array, ids)
+        config = config or AnnConfig()
+        index = cls(maybe_to_gpu(make_faiss(array.shape[1], config, array), config), config, array.shape[1])
+        index.built_at = _now()
+        index._add_checked(array, ids)
         return index
 
-    @staticmethod
-    def _make_faiss(vectors: np.ndarray, config: AnnConfig) -> faiss.Index:
-        count, dim = vectors.shape
-        ip = faiss.METRIC_INNER_PRODUCT
-        if config.kind == "flat":
-            index: faiss.Index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-        elif config.kind == "hnsw":
-            index = faiss.IndexHNSWFlat(dim, config.hnsw_m, ip)
-            index.hnsw.efConstruction = config.ef_construction
-        else:
-            nlist = config.nlist or _auto_nlist(count)
-            if count < nlist:
-                raise AnnInputError(f"vectors: {config.kind} with nlist={nlist} needs at least {nlist} "
-                                    f"training vectors, got {count}")
-            quantizer = faiss.IndexFlatIP(dim)
-            if config.kind == "ivf":
-                index = faiss.IndexIVFFlat(quantizer, dim, nlist, ip)
-            else:
-                pq_m = config.pq_m or _auto_pq_m(dim)
-                if dim % pq_m:
-                    raise AnnInputError(f"pq_m: {pq_m} does not divide the dimension {dim}")
-                if count < 2**config.pq_nbits:
-                    raise AnnInputError(f"vectors: ivfpq with pq_nbits={config.pq_nbits} needs at least "
-                                        f"{2**config.pq_nbits} training vectors, got {count}")
-                index = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_m, config.pq_nbits, ip)
-            # k-means cost grows with the training set; 64 points per cell is plenty (FAISS
-            # itself samples down to 256 per cell), so train on a seeded sample.
-            limit = 64 * nlist
-            sample = np.random.default_rng(0).choice(count, limit, replace=False) if count > limit else slice(None)
-            train = vectors[sample].copy()
-            if config.normalize:
-                faiss.normalize_L2(train)
-            index.train(train)
-        return AnnIndex._maybe_to_gpu(index, config)
-
-    @staticmethod
-    def _maybe_to_gpu(index: faiss.Index, config: AnnConfig) -> faiss.Index:
-        if not _on_gpu(config):
-            return index
-        # StandardGpuResources must outlive the index; the Python wrapper keeps a reference.
-        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-
     def copy(self) -> AnnIndex:
-        """A deep copy (FAISS index and id maps) that can be mutated while this one serves."""
-        clone = AnnIndex(self._maybe_to_gpu(faiss.clone_index(self._cpu_index()), self.config),
-                         self.config, self.dim)
-        clone._label_to_id = dict(self._label_to_id)
-        clone._id_to_label = dict(self._id_to_label)
-        clone._next_label = self._next_label
-        clone._tombstones = set(self._tombstones)
+        """A deep copy (FAISS index and id map) that can be mutated while this one serves."""
+        clone = AnnIndex(maybe_to_gpu(faiss.clone_index(self._cpu_index()), self.config),
+                         self.config, self.dim, self.idmap.copy())
         clone.version, clone.checkpoint, clone.built_at = self.version, self.checkpoint, self.built_at
         clone.extra = dict(self.extra)
         return clone
 
     def _cpu_index(self) -> faiss.Index:
         """The index on the CPU (serialisation and cloning need it); GPU indexes are copied back."""
-        return faiss.index_gpu_to_cpu(self._index) if _on_gpu(self.config) else self._index
+        return faiss.index_gpu_to_cpu(self._index) if on_gpu(self.config) else self._index
 
     # ----------------------------------------------------------------- properties
     @property
     def size(self) -> int:
         """Number of live (searchable) documents."""
-        return len(self._id_to_label)
+        return len(self.idmap)
 
     @property
     def kind(self) -> str:
         return self.config.kind
 
+    @property
+    def faiss_index(self) -> faiss.Index:
+        """The FAISS index itself (labels are ``idmap`` labels); for callers that tune or measure it."""
+        return self._index
+
     def __contains__(self, doc_id: str) -> bool:
-        return doc_id in self._id_to_label
+        return doc_id in self.idmap
 
     def __repr__(self) -> str:
         return f"AnnIndex(kind={self.kind}, dim={self.dim}, size={self.size}, version={self.version})"
@@ -265,70 +171,71 @@ class AnnIndex:
     # ----------------------------------------------------------------- mutation
     def add(self, vectors: np.ndarray, ids: Sequence[str]) -> None:
         """Add ``vectors`` (N, D) under ``ids`` (N); an id already present is replaced (upsert)."""
-        array = check_vectors(vectors, self.dim, "vectors")
-        ids = _check_ids(ids, array.shape[0])
-        if not ids:
+        self._add_checked(check_vectors(vectors, self.dim, "vectors"), ids)
+
+    def _add_checked(self, array: np.ndarray, ids: Sequence[str]) -> None:
+        """Add a checked float32 copy (normalised in place here)."""
+        if len(ids) != array.shape[0]:
+            raise AnnInputError(f"ids: {len(ids)} ids for {array.shape[0]} vectors")
+        if not len(ids):
             return
-        replaced = [doc_id for doc_id in ids if doc_id in self._id_to_label]
-        if replaced:
-            self.remove(replaced)
+        labels, replaced = self.idmap.upsert(ids)
+        if replaced.size:
+            self._drop_labels(replaced)
         if self.config.normalize:
             faiss.normalize_L2(array)
         if self.kind == "hnsw":
             # HNSW labels are positions in insertion order; they must stay in step with ours.
-            assert self._index.ntotal == self._next_label, "HNSW labels out of step with the id map"
+            assert self._index.ntotal == int(labels[0]), "HNSW labels out of step with the id map"
             self._index.add(array)
         else:
-            labels = np.arange(self._next_label, self._next_label + len(ids), dtype=np.int64)
             self._index.add_with_ids(array, labels)
-        for offset, doc_id in enumerate(ids):
-            label = self._next_label + offset
-            self._label_to_id[label] = doc_id
-            self._id_to_label[doc_id] = label
-        self._next_label += len(ids)
 
     def remove(self, ids: Sequence[str]) -> int:
         """Remove the documents named by ``ids``; unknown ids are ignored. Returns how many went."""
-        labels = [self._id_to_label.pop(doc_id) for doc_id in dict.fromkeys(ids) if doc_id in self._id_to_label]
-        if not labels:
+        labels = self.idmap.labels_of(_valid_ids(ids))
+        labels = np.unique(labels[labels >= 0])
+        if not labels.size:
             return 0
-        for label in labels:
-            del self._label_to_id[label]
+        self.idmap.remove_labels(labels)
+        self._drop_labels(labels)
+        return int(labels.size)
+
+    def _drop_labels(self, labels: np.ndarray) -> None:
+        """Take labels the id map has just retired out of FAISS (HNSW: tombstone them)."""
         if self.kind == "hnsw":
-            self._tombstones.update(labels)
-            if len(self._tombstones) > HNSW_REBUILD_FRACTION * max(self._index.ntotal, 1):
+            self._tombstones = np.union1d(self._tombstones, labels).astype(np.int64)
+            self._selector = None
+            if self._tombstones.size > HNSW_REBUILD_FRACTION * max(self._index.ntotal, 1):
                 self._rebuild_hnsw()
         else:
             self._index.remove_ids(np.asarray(labels, dtype=np.int64))
-        return len(labels)
 
     def _rebuild_hnsw(self) -> None:
         """Rebuild the graph from the live vectors (stored in the HNSW's flat storage)."""
-        live = sorted(self._label_to_id)
+        live = self.idmap.live_labels()
         storage = faiss.downcast_index(self._index.storage)
-        vectors = storage.reconstruct_batch(np.asarray(live, dtype=np.int64)) if live else \
-            np.zeros((0, self.dim), dtype=np.float32)
+        vectors = storage.reconstruct_batch(live) if live.size else np.zeros((0, self.dim), dtype=np.float32)
         index = faiss.IndexHNSWFlat(self.dim, self.config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = self.config.ef_construction
         index.add(vectors)  # already normalised when they went in
         self._index = index
-        ids = [self._label_to_id[label] for label in live]
-        self._label_to_id = dict(enumerate(ids))
-        self._id_to_label = {doc_id: label for label, doc_id in self._label_to_id.items()}
-        self._next_label = len(ids)
-        self._tombstones = set()
-        logger.info("rebuilt HNSW graph with %d live vectors", len(ids))
+        self.idmap = self.idmap.compacted()
+        self._tombstones = np.zeros(0, np.int64)
+        self._selector = None
+        logger.info("rebuilt HNSW graph with %d live vectors", live.size)
 
     # ----------------------------------------------------------------- search
     def _search_params(self, fetch: int) -> faiss.SearchParameters | None:
         if self.kind == "hnsw":
             params = faiss.SearchParametersHNSW()
             params.efSearch = max(self.config.ef_search, fetch)
-            if self._tombstones:
-                tombstones = np.fromiter(self._tombstones, dtype=np.int64, count=len(self._tombstones))
-                batch = faiss.IDSelectorBatch(tombstones)
-                params.sel = faiss.IDSelectorNot(batch)
-                params._keep_alive = batch  # the SWIG selector does not own its child
+            if self._tombstones.size:
+                if self._selector is None:
+                    batch = faiss.IDSelectorBatch(self._tombstones)
+                    self._selector = (faiss.IDSelectorNot(batch), batch)
+                params.sel = self._selector[0]
+                params._keep_alive = self._selector  # the SWIG selector does not own its child
             return params
         if self.kind in ("ivf", "ivfpq"):
             params = faiss.SearchParametersIVF()
@@ -369,13 +276,13 @@ class AnnIndex:
         params = self._search_params(fetch)
         scores, labels = self._index.search(array, fetch, params=params) if params is not None \
             else self._index.search(array, fetch)
-        lookup = self._label_to_id
+        found = self.idmap.ids_of(labels)  # "" for -1 (no result) and removed labels
         for row in range(count):
             excluded = set(exclude_ids[row]) if exclude_ids else ()
             filled = 0
-            for label, score in zip(labels[row].tolist(), scores[row].tolist(), strict=True):
-                doc_id = lookup.get(label)  # -1 (no result) and removed labels map to None
-                if doc_id is None or doc_id in excluded:
+            row_ids = found[row * fetch: (row + 1) * fetch]
+            for doc_id, score in zip(row_ids, scores[row].tolist(), strict=True):
+                if not doc_id or doc_id in excluded:
                     continue
                 out_ids[row][filled] = doc_id
                 out_scores[row, filled] = score
@@ -394,15 +301,26 @@ class AnnIndex:
         array = check_vectors(queries, self.dim, "queries")
         if len(ids_per_query) != array.shape[0]:
             raise AnnInputError(f"ids_per_query: {len(ids_per_query)} lists for {array.shape[0]} queries")
+        if self.kind not in ("flat", "hnsw"):
+            return [[None] * len(ids) for ids in ids_per_query]
         if self.config.normalize:
             faiss.normalize_L2(array)
-        out: list[list[float | None]] = []
-        for row, ids in enumerate(ids_per_query):
-            known = [doc_id for doc_id in ids if doc_id in self._id_to_label]
-            scores: dict[str, float] = {}
-            if known and self.kind in ("flat", "hnsw"):
-                scores = dict(zip(known, (self.vectors_for(known) @ array[row]).tolist(), strict=True))
-            out.append([scores.get(doc_id) for doc_id in ids])
+        flat = [doc_id for ids in ids_per_query for doc_id in ids]
+        labels = np.full(len(flat), -1, dtype=np.int64)
+        valid = [position for position, doc_id in enumerate(flat) if isinstance(doc_id, str) and doc_id]
+        if valid:
+            labels[valid] = self.idmap.labels_of([flat[position] for position in valid])
+        known = np.flatnonzero(labels >= 0)
+        vectors = self._reconstruct(labels[known])
+        rows = np.repeat(np.arange(len(ids_per_query)), [len(ids) for ids in ids_per_query])
+        scores: list[float | None] = [None] * len(flat)
+        for position, value in zip(known.tolist(), np.einsum("nd,nd->n", vectors, array[rows[known]]).tolist(),
+                                   strict=True):
+            scores[position] = value
+        out, start = [], 0
+        for ids in ids_per_query:
+            out.append(scores[start: start + len(ids)])
+            start += len(ids)
         return out
 
     def vectors_for(self, ids: Sequence[str]) -> np.ndarray:
@@ -410,27 +328,27 @@ class AnnIndex:
 
         Only ``flat`` and ``hnsw`` store full vectors; IVF kinds raise ``AnnInputError``.
         """
-        missing = [doc_id for doc_id in ids if doc_id not in self._id_to_label]
-        if missing:
-            raise AnnInputError(f"ids: {missing[:5]} not in the index")
-        labels = np.asarray([self._id_to_label[doc_id] for doc_id in ids], dtype=np.int64)
+        labels = np.full(len(ids), -1, dtype=np.int64)
+        valid = [position for position, doc_id in enumerate(ids) if isinstance(doc_id, str) and doc_id]
+        if valid:
+            labels[valid] = self.idmap.labels_of([ids[position] for position in valid])
+        if (labels < 0).any():
+            missing = [ids[int(position)] for position in np.flatnonzero(labels < 0)[:5]]
+            raise AnnInputError(f"ids: {missing} not in the index")
+        if self.kind not in ("flat", "hnsw"):
+            raise AnnInputError(f"vectors_for is not supported for kind {self.kind!r}")
+        return self._reconstruct(labels)
+
+    def _reconstruct(self, labels: np.ndarray) -> np.ndarray:
+        if not labels.size:
+            return np.zeros((0, self.dim), dtype=np.float32)
         if self.kind == "hnsw":
             return faiss.downcast_index(self._index.storage).reconstruct_batch(labels)
-        if self.kind == "flat":
-            return np.stack([self._cpu_index().reconstruct(int(label)) for label in labels]) if len(labels) \
-                else np.zeros((0, self.dim), dtype=np.float32)
-        raise AnnInputError(f"vectors_for is not supported for kind {self.kind!r}")
+        # flat: IndexIDMap2 maps labels to rows itself; on GPU only its inner flat index moved
+        # there, so this copies the asked rows back, not the whole index.
+        return self._index.reconstruct_batch(np.ascontiguousarray(labels, dtype=np.int64))
 
     # ----------------------------------------------------------------- snapshots
-    def _ids_payload(self) -> bytes:
-        labels = sorted(self._label_to_id)
-        return json.dumps({
-            "labels": labels,
-            "ids": [self._label_to_id[label] for label in labels],
-            "next_label": self._next_label,
-            "tombstones": sorted(self._tombstones),
-        }).encode()
-
     def save(
         self,
         index_root_uri: str,
@@ -441,29 +359,34 @@ class AnnIndex:
         *,
         overwrite: bool = False,
         set_latest: bool = True,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> str:
-        """Write the snapshot ``index_root/v{version}/`` and then (``set_latest``) ``LATEST``.
+        """Write a 1-shard snapshot ``index_root/v{version}/`` and then (``set_latest``) ``LATEST``.
 
         Args:
             index_root_uri: a local folder or ``s3://bucket/prefix``.
             version: a non-negative integer; snapshots are immutable unless ``overwrite``.
             checkpoint: the encoder the vectors came from (local dir or storage URI).
             extra: JSON-safe metadata kept in the manifest (e.g. corpus manifest, step).
+            chunk_bytes: the size of each stored chunk (64 MiB; tests use small ones).
 
         Returns:
             The snapshot URI.
 
         Raises:
-            SnapshotConflict: the version already exists (and not ``overwrite``).
+            SnapshotConflict: the version already exists (and not ``overwrite``); nothing is written.
         """
         if not isinstance(version, int) or isinstance(version, bool) or version < 0:
             raise AnnInputError(f"version: must be a non-negative integer, got {version!r}")
-        built_at = self.built_at or datetime.now(timezone.utc).isoformat(timespec="seconds")
-        files = {INDEX_FILE: faiss.serialize_index(self._cpu_index()).tobytes(), IDS_FILE: self._ids_payload()}
-        fields = {"checkpoint": checkpoint, "dim": self.dim, "kind": self.kind, "count": self.size,
-                  "built_at": built_at, "config": self.config.model_dump(mode="json"), "extra": extra or {}}
-        snapshot_uri = write_snapshot(index_root_uri, version, files, fields, storage,
-                                      overwrite=overwrite, set_latest=set_latest)
+        snapshot_uri = snapshot_path(index_root_uri, version)
+        if not overwrite and manifest_exists(index_root_uri, version, storage):
+            raise SnapshotConflict(f"snapshot {snapshot_uri} already exists (snapshots are immutable)")
+        built_at = self.built_at or _now()
+        entry = write_shard_files(self._cpu_index(), self.idmap, index_root_uri, version, 0,
+                                  storage=storage, chunk_bytes=chunk_bytes)
+        publish_manifest(index_root_uri, version, [entry], checkpoint=checkpoint, dim=self.dim, kind=self.kind,
+                         config=self.config.model_dump(mode="json"), built_at=built_at, extra=extra,
+                         storage=storage, overwrite=overwrite, set_latest=set_latest)
         self.version, self.checkpoint, self.built_at, self.extra = version, checkpoint, built_at, extra or {}
         logger.info("saved %s snapshot v%d (%d docs) to %s", self.kind, version, self.size, snapshot_uri)
         return snapshot_uri
@@ -472,26 +395,48 @@ class AnnIndex:
     def load(
         cls, index_root_uri: str, version: int | None = None, storage: StorageConfig | None = None
     ) -> AnnIndex:
-        """Load snapshot ``version`` (None = the one ``LATEST`` names) and verify its checksums.
+        """Load 1-shard snapshot ``version`` (None = the one ``LATEST`` names), checksums verified.
 
         Raises:
             SnapshotNotFound: no LATEST, or no snapshot of the version (URI named).
-            SnapshotError: a missing file or a checksum mismatch (URI named).
+            SnapshotError: a missing or corrupt chunk (its URI named), format 1.
+            AnnInputError: the snapshot has several shards (load them with ``shard_io.load_shard``).
         """
-        version, manifest, payloads = read_snapshot(index_root_uri, version, storage)
-        snapshot_uri = snapshot_path(index_root_uri, version)
-        config = AnnConfig.model_validate(manifest["config"])
-        faiss_index = faiss.deserialize_index(np.frombuffer(payloads[INDEX_FILE], dtype=np.uint8))
-        index = cls(cls._maybe_to_gpu(faiss_index, config), config, int(manifest["dim"]))
-        mapping = json.loads(payloads[IDS_FILE])
-        index._label_to_id = dict(zip(mapping["labels"], mapping["ids"], strict=True))
-        index._id_to_label = {doc_id: label for label, doc_id in index._label_to_id.items()}
-        index._next_label = int(mapping["next_label"])
-        index._tombstones = set(mapping["tombstones"])
-        index.version, index.checkpoint = version, manifest["checkpoint"]
-        index.built_at, index.extra = manifest["built_at"], manifest.get("extra", {})
-        if index.size != manifest["count"]:
-            raise SnapshotError(f"{snapshot_uri}: manifest count {manifest['count']} != {index.size} ids")
+        if version is None:
+            version = latest_version(index_root_uri, storage)
+            if version is None:
+                raise SnapshotNotFound(f"no published index under {index_root_uri} ({LATEST_FILE} is missing)")
+        manifest = read_manifest(index_root_uri, version, storage)
+        if manifest.num_shards != 1:
+            raise AnnInputError(f"{snapshot_path(index_root_uri, version)} has {manifest.num_shards} shards: "
+                                f"AnnIndex.load reads 1-shard snapshots; use whetstone.index.shard_io.load_shard "
+                                f"per shard, or the index service")
+        return cls.from_manifest(index_root_uri, manifest, 0, storage)
+
+    @classmethod
+    def from_manifest(
+        cls, index_root_uri: str, manifest: SnapshotManifest, shard: int, storage: StorageConfig | None = None,
+        use_gpu: bool | None = None,
+    ) -> AnnIndex:
+        """Shard ``shard`` of a snapshot, streamed in and verified.
+
+        GPU placement follows the manifest's config (``use_gpu``) unless ``use_gpu`` overrides it.
+        """
+        if not 0 <= shard < manifest.num_shards:
+            raise AnnInputError(f"shard: {shard} is not in 0..{manifest.num_shards - 1} "
+                                f"(snapshot {snapshot_path(index_root_uri, manifest.version)})")
+        entry = manifest.shards[shard]
+        faiss_index, idmap = read_shard_files(index_root_uri, entry, storage)
+        expected = idmap.next_label if manifest.kind == "hnsw" else len(idmap)
+        if faiss_index.ntotal != expected:
+            raise SnapshotError(f"{snapshot_path(index_root_uri, manifest.version)} shard {shard}: FAISS holds "
+                                f"{faiss_index.ntotal} vectors, the id map {expected}")
+        config = AnnConfig.model_validate(manifest.config)
+        if use_gpu is not None:
+            config = config.model_copy(update={"use_gpu": use_gpu})
+        index = cls(maybe_to_gpu(faiss_index, config), config, manifest.dim, idmap)
+        index.version, index.checkpoint = manifest.version, manifest.checkpoint
+        index.built_at, index.extra = manifest.built_at, dict(manifest.extra)
         return index
 
     def set_search_params(self, ef_search: int | None = None, nprobe: int | None = None) -> None:

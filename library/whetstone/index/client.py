@@ -1,9 +1,9 @@
 """How training code talks to the index service: a Serve handle inside the cluster, HTTP outside.
 
 The trainer asks for hard negatives every step and must never stall on the index. Every call has
-a timeout; a timeout, a refused connection, a missing deployment or an index with no version yet
-raise :class:`IndexUnavailable`, the signal to fall back to in-batch negatives for that step
-(and count it). After a failure the client fails fast for ``retry_after_s`` instead of waiting out
+a timeout; a timeout, a refused connection, a missing deployment, an index with no version yet or
+a shard of a sharded index that does not answer raise :class:`IndexUnavailable`, the signal to
+fall back to in-batch negatives for that step (and count it). After a failure the client fails fast for ``retry_after_s`` instead of waiting out
 the timeout again on every step. A request the service rejects (wrong dimension, k out of range,
 bad token) raises :class:`IndexRequestError`: that is a bug to fix, not an outage to ride out.
 Which is which is decided by the answer's HTTP status and error code (:func:`is_outage`), never by
@@ -67,16 +67,22 @@ class IndexRequestError(ValueError):
         self.code = code
 
 
+# Codes that mean "not there now" whatever the status they came with.
+_OUTAGE_CODES = (ErrorCode.NO_VERSION, ErrorCode.SHARD_UNAVAILABLE, ErrorCode.VERSION_UNAVAILABLE)
+
+
 def is_outage(status: int, code: ErrorCode | str | None) -> bool:
     """Whether an error answer means "the index is not there now, fall back" (True) rather than
     "the service refused this request, fix it" (False).
 
-    Any 5xx is an outage, and so is the service's ``no_version`` (no index loaded yet). An answer
+    Any 5xx is an outage: the service's ``no_version`` (no index loaded yet), ``shard_unavailable``
+    (one shard of a sharded index did not answer; the message names it) and ``version_unavailable``
+    (a shard is still loading the version a swap just published) among them. An answer
     without the service's ``code`` did not come from its routes: a 404 then is Serve's proxy
     saying no application serves the route (not deployed yet, or deleted), an outage too; any
     other coded 4xx is the service refusing the request.
     """
-    if status >= 500 or code == ErrorCode.NO_VERSION:
+    if status >= 500 or code in _OUTAGE_CODES:
         return True
     return code is None and status == 404
 

@@ -108,11 +108,30 @@ class MutationResponse(_Wire):
 
 
 class ReplicaInfo(_Wire):
+    """One replica's last report: the ingress's own (``version`` = the version it pins searches
+    to), or a shard replica's (``version`` = the LATEST it follows, ``versions`` = what it holds)."""
+
     replica_id: str
     version: int | None
-    size: int
+    size: int = Field(description="documents in the replica's current version (its shard's, for a shard)")
     pid: int
     updated_at: float = Field(description="unix time of the replica's last report")
+    versions: list[int] = Field(default_factory=list, description="versions held in memory (shard replicas)")
+    shard: int | None = Field(None, description="the shard a shard replica serves; None for the ingress")
+    requests_total: int | None = Field(None, description="search requests this replica served")
+    faiss_calls_total: int | None = Field(None, description="FAISS searches it ran (shard replicas)")
+    faiss_ms_p50: float | None = Field(None, description="median wall time of its (batched) FAISS calls")
+
+
+class ShardInfo(_Wire):
+    """One shard deployment in ``/stats``."""
+
+    shard: int
+    deployment: str = Field(description="its Serve deployment, e.g. IndexService-shard-2")
+    count: int | None = Field(None, description="documents of this shard in the served version")
+    available: bool = Field(description="whether the shard answered the last call")
+    error: str | None = Field(None, description="why it is unavailable")
+    replicas: list[ReplicaInfo] = Field(default_factory=list)
 
 
 class StatsResponse(_Wire):
@@ -130,12 +149,15 @@ class StatsResponse(_Wire):
     latency_ms_p99: float | None
     faiss_calls_total: int = Field(0, description="FAISS searches run; batched requests share one")
     requests_per_faiss_call: float | None = Field(None, description="mean search requests merged per FAISS call")
-    faiss_ms_p50: float | None = Field(None, description="median wall time of one (batched) FAISS search")
-    replica_id: str
+    faiss_ms_p50: float | None = Field(None, description="median wall time of one (batched) FAISS search; "
+                                                           "sharded: the slowest shard replica's")
+    replica_id: str = Field(description="the ingress replica that answered")
     pid: int
     replicas: list[ReplicaInfo] = Field(
-        default_factory=list, description="every live replica's last report (version per replica)"
+        default_factory=list, description="every live ingress replica's last report (version per replica)"
     )
+    num_shards: int = Field(1, description="shards the index is split into")
+    shards: list[ShardInfo] = Field(default_factory=list, description="each shard's replicas and versions")
 
 
 class ErrorCode(str, Enum):
@@ -151,6 +173,8 @@ class ErrorCode(str, Enum):
     UNAUTHORIZED = "unauthorized"  # 401: no bearer token
     FORBIDDEN = "forbidden"  # 403: wrong token, or no token configured for mutations
     NOT_FOUND = "not_found"  # 404: no such route in the service
+    SHARD_UNAVAILABLE = "shard_unavailable"  # 503: a shard did not answer (the message names it)
+    VERSION_UNAVAILABLE = "version_unavailable"  # 503: a shard does not hold the version asked for (yet)
     HTTP_ERROR = "http_error"  # any other refusal of the web framework (e.g. 405); status varies
 
     @property
@@ -163,7 +187,8 @@ _STATUS: dict[ErrorCode, int | None] = {
     ErrorCode.BAD_INPUT: 422, ErrorCode.TOO_MANY_QUERIES: 413, ErrorCode.TEXTS_UNSUPPORTED: 409,
     ErrorCode.NO_VERSION: 503, ErrorCode.SNAPSHOT_NOT_FOUND: 404, ErrorCode.SNAPSHOT_CONFLICT: 409,
     ErrorCode.SNAPSHOT_INVALID: 409, ErrorCode.UNAUTHORIZED: 401, ErrorCode.FORBIDDEN: 403,
-    ErrorCode.NOT_FOUND: 404, ErrorCode.HTTP_ERROR: None,
+    ErrorCode.NOT_FOUND: 404, ErrorCode.SHARD_UNAVAILABLE: 503, ErrorCode.VERSION_UNAVAILABLE: 503,
+    ErrorCode.HTTP_ERROR: None,
 }
 
 
@@ -213,7 +238,8 @@ class IndexServiceError(Exception):
 
 # ---------------------------------------------------------------- handle payloads
 class SearchArrays(TypedDict):
-    """What ``IndexService.search_arrays`` returns to handle callers (numpy, no JSON-shaped lists)."""
+    """What ``IndexService.search_arrays`` returns to handle callers (numpy, no JSON-shaped lists);
+    each shard answers the ingress in the same shape for its part of the index."""
 
     version: int
     ids: list[list[str]]  # Q lists of k document ids ("" where padded)

@@ -3,8 +3,8 @@
 ``jobs/train_contrastive.py:run`` reads as::
 
     run = start_run(config)                          # paths, Ray, run folder, task data, resume point
-    base = embed_and_evaluate(run, run.base_model)   # corpus vectors + nDCG before training
-    version = publish_first_version(run, base)       # index v1 (a resumed run keeps its newest)
+    base = embed_and_evaluate(run, run.base_model, "base", first_vectors_uri(run))  # vectors to storage + nDCG
+    version = publish_first_version(run, base)       # index v1 from those vectors (a resumed run keeps its newest)
     ... the job deploys the index service (Serve is the job's business, not the library's) ...
     refresher = start_refresher(run)                 # background re-embedding + swaps
     plan = plan_run(run, version, refresher)         # steps, epochs, where checkpoints go
@@ -12,7 +12,9 @@
     final = finish_model(run, plan, refresher)       # merge, embed, evaluate, promote
     return write_report(run, plan, base, final, metrics)
 
-Everything here runs on the driver.
+Everything here runs on the driver, which never holds the corpus' vectors: they stream from Ray
+Data through the exact evaluation into vector chunks in storage, and the index shards are built
+from there by Ray tasks.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class ContrastiveRun:
     base_model: str
     task_data: dict[str, Any] = field(default_factory=dict)
     resume: tuple[str, TrainerState] | None = None  # (checkpoint URI, its state) when resuming
+    resumed_version: int | None = None  # the index version a resumed run keeps serving (its newest)
     eval_split: Any = None
 
     @property
@@ -67,11 +70,12 @@ class ContrastiveRun:
 
 @dataclass
 class Embedded:
-    """The corpus embedded by one model, and that model's retrieval quality on the eval split."""
+    """The corpus embedded by one model (its vector chunks in storage, when kept), and that model's
+    retrieval quality on the eval split."""
 
     model_uri: str
-    ids: list[str]
-    vectors: np.ndarray  # (N, D) float32, unit rows
+    vectors_uri: str | None  # index_root/vectors/v{n} when an index version is built from them
+    count: int  # documents embedded
     metrics: dict[str, float]
 
 
@@ -103,7 +107,10 @@ def start_run(config: ContrastiveJobConfig) -> ContrastiveRun:
     run = ContrastiveRun(config, timer, memory, resolve_model_path(config.encoder.base_model),
                          task_data=load_tasks(config))
     if config.if_exists == "resume":
+        from whetstone.index.snapshot import latest_version
+
         run.resume = find_resume_checkpoint(config.run_uri, config.storage)
+        run.resumed_version = latest_version(run.index_uri, config.storage) if run.resume else None
     if config.eval.split:
         from whetstone.data.stream import load_eval_split
 
@@ -141,39 +148,58 @@ def load_tasks(config: ContrastiveJobConfig) -> dict[str, Any]:
     return out
 
 
-def embed_and_evaluate(run: ContrastiveRun, model_uri: str, name: str = "base") -> Embedded:
+def embed_and_evaluate(run: ContrastiveRun, model_uri: str, name: str = "base",
+                       vectors_uri: str | None = None) -> Embedded:
     """Embed the corpus with ``model_uri`` (Ray Data batch inference) and rank it exactly for the
-    eval split's queries (at every Matryoshka width the loss trains)."""
+    eval split's queries (at every Matryoshka width the loss trains), batch by batch as the vectors
+    stream in; with ``vectors_uri`` they are written there as vector chunks on the way (the next
+    index version is built from them)."""
     from whetstone.eval.retrieval import evaluate_encoder
     from whetstone.models.encoder import Encoder
-    from whetstone.train.refresh import embed_corpus
+    from whetstone.train.refresh import CorpusVectors, embedded_batches
 
     config, t = run.config, time.monotonic()
-    ids, vectors = embed_corpus(config.store_uri, model_uri, config.storage,
-                                concurrency=config.index.initial_embed_concurrency,
-                                batch_size=config.refresh.embed_batch_size, max_length=config.eval.doc_max_length)
-    print(f"[index] embedded {len(ids)} documents with the {name} model in "
-          f"{run.timer.mark(f'embed_{name}_s', t)} s", flush=True)
+    corpus = CorpusVectors(embedded_batches(config.store_uri, model_uri, config.storage,
+                                            concurrency=config.index.initial_embed_concurrency,
+                                            batch_size=config.refresh.embed_batch_size,
+                                            max_length=config.eval.doc_max_length), vectors_uri, config.storage)
     metrics: dict[str, float] = {}
     split = run.eval_split
-    if split is not None:
+    if split is None:
+        corpus.drain()
+    else:
         encoder = Encoder.load_query(model_uri, storage=config.storage)  # the query tower, if the model has one
-        metrics = evaluate_encoder(encoder, split.queries, split.qrels, ids, vectors,
+        metrics = evaluate_encoder(encoder, split.queries, split.qrels, corpus, None,
                                    config.encoder.query_max_length, dims=config.loss.matryoshka_dims or ())
+    stored = f" into {vectors_uri}" if vectors_uri else ""
+    print(f"[index] embedded {corpus.rows} documents with the {name} model{stored} in "
+          f"{run.timer.mark(f'embed_{name}_s', t)} s", flush=True)
+    if split is not None:
         print(f"[eval] {name}: nDCG@10 {metrics['ndcg@10']:.4f} Recall@100 {metrics['recall@100']:.4f}", flush=True)
-    return Embedded(model_uri, ids, vectors, metrics)
+    return Embedded(model_uri, vectors_uri, corpus.rows, metrics)
+
+
+def first_vectors_uri(run: ContrastiveRun) -> str | None:
+    """Where the base model's vectors go: index v1's vector chunks, or nowhere when the run serves
+    no index or a resumed run keeps serving its newest version."""
+    from whetstone.train.refresh import vectors_uri
+
+    if run.config.negatives.source != "index" or run.resumed_version:
+        return None
+    return vectors_uri(run.index_uri, 1)
 
 
 def publish_first_version(run: ContrastiveRun, base: Embedded) -> int:
-    """Publish the base model's vectors as index v1; a resumed run keeps serving its newest version."""
-    from whetstone.index.ann import latest_version
+    """Build index v1 from the base model's vector chunks (``index.num_shards`` shards, one Ray task
+    each) and publish it; a resumed run keeps serving its newest version."""
     from whetstone.train.refresh import publish_index
 
-    config = run.config
-    existing = latest_version(run.index_uri, config.storage) if run.resume else None
-    if existing:
-        return existing
-    publish_index(base.ids, base.vectors, run.index_uri, 1, base.model_uri, config.index.kind, config.storage)
+    if run.resumed_version:
+        return run.resumed_version
+    if base.vectors_uri is None:
+        raise ValueError("publish_first_version: the base model's vectors were not kept (embed_and_evaluate "
+                         "needs vectors_uri=first_vectors_uri(run))")
+    publish_index(base.vectors_uri, run.index_uri, 1, base.model_uri, run.config.index, run.config.storage)
     return 1
 
 
@@ -192,12 +218,19 @@ def start_refresher(run: ContrastiveRun) -> Refresher:
 
     config = run.config
     name = f"whetstone-refresher-{config.run_name}-{uuid.uuid4().hex[:6]}"
-    settings = {**config.refresh.model_dump(), "kind": config.index.kind,
+    settings = {**config.refresh.model_dump(), "index": index_build_settings(config),
                 "index_max_length": config.refresh.doc_max_length or config.eval.doc_max_length,
                 "eval_split": config.eval.split, "query_max_length": config.encoder.query_max_length}
     actor = IndexRefresher.options(name=name).remote(config.store_uri, run.index_uri,
                                                      config.storage.resolved().to_wire(), settings)
     return Refresher(name, actor)
+
+
+def index_build_settings(config: ContrastiveJobConfig) -> dict[str, Any]:
+    """The index section's build part (kind, FAISS knobs, shards) as JSON, for the refresher."""
+    from whetstone.config.contrastive import IndexBuildConfig
+
+    return config.index.model_dump(mode="json", include=set(IndexBuildConfig.model_fields))
 
 
 def plan_run(run: ContrastiveRun, first_version: int, refresher: Refresher | None) -> ContrastiveRunPlan:
@@ -329,15 +362,20 @@ def finish_model(run: ContrastiveRun, plan: ContrastiveRunPlan, refresher: Refre
                                 store.join(config.run_uri, run.attempt, "final-merged"), config.storage)
         print(f"[train] merged with the base model (base weight {config.optim.merge_base_weight}) in "
               f"{run.timer.mark('merge_s', t)} s: {final}", flush=True)
-    embedded = embed_and_evaluate(run, final, "final")
     versions = [plan.first_version] + [r["new_version"] for r in status["history"]]
+    promoted = None
     if refresher is not None:
+        from whetstone.train.refresh import next_version, vectors_uri
+
+        promoted = next_version(run.index_uri, config.storage)
+    embedded = embed_and_evaluate(run, final, "final", vectors_uri(run.index_uri, promoted) if promoted else None)
+    if promoted is not None:
         from whetstone.index.client import IndexClient
         from whetstone.train.refresh import publish_index
 
-        versions.append(max(versions) + 1)
-        publish_index(embedded.ids, embedded.vectors, run.index_uri, versions[-1], final, config.index.kind,
-                      config.storage)
-        IndexClient.from_handle().swap(versions[-1])
-        print(f"[index] promoted v{versions[-1]} built from the final model", flush=True)
+        versions.append(promoted)
+        publish_index(embedded.vectors_uri, run.index_uri, promoted, final, config.index, config.storage,
+                      set_latest=False)
+        IndexClient.from_handle().swap(promoted)
+        print(f"[index] promoted v{promoted} built from the final model", flush=True)
     return FinalModel(trained, embedded, versions, status["history"], status["errors"])

@@ -1,11 +1,14 @@
 """Index refresh (ANCE-style): re-embed the corpus with a checkpoint, publish a new index version.
 
-``embed_corpus`` is Ray Data batch inference over the corpus shards (one encoder per actor,
-length-sorted batches). ``publish_index`` writes a versioned FAISS snapshot to storage.
-``IndexRefresher`` is a Ray actor that the rank-0 training worker pokes with each new checkpoint;
-it refreshes in the background while training goes on, one refresh at a time, coalescing
-requests that arrive while one runs (only the newest checkpoint matters), and swaps each new
-version into the index service.
+Nothing here holds the whole corpus' vectors: ``embedded_batches`` is Ray Data batch inference
+over the corpus shards (one encoder per actor, length-sorted batches) streamed batch by batch;
+:class:`CorpusVectors` writes the batches to vector chunks in storage
+(``index_root/vectors/v{n}/``) as they pass, for whoever reads them next (the evaluation's chunked
+exact search, say); ``publish_index`` builds the version's shards from those chunks, one Ray task
+per shard (``whetstone.index.build``). ``IndexRefresher`` is a Ray actor that the rank-0 training
+worker pokes with each new checkpoint; it refreshes in the background while training goes on, one
+refresh at a time, coalescing requests that arrive while one runs (only the newest checkpoint
+matters), and swaps each new version into the index service.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -23,6 +27,8 @@ from whetstone.config.base import StorageConfig
 from whetstone.data.schemas import document_text
 
 logger = logging.getLogger(__name__)
+
+VECTORS_DIR = "vectors"
 
 
 class _EmbedBatch:
@@ -48,7 +54,7 @@ class _EmbedBatch:
         return {"doc_id": batch["doc_id"], "vector": vectors}
 
 
-def embed_corpus(
+def embedded_batches(
     store_uri: str,
     model_uri: str,
     storage: StorageConfig | None = None,
@@ -57,11 +63,15 @@ def embed_corpus(
     concurrency: int = 1,
     num_cpus: float = 1.0,
     dtype: str = "float32",
-) -> tuple[list[str], np.ndarray]:
-    """Embed every corpus document with ``model_uri`` using Ray Data.
+) -> Iterator[tuple[list[str], np.ndarray]]:
+    """Embed every corpus document with ``model_uri`` using Ray Data, streamed.
 
-    Returns:
-        (doc ids, (N, D) float32 unit-norm vectors) in the same order.
+    Yields:
+        (doc ids, (n, D) float32 unit-norm vectors) per batch, as Ray Data hands them over (about
+        128 rows each); the caller holds one batch at a time.
+
+    Raises:
+        ValueError: the corpus has no rows (raised once the stream is exhausted).
     """
     storage = storage or StorageConfig()
     corpus = store.resolve(store.join(store_uri, "corpus"), storage)
@@ -85,30 +95,107 @@ def embed_corpus(
         compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_cpus=num_cpus,
     )
-    ids: list[str] = []
-    chunks: list[np.ndarray] = []
+    rows = 0
     for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
-        ids.extend(str(x) for x in batch["doc_id"])
-        chunks.append(np.asarray(batch["vector"], dtype=np.float32))
-    if not ids:
+        ids = [str(x) for x in batch["doc_id"]]
+        rows += len(ids)
+        yield ids, np.asarray(batch["vector"], dtype=np.float32)
+    if not rows:
         raise ValueError(f"no corpus rows under {store.join(store_uri, 'corpus')}")
-    return ids, np.concatenate(chunks, axis=0)
+
+
+class CorpusVectors:
+    """One pass over embedded batches that writes them to vector chunks under ``vectors_uri`` (when
+    given) as they go by, and counts them. Iterate it once, e.g. through an exact evaluation; the
+    chunks are complete (``manifest`` set) when the iteration ends.
+
+    Args:
+        batches: (ids, (n, D) float32) pairs, e.g. :func:`embedded_batches`.
+        vectors_uri: where :class:`whetstone.index.vector_chunks.VectorChunkWriter` writes, typically
+            ``index_root/vectors/v{n}`` (:func:`vectors_uri`); None: count only.
+    """
+
+    def __init__(self, batches: Iterator[tuple[list[str], np.ndarray]], vectors_uri: str | None = None,
+                 storage: StorageConfig | None = None) -> None:
+        self.batches = batches
+        self.vectors_uri = vectors_uri
+        self.storage = storage
+        self.rows = 0
+        self.dim: int | None = None
+        self.manifest: Any = None  # the VectorChunksManifest once every batch is written
+
+    def __iter__(self) -> Iterator[tuple[list[str], np.ndarray]]:
+        from whetstone.index.vector_chunks import VectorChunkWriter
+
+        writer = None
+        for ids, vectors in self.batches:
+            if writer is None and self.vectors_uri is not None:
+                writer = VectorChunkWriter(self.vectors_uri, int(vectors.shape[1]), storage=self.storage)
+            if writer is not None:
+                writer.write(ids, vectors)
+            self.rows += len(ids)
+            self.dim = int(vectors.shape[1])
+            yield ids, vectors
+        if writer is not None:
+            self.manifest = writer.close()
+
+    def drain(self) -> CorpusVectors:
+        """Consume the batches (write and count them) without looking at them."""
+        for _ in self:
+            pass
+        return self
+
+
+def vectors_uri(index_uri: str, version: int) -> str:
+    """Where version ``version``'s vector chunks go: ``index_root/vectors/v{version}``."""
+    return store.join(index_uri, VECTORS_DIR, f"v{version}")
+
+
+def next_version(index_uri: str, storage: StorageConfig | None = None) -> int:
+    """One past every version under ``index_uri`` that has a manifest or vector chunks (a refresh that
+    failed after writing its vectors leaves them behind; the next one must not write over them)."""
+    from whetstone.index.snapshot import list_versions
+
+    used = list_versions(index_uri, storage)
+    vectors_root = store.join(index_uri, VECTORS_DIR)
+    if store.exists(vectors_root, storage):
+        names = (entry.rstrip("/").rsplit("/", 1)[-1] for entry in store.list_dir(vectors_root, storage))
+        used += [int(name[1:]) for name in names if name.startswith("v") and name[1:].isdigit()]
+    return max(used, default=0) + 1
 
 
 def publish_index(
-    ids: list[str],
-    vectors: np.ndarray,
+    vectors_uri: str,
     index_uri: str,
     version: int,
     checkpoint: str,
-    kind: str = "flat",
+    build: dict[str, Any] | Any,
     storage: StorageConfig | None = None,
-) -> str:
-    """Build a FAISS index of (N, D) ``vectors`` and save it as ``index_uri/v{version}``."""
-    from whetstone.index.ann import AnnConfig, AnnIndex
+    *,
+    set_latest: bool = True,
+    extra: dict | None = None,
+) -> Any:
+    """Build index ``version`` of the vector chunks under ``vectors_uri``, shard by shard, and publish
+    its manifest (and ``LATEST`` when ``set_latest``; a running service's two-phase swap writes it
+    otherwise).
 
-    index = AnnIndex.build(vectors, ids, AnnConfig(kind=kind))
-    return index.save(index_uri, version=version, checkpoint=checkpoint, storage=storage)
+    Args:
+        build: an :class:`whetstone.config.contrastive.IndexBuildConfig` or its JSON (kind, FAISS
+            knobs, ``num_shards``, ``build_cpus``).
+
+    Returns:
+        The published :class:`whetstone.index.snapshot.SnapshotManifest`.
+    """
+    from whetstone.config.contrastive import IndexBuildConfig
+    from whetstone.index.build import build_sharded_index
+
+    settings = build if isinstance(build, IndexBuildConfig) else IndexBuildConfig.model_validate(build)
+    manifest = build_sharded_index(vectors_uri, index_uri, version, settings.num_shards, settings.ann_config(),
+                                   checkpoint, storage=storage, extra=extra, set_latest=set_latest,
+                                   task_cpus=settings.build_cpus)
+    logger.info("published %s index v%d (%d shards, %d docs) under %s", settings.kind, version,
+                settings.num_shards, manifest.count, index_uri)
+    return manifest
 
 
 @ray.remote(num_cpus=0, max_concurrency=4)
@@ -174,33 +261,38 @@ class IndexRefresher:
                 with self.lock:
                     self.busy = False
 
-    def _evaluate(self, checkpoint_uri: str, ids: list[str], vectors: np.ndarray) -> dict:
+    def _evaluate(self, checkpoint_uri: str, vectors_at: str) -> dict:
         """nDCG@10 / Recall@100 of the checkpoint on the eval split, from the vectors just indexed.
 
-        Periodic evaluation for free: the corpus was embedded for the index anyway, only the eval
-        queries are encoded here (at the index's document length, which may be shorter than the
-        final evaluation's, hence the ``_at_index_length`` names).
+        Periodic evaluation for free: the corpus was embedded for the index anyway (its chunks are
+        read back from storage one at a time), only the eval queries are encoded here (at the
+        index's document length, which may be shorter than the final evaluation's, hence the
+        ``_at_index_length`` names).
         """
         split_name = self.settings.get("eval_split")
         if not split_name:
             return {}
         from whetstone.data.stream import load_eval_split
         from whetstone.eval.retrieval import evaluate_encoder
+        from whetstone.index.vector_chunks import iter_vector_chunks
         from whetstone.models.encoder import Encoder
 
         if self._eval_split is None:
             self._eval_split = load_eval_split(self.store_uri, split_name, self.storage)
         split = self._eval_split
         metrics = evaluate_encoder(Encoder.load_query(checkpoint_uri, storage=self.storage), split.queries, split.qrels,
-                                   ids, vectors, self.settings["query_max_length"])
+                                   iter_vector_chunks(vectors_at, self.storage), None, self.settings["query_max_length"])
         return {"ndcg@10_at_index_length": metrics["ndcg@10"], "recall@100_at_index_length": metrics["recall@100"]}
 
     def _refresh(self, checkpoint_uri: str, step: int) -> dict:
-        from whetstone.index.ann import latest_version
         from whetstone.index.client import IndexClient
+        from whetstone.index.snapshot import latest_version
 
         started = time.monotonic()
-        ids, vectors = embed_corpus(
+        old_version = latest_version(self.index_uri, self.storage) or 0
+        new_version = next_version(self.index_uri, self.storage)
+        vectors_at = vectors_uri(self.index_uri, new_version)
+        embedded = CorpusVectors(embedded_batches(
             self.store_uri,
             checkpoint_uri,
             self.storage,
@@ -209,24 +301,23 @@ class IndexRefresher:
             concurrency=self.settings["embed_concurrency"],
             num_cpus=self.settings["embed_cpus"],
             dtype=self.settings["dtype"],
-        )
-        embedded = time.monotonic()
-        old_version = latest_version(self.index_uri, self.storage) or 0
-        new_version = old_version + 1
-        publish_index(ids, vectors, self.index_uri, new_version, checkpoint_uri,
-                      self.settings["kind"], self.storage)
+        ), vectors_at, self.storage).drain()
+        embedded_s = time.monotonic() - started
+        # The service's two-phase swap writes LATEST once every shard replica holds the new version.
+        publish_index(vectors_at, self.index_uri, new_version, checkpoint_uri, self.settings["index"], self.storage,
+                      set_latest=False, extra={"step": step})
         IndexClient.from_handle().swap(new_version)
-        quality = self._evaluate(checkpoint_uri, ids, vectors)
+        quality = self._evaluate(checkpoint_uri, vectors_at)
         record = {
             "step": step,
             "checkpoint": checkpoint_uri,
             "old_version": old_version,
             "new_version": new_version,
-            "documents": len(ids),
-            "embed_s": round(embedded - started, 2),
+            "documents": embedded.rows,
+            "embed_s": round(embedded_s, 2),
             "total_s": round(time.monotonic() - started, 2),
             **quality,
         }
         print(f"[refresh] index v{old_version} -> v{new_version} from {checkpoint_uri} "
-              f"(step {step}, {len(ids)} docs, {record['total_s']} s)", flush=True)
+              f"(step {step}, {embedded.rows} docs, {record['total_s']} s)", flush=True)
         return record

@@ -1,0 +1,167 @@
+"""Sharded builds from vector chunks (no Ray here: shards build one after another) and the top-k merge."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+from whetstone.index.ann import AnnConfig, AnnIndex, AnnInputError
+from whetstone.index.build import build_shard, build_sharded_index
+from whetstone.index.faiss_kinds import auto_nlist
+from whetstone.index.merge import merge_topk
+from whetstone.index.shard_io import load_shard
+from whetstone.index.snapshot import SnapshotConflict, latest_version, read_manifest, shard_of
+from whetstone.index.vector_chunks import VectorChunkWriter
+
+DIM = 24
+
+
+def unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def clustered(count: int, seed: int = 0, clusters: int = 25) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = unit(np.random.default_rng(99).standard_normal((clusters, DIM)))
+    return unit(centres[rng.integers(0, clusters, count)] + 0.15 * rng.standard_normal((count, DIM)))
+
+
+@pytest.fixture(scope="module")
+def vectors(tmp_path_factory):
+    """2,500 clustered vectors written as chunks of 400 rows, in batches of 333."""
+    docs = clustered(2500)
+    ids = [f"d{i}" if i % 3 else f"文-{i}" for i in range(len(docs))]
+    uri = str(tmp_path_factory.mktemp("vec") / "vectors" / "v1")
+    with VectorChunkWriter(uri, DIM, rows_per_chunk=400) as writer:
+        for start in range(0, len(docs), 333):
+            writer.write(ids[start:start + 333], docs[start:start + 333])
+    return uri, docs, ids
+
+
+@pytest.fixture(scope="module")
+def partitioned(vectors, tmp_path_factory):
+    """The same vectors written partitioned for S = 2: each chunk holds one shard's rows."""
+    _, docs, ids = vectors
+    uri = str(tmp_path_factory.mktemp("vec2") / "vectors" / "v1")
+    with VectorChunkWriter(uri, DIM, rows_per_chunk=400, num_shards=2) as writer:
+        for start in range(0, len(docs), 333):
+            writer.write(ids[start:start + 333], docs[start:start + 333])
+    return uri, docs, ids
+
+
+@pytest.mark.parametrize(("num_shards", "written_for"), [(1, 1), (2, 1), (4, 1), (2, 2), (4, 2)])
+def test_sharded_flat_equals_unsharded_flat(tmp_path, vectors, partitioned, num_shards, written_for):
+    """Chunks written for S=1 or S=2; a build with another S reads every chunk and filters."""
+    uri, docs, ids = vectors if written_for == 1 else partitioned
+    root = str(tmp_path / "index")
+    manifest = build_sharded_index(uri, root, 3, num_shards, AnnConfig(kind="flat"), "ckpt", extra={"step": 9},
+                                   chunk_bytes=16384)
+    assert (manifest.num_shards, manifest.count, manifest.extra) == (num_shards, len(ids), {"step": 9})
+    assert latest_version(root) is None, "set_latest defaults to False: the service's swap moves LATEST"
+    assert read_manifest(root, 3).sha256 == manifest.sha256
+    shards = [load_shard(root, manifest, shard) for shard in range(num_shards)]
+    # Every id on exactly one shard, the one shard_of names.
+    held = {shard: shards[shard].idmap.ids_of(shards[shard].idmap.live_labels()) for shard in range(num_shards)}
+    everything = [doc for shard in range(num_shards) for doc in held[shard]]
+    assert sorted(everything) == sorted(ids) and len(everything) == len(set(everything))
+    for shard, held_ids in held.items():
+        assert (shard_of(held_ids, num_shards) == shard).all()
+        assert manifest.shards[shard].count == len(held_ids)
+    queries = np.concatenate([clustered(30, seed=5), docs[:3]])
+    excluded = [[ids[i % 7], ids[(i + 1) % 7]] for i in range(len(queries))]
+    whole = AnnIndex.build(docs, ids, AnnConfig(kind="flat"))
+    for k, exclude in ((10, None), (25, excluded)):
+        want_ids, want_scores = whole.search(queries, k, exclude_ids=exclude)
+        got_ids, got_scores = merge_topk([shard.search(queries, k, exclude_ids=exclude) for shard in shards], k)
+        assert got_ids == want_ids
+        np.testing.assert_array_equal(got_scores, want_scores)
+
+
+def test_ivf_shards_pick_their_own_nlist_and_find_the_neighbours(tmp_path, vectors):
+    uri, docs, ids = vectors
+    root = str(tmp_path / "index")
+    config = AnnConfig(kind="ivf", nprobe=8)
+    manifest = build_sharded_index(uri, root, 1, 2, config, "ckpt", set_latest=True)
+    assert latest_version(root) == 1 and manifest.config["nlist"] is None
+    shards = [load_shard(root, manifest, shard) for shard in range(2)]
+    for shard in shards:
+        assert faiss.extract_index_ivf(shard.faiss_index).nlist == auto_nlist(shard.size)
+    queries = clustered(40, seed=7)
+    want, _ = AnnIndex.build(docs, ids, AnnConfig(kind="flat")).search(queries, 10)
+    got, _ = merge_topk([shard.search(queries, 10) for shard in shards], 10)
+    recall = np.mean([len(set(g) & set(w)) / 10 for g, w in zip(got, want, strict=True)])
+    assert recall >= 0.8, recall
+    assert shards[0].scores_for(queries[:1], [[ids[0]]]) == [[None]], "IVF keeps no full vectors"
+
+
+def test_ivf_training_sample_is_seeded_and_bounded(tmp_path, vectors, monkeypatch):
+    """Pass 1 hands k-means at most 64 rows per cell, the same rows on every run."""
+    import whetstone.index.build as build_module
+
+    seen = []
+    real = build_module.make_faiss
+
+    def spy(dim, config, train=None, count=None, **kwargs):
+        seen.append((train.copy(), count))
+        return real(dim, config, train, count, **kwargs)
+
+    monkeypatch.setattr(build_module, "make_faiss", spy)
+    uri, _, ids = vectors
+    for version in (1, 2):
+        build_shard(uri, 1, 2, AnnConfig(kind="ivf", nlist=5), str(tmp_path / "index"), version)
+    (first, count), (second, _) = seen
+    assert count == int((shard_of(ids, 2) == 1).sum()) and first.shape == (64 * 5, DIM)
+    assert np.array_equal(first, second)
+
+
+def test_hnsw_shards_keep_tombstones_and_small_shards_are_refused(tmp_path, vectors):
+    uri, docs, ids = vectors
+    root = str(tmp_path / "index")
+    manifest = build_sharded_index(uri, root, 1, 2, AnnConfig(kind="hnsw", hnsw_m=8), "ckpt")
+    shard = load_shard(root, manifest, 0)
+    gone = shard.idmap.ids_of(shard.idmap.live_labels()[:20])
+    assert shard.remove(gone) == 20 and shard._tombstones.size == 20
+    assert not set(gone) & {doc for row in shard.search(docs[:50], 10)[0] for doc in row}
+    with pytest.raises(SnapshotConflict, match="already exists"):
+        build_sharded_index(uri, root, 1, 2, AnnConfig(), "ckpt")
+    with pytest.raises(AnnInputError, match=r"shard 0 of 4 \(\d+ rows from .*vectors/v1\): .*nlist=5000 needs at least 5000"):
+        build_sharded_index(uri, root, 2, 4, AnnConfig(kind="ivf", nlist=5000), "ckpt")
+
+
+def test_merge_topk_is_stable_and_pads():
+    a = ([["a1", "a2"], ["", ""]], np.array([[0.9, 0.5], [-np.inf, -np.inf]], np.float32))
+    b = ([["b1", ""], ["b2", ""]], np.array([[0.5, -np.inf], [0.3, -np.inf]], np.float32))
+    ids, scores = merge_topk([a, b], 3)
+    assert ids == [["a1", "a2", "b1"], ["b2", "", ""]]  # tie at 0.5: the lower shard first
+    np.testing.assert_array_equal(scores[1], np.array([0.3, -np.inf, -np.inf], np.float32))
+    assert merge_topk([a], 4)[0][0] == ["a1", "a2", "", ""]
+    with pytest.raises(ValueError, match="shard 1 answered 1 id rows"):
+        merge_topk([a, ([["x"]], np.zeros((1, 1)))], 2)
+
+
+def test_training_rows_are_capped_in_bytes_but_not_below_39_per_cell():
+    from whetstone.index.faiss_kinds import train_rows
+
+    assert train_rows(100, 384) == 6_400  # 64 per cell
+    assert train_rows(8_944, 384) == 512 * 2**20 // (4 * 384)  # 5M x 384 in one shard: 349,525 rows, not 572k
+    assert train_rows(20_000, 384) == 39 * 20_000  # the floor wins over the byte cap
+
+
+def test_a_partitioned_writer_puts_each_shard_in_its_own_chunks(partitioned, monkeypatch):
+    from whetstone.index import build as build_module
+    from whetstone.index.vector_chunks import iter_vector_chunks, read_vector_chunks
+
+    uri, _, ids = partitioned
+    manifest = read_vector_chunks(uri)
+    owner = shard_of(ids, 2)
+    assert manifest.num_shards == 2 and manifest.count == len(ids)
+    for shard in range(2):
+        assert sum(c.rows for c in manifest.chunks if c.shard == shard) == int((owner == shard).sum())
+        held = [doc for chunk_ids, _ in iter_vector_chunks(uri, shard=shard) for doc in chunk_ids]
+        assert held == [doc for doc, s in zip(ids, owner, strict=True) if s == shard]  # order kept
+    assert all(c.rows == 400 for c in manifest.chunks[:-2])
+    read = []
+    monkeypatch.setattr(build_module, "iter_vector_chunks",
+                        lambda *args, **kwargs: read.append(kwargs.get("shard")) or iter_vector_chunks(*args, **kwargs))
+    list(build_module._shard_chunks(uri, manifest, 1, 2, None))
+    assert read == [1], "a builder with the writer's S reads only its own partition"
