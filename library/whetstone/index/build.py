@@ -147,10 +147,11 @@ def build_shard(
         index.add(rows, shard_ids)
     added = time.perf_counter()
     entry = save_shard(index, index_root, version, shard, storage, chunk_bytes)
+    timings = {"train_s": trained - started, "add_s": added - trained, "save_s": time.perf_counter() - added}
     logger.info("built %s shard %d/%d: %d docs (train %.1f s, add %.1f s, save %.1f s, %d bytes)",
-                config.kind, shard, num_shards, index.size, trained - started, added - trained,
-                time.perf_counter() - added, sum(f.bytes for f in entry.files.values()))
-    return entry
+                config.kind, shard, num_shards, index.size, *timings.values(),
+                sum(f.bytes for f in entry.files.values()))
+    return entry.model_copy(update={"build_s": {name: round(value, 3) for name, value in timings.items()}})
 
 
 def _build_shard_task(storage_wire: dict, vectors_uri: str, shard: int, num_shards: int, config: AnnConfig,
@@ -158,6 +159,22 @@ def _build_shard_task(storage_wire: dict, vectors_uri: str, shard: int, num_shar
     """:func:`build_shard` in a Ray task, with the storage config as JSON-safe data."""
     storage = StorageConfig.model_validate(storage_wire)
     return build_shard(vectors_uri, shard, num_shards, config, index_root, version, storage, chunk_bytes=chunk_bytes)
+
+
+def _gather_in_shard_order(refs: list) -> list[ShardEntry]:
+    """The tasks' entries, in shard order. A failed shard raises its own error (the lowest shard
+    first, whichever failed first in time; not Ray's wrapper) and the other tasks are cancelled."""
+    import ray
+
+    entries = []
+    for ref in refs:
+        try:
+            entries.append(ray.get(ref))
+        except ray.exceptions.RayTaskError as err:
+            for other in refs:
+                ray.cancel(other)
+            raise (err.cause if isinstance(err.cause, Exception) else err) from None
+    return entries
 
 
 def build_sharded_index(
@@ -197,8 +214,9 @@ def build_sharded_index(
         # Workers may not share this process's AWS_* variables: ship the resolved config.
         wire = (storage or StorageConfig()).resolved().to_wire()
         task = ray.remote(num_cpus=task_cpus)(_build_shard_task)
-        entries = ray.get([task.remote(wire, vectors_uri, shard, num_shards, config, index_root, version, chunk_bytes)
-                           for shard in range(num_shards)])
+        entries = _gather_in_shard_order([
+            task.remote(wire, vectors_uri, shard, num_shards, config, index_root, version, chunk_bytes)
+            for shard in range(num_shards)])
     else:
         entries = [build_shard(vectors_uri, shard, num_shards, config, index_root, version, storage,
                                chunk_bytes=chunk_bytes) for shard in range(num_shards)]

@@ -89,6 +89,8 @@ class ShardEntry(_Model):
     count: int = Field(ge=0)
     prefix: str
     files: dict[str, FileDigest]
+    build_s: dict[str, float] = Field(default_factory=dict,
+                                      description="how long building these files took: train_s, add_s, save_s")
 
     def digests(self) -> list[str]:
         """Every chunk's sha256, files by name, chunks in order."""
