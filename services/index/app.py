@@ -35,6 +35,7 @@ carrying it (handle callers). The HTTP layer is ``services.index.http``.
 Run::
 
     serve run services.index.app:build_app index_uri=.whetstone/store/index --route-prefix /index
+    serve run services.index.app:build_app index_uri=s3://bucket/index num_shards=4 replicas_per_shard=2
     serve deploy services/index/serve_config.yaml
 """
 
@@ -47,6 +48,8 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import DeploymentActorConfig
 from ray.serve.schema import LoggingConfig
+from whetstone.config.base import StorageConfig
+from whetstone.index.snapshot import latest_version, read_manifest
 from whetstone.index.wire import APP_NAME, DEPLOYMENT_NAME, ROUTE_PREFIX
 
 from services.index.args import LIVE_FIELDS, IndexServiceArgs, resolve_token, shard_deployment_name
@@ -64,6 +67,12 @@ def _registry() -> list[DeploymentActorConfig]:
     return [DeploymentActorConfig(name=REGISTRY_ACTOR, actor_class=ReplicaRegistry, actor_options={"num_cpus": 0})]
 
 
+def published_num_shards(index_uri: str, storage: StorageConfig) -> int:
+    """The shard count of the version ``LATEST`` names (1 when nothing is published yet)."""
+    version = latest_version(index_uri, storage)
+    return 1 if version is None else read_manifest(index_uri, version, storage).num_shards
+
+
 def build_app(args: IndexServiceArgs) -> Application:
     """The Serve application (``serve run services.index.app:build_app index_uri=...``)."""
     if isinstance(args, dict):
@@ -71,10 +80,14 @@ def build_app(args: IndexServiceArgs) -> Application:
     # Fill S3 settings from this (the deploying) process's environment: replicas started
     # elsewhere may not share it. Secrets travel in the deployments' init args, never in logs.
     args = args.model_copy(update={"storage": args.storage.resolved()})
+    if args.num_shards is None:
+        args = args.model_copy(update={"num_shards": published_num_shards(args.index_uri, args.storage)})
     logging_config = LoggingConfig(enable_access_log=args.access_log)
-    shard_resources = {"num_cpus": args.num_cpus}
+    shard_resources: dict = {"num_cpus": args.num_cpus}
     if args.use_gpu:
         shard_resources["num_gpus"] = args.gpus_per_replica
+    if args.shard_custom_resources:
+        shard_resources["resources"] = dict(args.shard_custom_resources)
     shards = [
         IndexShard.options(
             name=shard_deployment_name(DEPLOYMENT_NAME, shard),

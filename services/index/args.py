@@ -28,11 +28,16 @@ class IndexServiceArgs(StrictModel):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     auth_token: SecretStr | None = Field(None, description=f"bearer token; falls back to ${TOKEN_ENV}")
     protect_reads: bool = False
-    num_shards: int = Field(1, ge=1, description="shard deployments; must equal the snapshots' num_shards")
+    num_shards: int | None = Field(
+        None, ge=1, description="shard deployments; must equal the snapshots' num_shards. None: the published "
+                                "snapshot's (build_app reads LATEST's manifest), 1 when nothing is published")
     replicas_per_shard: int = Field(1, ge=1, description="replicas of each shard (throughput, availability)")
     num_cpus: float = Field(0.25, gt=0, description="CPUs of each shard replica (FAISS runs there)")
     use_gpu: bool = Field(False, description="shard replicas ask Ray for GPUs and move their shard to FAISS GPU")
     gpus_per_replica: float = Field(1.0, gt=0, description="GPUs of each shard replica when use_gpu")
+    shard_custom_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources each shard replica asks for, e.g. {\"index\": 1} "
+                                          "to place shards on the worker group that advertises it (docs/scale.md)")
     router_replicas: int = Field(1, ge=1, description="replicas of the ingress (it holds no vectors)")
     router_cpus: float = Field(0.25, gt=0, description="CPUs of each ingress replica (fan-out, merge, texts)")
     max_ongoing_requests: int = Field(128, ge=1, description="per replica; must exceed batch_max_size")

@@ -196,6 +196,30 @@ def test_typed_app_builder_validates_key_value_args():
     assert shard._bound_deployment.name == "IndexService-shard-0" and shard._bound_deployment.num_replicas == 2
     with pytest.raises(ValueError, match="max_k"):
         call_user_app_builder_with_args_if_necessary(build_app, {"index_uri": "/tmp/x", "max_k": 0})
+    # Three shard deployments, each replica asking for the custom resource of the shard worker group.
+    app = call_user_app_builder_with_args_if_necessary(
+        build_app, {"index_uri": "/tmp/x", "num_shards": "3", "shard_custom_resources": {"index": 1}})
+    shards = [bound._bound_deployment for bound in app._bound_deployment.init_args[1]]
+    assert [d.name for d in shards] == [f"IndexService-shard-{s}" for s in range(3)]
+    assert all(d.ray_actor_options["resources"] == {"index": 1.0} for d in shards)
+    assert "resources" not in app._bound_deployment.ray_actor_options  # the ingress holds no shard
+
+
+def test_app_builder_takes_the_shard_count_of_the_published_snapshot(tmp_path):
+    """`serve run ... index_uri=<root>` with no num_shards serves the published version's shards;
+    an explicit num_shards is kept (the replicas then refuse a snapshot that disagrees)."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from services.index.app import build_app
+
+    def shard_count(args: dict) -> int:
+        return len(call_user_app_builder_with_args_if_necessary(build_app, args)._bound_deployment.init_args[1])
+
+    root = str(tmp_path / "index")
+    assert shard_count({"index_uri": root}) == 1  # nothing published yet
+    make_root(tmp_path, versions=(1,), num_shards=3)
+    assert shard_count({"index_uri": root}) == 3
+    assert shard_count({"index_uri": root, "num_shards": "2"}) == 2
 
 
 def test_start_serve_retries_while_a_shutting_down_serve_is_in_the_way(monkeypatch):
