@@ -5,8 +5,8 @@ Data. Clustered synthetic unit vectors (dim 384), N per ``--sizes``, generated b
 seeds and written to storage in chunks with ``VectorChunkWriter``, as a refresh writes what it
 embedded (under ``--run-dir``, default ``.whetstone/bench/index_scale/``; reused by later runs,
 never committed). The mixture is harder than the issue's (2,000 clusters, spread 0.06: IVF recall
-1.000 at nprobe 8): 20,000 clusters, spread 0.07 by default; how hard is measured and reported at
-every N (in-process IVF-Flat recall@10 at nprobe 8, mean gap between the exact 10th and 11th
+1.000 at nprobe 8): 5,000 clusters, spread 0.065 by default (IVF1024 recall@10 at nprobe 8: 0.90
+at 1M, measured while choosing it); how hard is measured and reported at every N (in-process IVF-Flat recall@10 at nprobe 8, mean gap between the exact 10th and 11th
 scores), beside the issue's set at the smallest N. 1,000 held-out queries from the same mixture.
 Exact ground truth: the library's chunked exact search over the chunks (``RunningTopK``, the
 evaluation path), in its own process, whose peak RSS is ``eval_peak_rss_gib_1m_1000q``.
@@ -14,21 +14,24 @@ evaluation path), in its own process, whose peak RSS is ``eval_peak_rss_gib_1m_1
 Per N and kind, in its own process before any Ray starts: the in-process baseline, one unsharded
 ``AnnIndex`` built from the chunks (the only process that holds all N vectors), its q/s at batch
 64 through raw FAISS and its recall@10; for IVF kinds it sweeps nprobe and picks the smallest
-reaching ``--target-recall`` (the sharded system then uses the same nlist and nprobe per shard).
+reaching ``--target-recall`` (the sharded system then uses the same nlist and nprobe; its IVF is
+trained once for all shards, so its shards hold the baseline's kind of cells, nlist for all N).
 
 Per N, kind and S, on a fresh local Ray cluster: ``build_sharded_index`` (one Ray task per shard),
 the index service with ``num_shards=S`` (deploy time = the replicas loading their shards), recall@10
 through the handle, handle q/s at batch 64 with 8 callers (8 threads of the driver, and 4 caller
 processes x 2 threads, as training workers call), flat sharded vs unsharded top-10 agreement, and
-the peak RSS of every process of the system by role (``benchmarks.index_scale_memory``). After
-the cluster is gone, one shard's snapshot is loaded and written again in a process of its own:
+the peak RSS of every process of the system by role (``benchmarks.index_scale_memory``). At the
+largest N, a refresh's swap under the same sampler: v2 built from the same vectors (a new IVF
+training sample, so no shard file is reused), swapped in through the handle (every replica
+holds v1 and v2 until all flip), searched again. After the cluster is gone, one shard's snapshot is loaded and written again in a process of its own:
 the streaming load and write times of a shard.
 
 Usage::
 
     python -m benchmarks.index_scale --quick          # 50k vectors, end to end in a few minutes
-    python -m benchmarks.index_scale                  # 1M (flat, ivf, ivfpq; S=1,2,4) and 5M (ivf, S=4)
-    python -m benchmarks.index_scale --sizes 1000000,2000000,5000000 --seconds 10
+    python -m benchmarks.index_scale                  # 1M (flat, ivf, ivfpq; S=1,2,4); 2M and 5M (ivf, S=4,8)
+    python -m benchmarks.index_scale --sizes 1000000,5000000 --large-shards 4 --no-swap --seconds 10
 
 Results go to ``benchmarks/results/index_scale.json`` (``--out``); a table is printed.
 """
@@ -57,18 +60,21 @@ BATCH = 64
 
 
 # ------------------------------------------------------------------------------------ plan
-def plan(sizes: list[int], kinds: list[str], shards: list[int], large_kinds: list[str],
+def plan(sizes: list[int], kinds: list[str], shards: list[int], large_kinds: list[str], large_shards: list[int],
          pq_all_shards: bool) -> list[tuple[int, str, list[int]]]:
     """(N, kind, shard counts) to run: every kind and S at the smallest N (IVF-PQ at the largest S
     only unless ``pq_all_shards``: it is there for the bytes-per-vector table), only ``large_kinds``
-    at the largest S above it (a 2-core machine cannot afford the full grid at 5M)."""
+    at ``large_shards`` above it (a 2-core machine cannot afford the full grid at 5M)."""
     out = []
     for n in sorted(sizes):
         smallest = n == min(sizes)
         for kind in kinds:
             if not smallest and kind not in large_kinds:
                 continue
-            counts = sorted(shards) if smallest and (kind != "ivfpq" or pq_all_shards) else [max(shards)]
+            if smallest:
+                counts = sorted(shards) if kind != "ivfpq" or pq_all_shards else [max(shards)]
+            else:
+                counts = sorted(large_shards)
             out.append((n, kind, counts))
     return out
 
@@ -130,15 +136,15 @@ def shard_bounds(manifest) -> dict[int, float]:
 
 
 def memory_figures(report: dict, bounds: dict[int, float]) -> dict:
-    """Peak RSS vs the bound for shard replicas (their own shard) and builders (the smallest shard's
-    bound: a builder's title does not say its shard); the largest process of the system."""
+    """Peak RSS vs the bound for shard replicas (their own shard), builders and the IVF trainer (the
+    smallest shard's bound: a builder's title does not say its shard); the largest process of the system."""
     ratios = {}
     for row in report["processes"]:
         role = row["role"]
         if role.startswith("shard_replica:"):
             ratios[f"{role}[{row['pid']}]"] = row["peak_gib"] * GIB / bounds[int(role.split(":")[1])]
-        elif role == "shard_builder":
-            ratios[f"shard_builder[{row['pid']}]"] = row["peak_gib"] * GIB / min(bounds.values())
+        elif role in ("shard_builder", "index_trainer"):
+            ratios[f"{role}[{row['pid']}]"] = row["peak_gib"] * GIB / min(bounds.values())
     system = [r for r in report["processes"] if r["role"] != "caller"]
     return {"shard_peak_rss_vs_bound": max(ratios.values(), default=float("nan")), "shard_ratios": ratios,
             "max_process_peak_rss_gib": max((r["peak_gib"] for r in system), default=float("nan")),
@@ -146,9 +152,44 @@ def memory_figures(report: dict, bounds: dict[int, float]) -> dict:
             "bound_gib": {s: b / GIB for s, b in bounds.items()}}
 
 
+def replica_peaks(report: dict) -> dict[str, float]:
+    return {f"{row['role']}[{row['pid']}]": row["peak_gib"] for row in report["processes"]
+            if row["role"].startswith("shard_replica:")}
+
+
+def measure_swap(app: str, vectors_uri: str, index_root: Path, shards: int, config: AnnConfig,
+                 queries: np.ndarray, truth: np.ndarray, sampler) -> dict:
+    """A refresh's swap under the sampler: build v2 of the same vectors (its IVF training sample is
+    drawn for v2, so every shard file differs from v1's and no replica can keep what it holds),
+    swap to it through the handle (every replica loads v2 beside v1, then all flip), then search
+    it. Replica peaks before and after show what holding two versions costs."""
+    from whetstone.index.build import build_sharded_index
+    from whetstone.index.client import IndexClient
+    from whetstone.index.snapshot import read_manifest
+
+    before = replica_peaks(sampler.report())
+    started = time.perf_counter()
+    manifest = build_sharded_index(vectors_uri, str(index_root), 2, shards, config, checkpoint="benchmark-v2",
+                                   set_latest=False, task_cpus=1.0)
+    out: dict = {"rebuild_s": time.perf_counter() - started}
+    v1 = {e.shard: e.fingerprint for e in read_manifest(str(index_root), 1).shards}
+    out["shards_with_new_bytes"] = sum(e.fingerprint != v1[e.shard] for e in manifest.shards)
+    client = IndexClient.from_handle(app_name=app, timeout_s=900)
+    started = time.perf_counter()
+    out["answer"] = client.swap(2)
+    out["swap_s"] = time.perf_counter() - started
+    found, _, versions = search_all(client, queries)
+    out |= {"versions_after": sorted(versions), "recall10_after": recall10(found, truth)}
+    after = replica_peaks(sampler.report())
+    out["replica_peak_gib_before"], out["replica_peak_gib_after"] = before, after
+    out["replica_peak_growth_gib"] = max(after[k] - before.get(k, 0.0) for k in after) if after else None
+    return out
+
+
 def sharded_suite(n: int, kind: str, shards: int, config: AnnConfig, vectors_uri: str, index_root: Path,
-                  queries: np.ndarray, truth: np.ndarray, unsharded: dict | None, opts) -> dict:
-    """Build, deploy and measure one (N, kind, S) on a fresh local Ray cluster; then the shard round trip."""
+                  queries: np.ndarray, truth: np.ndarray, unsharded: dict | None, opts, swap: bool = False) -> dict:
+    """Build, deploy and measure one (N, kind, S) on a fresh local Ray cluster (with ``swap``, then a
+    swap to a second build under load-free conditions); then the shard round trip."""
     from ray import serve
     from whetstone.index.build import build_sharded_index
     from whetstone.index.wire import DEPLOYMENT_NAME
@@ -174,11 +215,14 @@ def sharded_suite(n: int, kind: str, shards: int, config: AnnConfig, vectors_uri
         started = time.perf_counter()
         deploy(IndexServiceArgs(index_uri=str(index_root), num_shards=shards, replicas_per_shard=1, num_cpus=1,
                                 router_cpus=1, search_threads=1, search_workers=os.cpu_count() or 1,
-                                batch_max_size=32, max_ongoing_requests=256, shard_timeout_s=120),
+                                batch_max_size=32, max_ongoing_requests=256, shard_timeout_s=120,
+                                swap_timeout_s=900),
                name=app, route_prefix=f"/{app}")
         out["deploy_s"] = time.perf_counter() - started  # replicas start and load their shards
         try:
             out |= measure_service(app, queries, truth, opts.seconds)
+            if swap:
+                out["swap"] = measure_swap(app, vectors_uri, index_root, shards, config, queries, truth, sampler)
         finally:
             serve.delete(app)
     found, scores = out.pop("_found"), out.pop("_scores")
@@ -198,7 +242,9 @@ def run_size(n: int, kinds: list[tuple[str, list[int]]], opts, results: dict) ->
     folder = Path(opts.run_dir) / f"n{n}-k{opts.clusters}-s{opts.spread}-seed{opts.seed}"
     vectors_uri = str(folder / "vectors")
     print(f"[N={n:,}] writing vectors to {vectors_uri}", flush=True)
-    dataset: dict = {"corpus": data.write_corpus(vectors_uri, n, opts.dim, opts.clusters, opts.spread, opts.seed)}
+    partitions = max((s for _, counts in kinds for s in counts), default=1)  # as a refresh for the largest S writes
+    dataset: dict = {"corpus": data.write_corpus(vectors_uri, n, opts.dim, opts.clusters, opts.spread, opts.seed,
+                                                 partitions)}
     queries = np.load(folder / "queries.npy")
     print(f"[N={n:,}] exact ground truth (chunked, own process)", flush=True)
     truth = in_subprocess(data.ground_truth, vectors_uri, queries)
@@ -222,7 +268,8 @@ def run_size(n: int, kinds: list[tuple[str, list[int]]], opts, results: dict) ->
             print(f"[{name}] build, deploy, measure", flush=True)
             try:
                 figures = sharded_suite(n, kind, shards, config, vectors_uri, folder / f"index-{kind}-s{shards}",
-                                        queries, truth["positions"], unsharded if kind == "flat" else None, opts)
+                                        queries, truth["positions"], unsharded if kind == "flat" else None, opts,
+                                        swap=opts.swap and n == max(opts.sizes))
             except Exception as err:  # noqa: BLE001 - one failed configuration must not lose the others
                 results["failures"][name] = f"{type(err).__name__}: {err}"[:4000]
                 print(f"[{name}] FAILED: {results['failures'][name][:500]}", flush=True)
@@ -276,7 +323,15 @@ def summary(results: dict) -> dict:
         "eval_peak_rss_gib_1m_1000q": results["datasets"][str(eval_n)]["ground_truth"]["peak_rss_gib"]
         if eval_n else None,
         "eval_measured_at_n": eval_n,
+        # per configuration: the worst process against its bound (a swap's two versions included)
+        "shard_peak_rss_vs_bound_by_config": {f"{c['n']}/{c['kind']}/S{c['shards']}": c["shard_peak_rss_vs_bound"]
+                                              for c in configs},
     }
+    swap = (best or {}).get("swap")
+    if swap:
+        out |= {"swap_s_at_n_max": swap["swap_s"], "rebuild_s_at_n_max": swap["rebuild_s"],
+                "recall10_after_swap_at_n_max": swap["recall10_after"],
+                "swap_replica_peak_growth_gib_at_n_max": swap["replica_peak_growth_gib"]}
     if base and "recall10_nprobe8" in base:
         out["hardness_at_n_max"] = {"ivf_recall10_nprobe8_inprocess": base["recall10_nprobe8"],
                                     "gap_10_11_mean": results["datasets"][str(n_max)]["ground_truth"]["gap_10_11_mean"]}
@@ -312,6 +367,12 @@ def print_table(results: dict) -> None:
               f"{base['faiss_b64']['qps']:11.0f} {c['handle_vs_inprocess_ratio_b64']:6.2f} {c['build_s']:8.1f} "
               f"{c['deploy_s']:8.1f} {trip['load_s']:9.2f}/{trip['write_s']:<9.2f} {c['bytes_per_vector']:6.0f} "
               f"{c['max_process_peak_rss_gib']:11.2f} {c['shard_peak_rss_vs_bound']:9.2f}")
+    for name, c in results["configs"].items():
+        if "swap" in c:
+            w = c["swap"]
+            print(f"{name:22} swap to v2: rebuild {w['rebuild_s']:.1f} s, swap {w['swap_s']:.1f} s, recall10 after "
+                  f"{w['recall10_after']:.3f}, versions after {w['versions_after']}, replica peak growth "
+                  f"{w['replica_peak_growth_gib']:.2f} GiB")
     for n, dataset in results["datasets"].items():
         truth = dataset["ground_truth"]
         print(f"N={int(n):,}: exact search {truth['seconds']:.1f} s, peak RSS {truth['peak_rss_gib']:.2f} GiB; "
@@ -348,15 +409,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ints = lambda text: [int(float(x)) for x in text.split(",") if x]  # noqa: E731 - "1e6,5e6" works too
     words = lambda text: [x for x in text.split(",") if x]  # noqa: E731
-    parser.add_argument("--sizes", type=ints, default=[1_000_000, 5_000_000])
+    parser.add_argument("--sizes", type=ints, default=[1_000_000, 2_000_000, 5_000_000])
     parser.add_argument("--shards", type=ints, default=[1, 2, 4])
     parser.add_argument("--kinds", type=words, default=["flat", "ivf", "ivfpq"])
     parser.add_argument("--large-kinds", type=words, default=["ivf"], help="kinds run above the smallest size")
+    parser.add_argument("--large-shards", type=ints, default=[4, 8], help="shard counts above the smallest size")
+    parser.add_argument("--no-swap", dest="swap", action="store_false",
+                        help="skip the swap to a second build at the largest size")
     parser.add_argument("--pq-all-shards", action="store_true", help="IVF-PQ at every S (default: the largest)")
     parser.add_argument("--seconds", type=float, default=8.0, help="per throughput measurement")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each in-process baseline way (median kept)")
-    parser.add_argument("--clusters", type=int, default=20_000)
-    parser.add_argument("--spread", type=float, default=0.07)
+    parser.add_argument("--clusters", type=int, default=5_000)
+    parser.add_argument("--spread", type=float, default=0.065)
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nlist", type=int, default=None, help="IVF cells per shard (default by N)")
@@ -394,7 +458,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[issue set] hardness of 2,000 clusters / spread 0.06 at N={probe_n:,}", flush=True)
         results["issue_set_hardness"] = in_subprocess(data.issue_set_hardness, probe_n, opts.dim, **ISSUE_SET)
     by_size: dict[int, list] = {}
-    for n, kind, counts in plan(opts.sizes, opts.kinds, opts.shards, opts.large_kinds, opts.pq_all_shards):
+    for n, kind, counts in plan(opts.sizes, opts.kinds, opts.shards, opts.large_kinds, opts.large_shards,
+                                opts.pq_all_shards):
         by_size.setdefault(n, []).append((kind, counts))
         print(f"plan: N={n:,} {kind} S={counts}", flush=True)
     for n, kinds in by_size.items():

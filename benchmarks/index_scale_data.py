@@ -37,7 +37,7 @@ from benchmarks.index_service import closed_loop, draw_mixture, mixture_centres,
 K = 10
 GIB = 1024**3
 GEN_ROWS = 65536  # rows generated per seed (one writer chunk by default)
-NPROBES = (8, 16, 32, 64, 128, 256)
+NPROBES = (8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 def doc_id(position: int) -> str:
@@ -68,22 +68,26 @@ def nlist_for_size(count: int) -> int:
     return 2 ** int(math.log2(2 * math.sqrt(count)))
 
 
-def write_corpus(uri: str, count: int, dim: int, clusters: int, spread: float, seed: int) -> dict:
-    """Write ``count`` vectors to ``uri`` through ``VectorChunkWriter`` (reused when the same set is
-    there already); the held-out queries go to ``uri/../queries.npy``."""
-    params = {"count": count, "dim": dim, "clusters": clusters, "spread": spread, "seed": seed}
+def write_corpus(uri: str, count: int, dim: int, clusters: int, spread: float, seed: int, num_shards: int = 1) -> dict:
+    """Write ``count`` vectors to ``uri`` through ``VectorChunkWriter`` partitioned for ``num_shards``
+    shards, as a refresh for an index of that many shards writes them (a builder of S shards, S
+    dividing ``num_shards``, then reads only its own rows); reused when the same set is there
+    already. The held-out queries go to ``uri/../queries.npy``."""
+    params = {"count": count, "dim": dim, "clusters": clusters, "spread": spread, "seed": seed,
+              "num_shards": num_shards}
     stamp = Path(uri).parent / "params.json"
     queries_path = Path(uri).parent / "queries.npy"
     centres = centres_for(clusters, dim, seed)
     if stamp.is_file() and json.loads(stamp.read_text()) == params and queries_path.is_file():
         manifest = read_vector_chunks(uri)
         if manifest.count == count:
-            return {"reused": True, "chunks": len(manifest.chunks), "bytes": sum(c.bytes for c in manifest.chunks)}
+            return {"reused": True, "chunks": len(manifest.chunks), "bytes": sum(c.bytes for c in manifest.chunks),
+                    "partitioned_for_shards": num_shards}
     stamp.unlink(missing_ok=True)
     Path(uri).mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     generate_s = 0.0
-    with VectorChunkWriter(uri, dim) as writer:
+    with VectorChunkWriter(uri, dim, num_shards=num_shards) as writer:
         for batch, start in enumerate(range(0, count, GEN_ROWS)):
             t0 = time.perf_counter()
             rows = draw_batch(centres, spread, seed, batch, min(GEN_ROWS, count - start))
@@ -94,7 +98,8 @@ def write_corpus(uri: str, count: int, dim: int, clusters: int, spread: float, s
     stamp.write_text(json.dumps(params))
     total_s = time.perf_counter() - started
     size = sum(c.bytes for c in manifest.chunks)
-    return {"reused": False, "chunks": len(manifest.chunks), "bytes": size, "generate_s": generate_s,
+    return {"reused": False, "chunks": len(manifest.chunks), "bytes": size, "partitioned_for_shards": num_shards,
+            "generate_s": generate_s,
             "write_s": total_s - generate_s, "total_s": total_s}
 
 
@@ -113,14 +118,16 @@ def peak_rss_gib() -> float:
 def ground_truth(vectors_uri: str, queries: np.ndarray, k: int = 100) -> dict:
     """Exact top-k of every query by the library's chunked exact search (the evaluation path,
     ``whetstone.eval.retrieval.RunningTopK`` over ``iter_vector_chunks``; k = 100 as evaluation
-    ranks), its time and this process's peak RSS. Positions are corpus rows; scores best first."""
+    ranks), its time and this process's peak RSS. Positions are corpus rows (from the ids); scores best first."""
     started = time.perf_counter()
     top = RunningTopK(queries, k)
     for ids, vectors in iter_vector_chunks(vectors_uri):
         top.add(ids, vectors)
     seconds = time.perf_counter() - started
     scores = top.scores  # (Q, k)
-    return {"positions": top.positions[:, : K + 1].copy(), "scores": scores[:, : K + 1].copy(),
+    # corpus rows from the ids: chunks partitioned by shard stream the rows out of corpus order
+    positions = np.array([positions_of(row) for row in top.ids[:, : K + 1]], dtype=np.int64)
+    return {"positions": positions, "scores": scores[:, : K + 1].copy(),
             "seconds": seconds, "documents": top.seen, "peak_rss_gib": peak_rss_gib(),
             "gap_10_11_mean": float(np.mean(scores[:, K - 1] - scores[:, K])),
             "score1_mean": float(np.mean(scores[:, 0])), "score10_mean": float(np.mean(scores[:, K - 1]))}
@@ -171,8 +178,14 @@ def baseline(vectors_uri: str, config_json: dict, queries: np.ndarray, truth: np
     index = AnnIndex.create(queries.shape[1], config, train=sample, count=count)
     out["train_s"] = time.perf_counter() - started
     del sample
+    order = []  # FAISS label -> corpus row (chunks partitioned by shard stream out of corpus order)
     for ids, vectors in iter_vector_chunks(vectors_uri):
         index.add(vectors, ids)
+        order.append((index.idmap.labels_of(ids), positions_of(ids)))
+    to_row = np.full(index.idmap.next_label, -1, np.int64)
+    for labels, rows in order:
+        to_row[labels] = rows
+    del order
     out["build_s"] = time.perf_counter() - started
     out["add_s"] = out["build_s"] - out["train_s"]
     out["index_bytes"] = serialised_bytes(index.faiss_index)
@@ -182,19 +195,24 @@ def baseline(vectors_uri: str, config_json: dict, queries: np.ndarray, truth: np
     def search(q: np.ndarray, params=None):
         return raw.search(q, K, params=params) if params is not None else raw.search(q, K)
 
+    def rows(labels: np.ndarray) -> np.ndarray:
+        return np.where(labels >= 0, to_row[np.maximum(labels, 0)], -1)
+
     if config.kind in ("ivf", "ivfpq"):
-        for nprobe in NPROBES:
+        probes = [p for p in NPROBES if p <= faiss.extract_index_ivf(raw).nlist]  # nprobe = nlist: exhaustive
+        for nprobe in probes:
             index.set_search_params(nprobe=nprobe)
-            out[f"recall10_nprobe{nprobe}"] = recall10(search(queries, index._search_params(K))[1], truth)
+            out[f"recall10_nprobe{nprobe}"] = recall10(rows(search(queries, index._search_params(K))[1]), truth)
         # the smallest nprobe reaching the target; when none does (IVF-PQ: its codes cap recall),
         # the smallest within 0.005 of the best recall, not the slowest
-        best = max(out[f"recall10_nprobe{p}"] for p in NPROBES)
-        good = [p for p in NPROBES if out[f"recall10_nprobe{p}"] >= min(target_recall, best - 0.005)]
+        best = max(out[f"recall10_nprobe{p}"] for p in probes)
+        good = [p for p in probes if out[f"recall10_nprobe{p}"] >= min(target_recall, best - 0.005)]
         out["chosen_nprobe"] = config.nprobe or good[0]
         out["target_reached"] = best >= target_recall
         index.set_search_params(nprobe=out["chosen_nprobe"])
     params = index._search_params(K)
     scores, labels = search(queries, params)
+    labels = rows(labels)
     out["recall10"] = recall10(labels, truth)
     if config.kind == "flat":
         out["top10_positions"], out["top10_scores"] = labels, scores

@@ -48,7 +48,7 @@ def read_status(pid: int) -> tuple[int, int]:
 
 def role_of(title: str, pid: int, driver_pid: int, router: str) -> str:
     """The role of a process from its title: ``driver``, ``router``, ``shard_replica:<s>``,
-    ``shard_builder``, ``serve_proxy``, ``serve_controller``, ``serve_registry``, ``caller`` (the
+    ``shard_builder``, ``index_trainer``, ``serve_proxy``, ``serve_controller``, ``serve_registry``, ``caller`` (the
     benchmark's load), ``ray_idle_worker``,
     ``ray_system`` (GCS, raylet, dashboard, agents) or ``other:<title>``."""
     if pid == driver_pid:
@@ -71,6 +71,8 @@ def role_of(title: str, pid: int, driver_pid: int, router: str) -> str:
             return "ray_idle_worker"
         if "build" in name.lower() and "shard" in name.lower():
             return "shard_builder"
+        if name == "_train_task":  # the one IVF training of a build, shared by its shards
+            return "index_trainer"
         if name.startswith("Caller"):
             return "caller"
         return f"ray_task:{name}"

@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     vectors_at = vectors_uri(config.index_uri, new)
     corpus = CorpusVectors(embedded_batches(config.store_uri, config.checkpoint, config.storage, config.batch_size,
                                             config.doc_max_length, config.embed_concurrency, dtype=config.dtype),
-                           vectors_at, config.storage).drain()
+                           vectors_at, config.storage, num_shards=settings.num_shards).drain()
     # With a service, its two-phase swap writes LATEST once every shard holds the new version.
     manifest = publish_index(vectors_at, config.index_uri, new, config.checkpoint, settings, config.storage,
                              set_latest=config.swap == "none")

@@ -98,3 +98,45 @@ def test_refresh_job_keeps_the_served_layout(tmp_path):
     assert build_settings(config, None) == IndexBuildConfig()  # nothing published yet: flat, one shard
     given = RefreshIndexJobConfig(checkpoint="m", store_uri="s", index_uri=root, index={"kind": "ivf", "num_shards": 2})
     assert build_settings(given, 1).kind == "ivf"
+
+
+def test_corpus_vectors_partitioned_by_shard_build_the_same_index(tmp_path):
+    """Written with the index's shard count, each chunk holds one shard's rows (so a shard builder
+    downloads only its own) and the published shards equal those built from unpartitioned chunks."""
+    from whetstone.index.snapshot import shard_of
+    from whetstone.index.vector_chunks import iter_vector_chunks
+
+    root = str(tmp_path / "index")
+    stream, ids, vectors = batches(count=600, seed=7)
+    CorpusVectors(stream, vectors_uri(root, 1), num_shards=3).drain()
+    written = read_vector_chunks(vectors_uri(root, 1))
+    assert written.num_shards == 3 and written.count == 600
+    for shard in range(3):
+        for chunk_ids, _ in iter_vector_chunks(vectors_uri(root, 1), shard=shard):
+            assert set(shard_of(chunk_ids, 3).tolist()) == {shard}
+    stream, _, _ = batches(count=600, seed=7)
+    CorpusVectors(stream, vectors_uri(root, 2)).drain()  # not partitioned: builders filter every chunk
+    partitioned = publish_index(vectors_uri(root, 1), root, 1, "c", IndexBuildConfig(kind="flat", num_shards=3))
+    filtered = publish_index(vectors_uri(root, 2), root, 2, "c", IndexBuildConfig(kind="flat", num_shards=3))
+    assert [e.count for e in partitioned.shards] == [e.count for e in filtered.shards]
+    assert sum(e.count for e in partitioned.shards) == len(ids)
+
+
+def test_vectors_partitioned_for_more_shards_build_fewer_without_filtering(tmp_path):
+    """Chunks written for 4 shards build 2 shards (and 1) from whole partitions: shard s of 2 is
+    partitions s and s+2 of 4, the same rows that filtering by ``shard_of(id, 2)`` gives."""
+    from whetstone.index.build import _partitions_of
+
+    root = str(tmp_path / "index")
+    stream, ids, _ = batches(count=800, seed=3)
+    CorpusVectors(stream, vectors_uri(root, 1), num_shards=4).drain()
+    written = read_vector_chunks(vectors_uri(root, 1))
+    assert _partitions_of(written, 1, 2) == [1, 3] and _partitions_of(written, 0, 1) == [0, 1, 2, 3]
+    assert _partitions_of(written, 0, 3) is None  # 4 is not a multiple of 3: filter every chunk
+    for num_shards in (1, 2, 3):
+        manifest = publish_index(vectors_uri(root, 1), root, num_shards, "c",
+                                 IndexBuildConfig(kind="flat", num_shards=num_shards))
+        from whetstone.index.snapshot import shard_of
+
+        expected = np.bincount(shard_of(ids, num_shards), minlength=num_shards).tolist()
+        assert [entry.count for entry in manifest.shards] == expected

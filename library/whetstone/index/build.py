@@ -2,18 +2,18 @@
 
 A shard builder never holds the corpus: it streams the vector chunks
 (``whetstone.index.vector_chunks``) and keeps only its own shard's rows (``shard_of``: crc32 of
-the id, modulo S); when the writer partitioned the chunks by the same S it reads only its own
-partition. IVF kinds stream twice:
+the id, modulo S); when the writer partitioned the chunks by S (or a multiple of S) it reads only
+its own partitions.
 
-1. pass 1 draws the shard's training sample: every shard row gets a seeded random key and the
-   rows with the smallest keys stay (a uniform sample without replacement, at most
-   ``64 * nlist`` rows and 512 MiB; ``faiss_kinds.train_rows``), and counts the shard's rows,
-   which fix the automatic ``nlist``;
-2. pass 2 adds the shard's rows chunk by chunk to the trained index.
+IVF kinds are trained once per build, not once per shard (:func:`train_shared`): k-means runs on
+a uniform sample of rows from a seeded random set of whole chunks (at most ``64 * nlist`` rows and
+512 MiB; ``faiss_kinds.train_rows``) with ``nlist`` for the whole corpus, and every shard adds its
+rows to a copy of that trained, empty index. The shards then share their cells, so searching
+every shard with nprobe p scans what one unsharded index with the same cells would with p, and
+the merged top-k is that index's.
 
-``flat`` and ``hnsw`` need only pass 2. A builder holds the index, one chunk and (IVF) the
-sample, then streams the shard into storage in chunks (``whetstone.index.shard_io``).
-:func:`build_sharded_index` runs the S builders as Ray tasks when Ray is initialised (one process
+A builder holds its index and one chunk, then streams the shard into storage in chunks
+(``whetstone.index.shard_io``). :func:`build_sharded_index` runs the S builders as Ray tasks when Ray is initialised (one process
 each, ``task_cpus`` CPUs each), else one after another here, and publishes the manifest last.
 """
 
@@ -44,18 +44,30 @@ from whetstone.index.vector_chunks import VectorChunksManifest, iter_vector_chun
 
 logger = logging.getLogger(__name__)
 
-# Slack on the expected shard size (N / S) when sizing the sample buffer before pass 1 has
-# counted: crc32 spreads ids within a fraction of a percent at these sizes.
-_SHARD_SIZE_SLACK = 1.1
+# Rows read for the shared IVF training sample: at least this many times the sample, from whole
+# chunks drawn at random (every chunk when the corpus is smaller), so k-means sees every part of a
+# corpus whose chunks follow its files' order.
+_SAMPLE_READ_FACTOR = 8
+
+
+def _partitions_of(manifest: VectorChunksManifest, shard: int, num_shards: int) -> list[int] | None:
+    """The writer's partitions that hold exactly shard ``shard``'s rows, or None when its
+    partitioning does not line up with ``num_shards``. ``shard_of`` is crc32 % S, so partition p
+    of a writer with S' = k*S shards belongs wholly to shard p % S (e.g. vectors written for 4
+    shards build 2 shards without filtering)."""
+    if manifest.num_shards % num_shards:
+        return None
+    return [p for p in range(manifest.num_shards) if p % num_shards == shard]
 
 
 def _shard_chunks(
     vectors_uri: str, manifest: VectorChunksManifest, shard: int, num_shards: int, storage: StorageConfig | None
 ) -> Iterator[tuple[list[str], np.ndarray]]:
-    """The shard's rows, chunk by chunk: its own partition when the writer partitioned by the
-    same S, else every chunk filtered by ``shard_of``."""
-    if manifest.num_shards == num_shards:
-        yield from iter_vector_chunks(vectors_uri, storage, manifest, shard=shard)
+    """The shard's rows, chunk by chunk: only its own partitions' chunks when the writer's
+    partitioning lines up with S (:func:`_partitions_of`), else every chunk filtered by ``shard_of``."""
+    partitions = _partitions_of(manifest, shard, num_shards)
+    if partitions is not None:
+        yield from iter_vector_chunks(vectors_uri, storage, manifest, shard=partitions)
         return
     for ids, vectors in iter_vector_chunks(vectors_uri, storage, manifest):
         rows = np.flatnonzero(shard_of(ids, num_shards) == shard)
@@ -63,32 +75,31 @@ def _shard_chunks(
             yield [ids[row] for row in rows.tolist()], vectors[rows]
 
 
-def _train_sample(
-    vectors_uri: str, manifest: VectorChunksManifest, shard: int, num_shards: int, config: AnnConfig,
-    storage: StorageConfig | None,
-) -> tuple[np.ndarray, int]:
-    """Pass 1: ``(sample rows, shard row count)``; bottom-k of seeded random keys, in place."""
-    if manifest.num_shards == num_shards:  # partitioned: the manifest knows the shard's rows
-        expected = sum(chunk.rows for chunk in manifest.chunks if chunk.shard == shard)
-    else:
-        expected = int(manifest.count / num_shards * _SHARD_SIZE_SLACK) + 1
-    cap = train_rows(nlist_for(config, min(expected, manifest.count)), manifest.dim)
-    largest_chunk = max((chunk.rows for chunk in manifest.chunks), default=0)
+def _train_sample(vectors_uri: str, manifest: VectorChunksManifest, cap: int, version: int,
+                  storage: StorageConfig | None) -> np.ndarray:
+    """Up to ``cap`` rows drawn uniformly from a seeded random set of whole chunks holding at least
+    ``_SAMPLE_READ_FACTOR * cap`` rows (all chunks when fewer): every read row gets a random key,
+    the rows with the smallest keys stay, in place. Seeded by ``version``."""
+    rng = np.random.default_rng([version, 17])
+    order = rng.permutation(len(manifest.chunks))
+    chosen, rows = [], 0
+    for position in order.tolist():
+        if rows >= _SAMPLE_READ_FACTOR * cap:
+            break
+        chosen.append(position)
+        rows += manifest.chunks[position].rows
+    picked = manifest.model_copy(update={"chunks": [manifest.chunks[i] for i in sorted(chosen)]})
+    largest_chunk = max((chunk.rows for chunk in picked.chunks), default=0)
     buffer = np.empty((cap + largest_chunk, manifest.dim), np.float32)
     keys = np.empty(cap + largest_chunk, np.float64)
-    rng = np.random.default_rng(1000 + shard)
-    held = count = 0
-    for _, rows in _shard_chunks(vectors_uri, manifest, shard, num_shards, storage):
-        buffer[held: held + rows.shape[0]] = rows
-        keys[held: held + rows.shape[0]] = rng.random(rows.shape[0])
-        held += rows.shape[0]
-        count += rows.shape[0]
+    held = 0
+    for _, vectors in iter_vector_chunks(vectors_uri, storage, picked):
+        buffer[held: held + vectors.shape[0]] = vectors
+        keys[held: held + vectors.shape[0]] = rng.random(vectors.shape[0])
+        held += vectors.shape[0]
         if held > cap:
             held = _keep_smallest(buffer, keys, held, cap)
-    limit = train_rows(nlist_for(config, count), manifest.dim)
-    if held > limit:
-        held = _keep_smallest(buffer, keys, held, limit)
-    return buffer[:held], count
+    return buffer[:held]
 
 
 def _keep_smallest(buffer: np.ndarray, keys: np.ndarray, held: int, keep: int) -> int:
@@ -103,20 +114,43 @@ def _keep_smallest(buffer: np.ndarray, keys: np.ndarray, held: int, keep: int) -
     return keep
 
 
-def _empty_shard_index(
-    vectors_uri: str, manifest: VectorChunksManifest, shard: int, num_shards: int, config: AnnConfig,
-    storage: StorageConfig | None,
-) -> AnnIndex:
-    """A trained, empty index for the shard (pass 1 for IVF kinds)."""
+def train_shared(vectors_uri: str, config: AnnConfig, version: int = 1, storage: StorageConfig | None = None,
+                 threads: int | None = None) -> np.ndarray:
+    """The trained, empty IVF index every shard of a build starts from, serialised (uint8).
+
+    Trained once for all S shards on a sample of the whole corpus (:func:`_train_sample`), with
+    ``nlist`` for the whole corpus: every shard holds the same cells, so a search with nprobe p on
+    every shard scans exactly the cells the unsharded index would scan with p, and the merged top-k
+    equals the unsharded IVF index's (the k-means cost is paid once, not S times).
+
+    Raises:
+        AnnInputError: the corpus has fewer rows than ``nlist`` (or the PQ codebook), naming ``vectors_uri``.
+    """
+    import faiss
+
+    if threads:
+        faiss.omp_set_num_threads(max(1, int(threads)))
+    manifest = read_vector_chunks(vectors_uri, storage)
+    cpu_config = config.model_copy(update={"use_gpu": False})  # built on CPU: the loader places it
+    cap = train_rows(nlist_for(cpu_config, manifest.count), manifest.dim)
+    sample = _train_sample(vectors_uri, manifest, cap, version, storage)
+    try:
+        trained = make_faiss(manifest.dim, cpu_config, sample, manifest.count, overwrite_train=True)
+    except AnnInputError as err:
+        raise AnnInputError(f"{vectors_uri} ({manifest.count} rows): {err}") from None
+    return faiss.serialize_index(trained)
+
+
+def _empty_shard_index(dim: int, config: AnnConfig, trained: np.ndarray | None) -> AnnIndex:
+    """A trained, empty index for a shard: the shared trained index for IVF kinds."""
+    import faiss
+
     config = config.model_copy(update={"use_gpu": False})  # built on CPU: the loader places it
     if config.kind in ("flat", "hnsw"):
-        return AnnIndex(make_faiss(manifest.dim, config), config, manifest.dim)
-    sample, count = _train_sample(vectors_uri, manifest, shard, num_shards, config, storage)
-    try:
-        faiss_index = make_faiss(manifest.dim, config, sample, count, overwrite_train=True)
-    except AnnInputError as err:
-        raise AnnInputError(f"shard {shard} of {num_shards} ({count} rows from {vectors_uri}): {err}") from None
-    return AnnIndex(faiss_index, config, manifest.dim)
+        return AnnIndex(make_faiss(dim, config), config, dim)
+    if trained is None:
+        raise ValueError(f"{config.kind}: a shard needs the shared trained index (train_shared)")
+    return AnnIndex(faiss.deserialize_index(trained), config, dim)
 
 
 def build_shard(
@@ -129,25 +163,29 @@ def build_shard(
     storage: StorageConfig | None = None,
     *,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    trained: np.ndarray | None = None,
 ) -> ShardEntry:
     """Build shard ``shard`` of ``num_shards`` from the vector chunks at ``vectors_uri`` and save it.
 
     Writes ``index_root/v{version}/shard-{shard:04d}/`` and returns its entry; publishes nothing.
-    Holds the shard's index, one vector chunk and (IVF) the training sample.
+    Holds the shard's index and one vector chunk. IVF kinds start from ``trained``
+    (:func:`train_shared`, shared by every shard of the build; trained here when None).
 
     Raises:
-        AnnInputError: an IVF shard has fewer rows than its ``nlist`` (the shard is named).
+        AnnInputError: IVF training failed (the corpus is smaller than ``nlist``).
         SnapshotError: a vector chunk is missing or corrupt, or the version is already published.
     """
     started = time.perf_counter()
     manifest = read_vector_chunks(vectors_uri, storage)
-    index = _empty_shard_index(vectors_uri, manifest, shard, num_shards, config, storage)
-    trained = time.perf_counter()
+    if trained is None and config.kind in ("ivf", "ivfpq"):
+        trained = train_shared(vectors_uri, config, version, storage)
+    index = _empty_shard_index(manifest.dim, config, trained)
+    trained_at = time.perf_counter()
     for shard_ids, rows in _shard_chunks(vectors_uri, manifest, shard, num_shards, storage):
         index.add(rows, shard_ids)
     added = time.perf_counter()
     entry = save_shard(index, index_root, version, shard, storage, chunk_bytes)
-    timings = {"train_s": trained - started, "add_s": added - trained, "save_s": time.perf_counter() - added}
+    timings = {"train_s": trained_at - started, "add_s": added - trained_at, "save_s": time.perf_counter() - added}
     logger.info("built %s shard %d/%d: %d docs (train %.1f s, add %.1f s, save %.1f s, %d bytes)",
                 config.kind, shard, num_shards, index.size, *timings.values(),
                 sum(f.bytes for f in entry.files.values()))
@@ -155,10 +193,20 @@ def build_shard(
 
 
 def _build_shard_task(storage_wire: dict, vectors_uri: str, shard: int, num_shards: int, config: AnnConfig,
-                      index_root: str, version: int, chunk_bytes: int) -> ShardEntry:
+                      index_root: str, version: int, chunk_bytes: int, trained: np.ndarray | None,
+                      threads: int) -> ShardEntry:
     """:func:`build_shard` in a Ray task, with the storage config as JSON-safe data."""
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
     storage = StorageConfig.model_validate(storage_wire)
-    return build_shard(vectors_uri, shard, num_shards, config, index_root, version, storage, chunk_bytes=chunk_bytes)
+    return build_shard(vectors_uri, shard, num_shards, config, index_root, version, storage, chunk_bytes=chunk_bytes,
+                       trained=trained)
+
+
+def _train_task(storage_wire: dict, vectors_uri: str, config: AnnConfig, version: int, threads: int) -> np.ndarray:
+    """:func:`train_shared` in a Ray task."""
+    return train_shared(vectors_uri, config, version, StorageConfig.model_validate(storage_wire), threads)
 
 
 def _gather_in_shard_order(refs: list) -> list[ShardEntry]:
@@ -193,9 +241,11 @@ def build_sharded_index(
 ) -> SnapshotManifest:
     """Build every shard of version ``version`` from ``vectors_uri`` and publish its manifest.
 
-    One Ray task per shard (``num_cpus=task_cpus``) when Ray is initialised, else the shards one
-    after another in this process. ``LATEST`` moves only with ``set_latest`` (the index service's
-    two-phase swap moves it otherwise).
+    IVF kinds first train one empty index for every shard (:func:`train_shared`; one Ray task
+    with the CPUs the S builders will use next, as far as they are free now, at least ``task_cpus``). Then one Ray task per shard
+    (``num_cpus=task_cpus``) when Ray is initialised, else the shards one after another in this
+    process. ``LATEST`` moves only with ``set_latest`` (the index service's two-phase swap moves
+    it otherwise).
 
     Raises:
         SnapshotConflict: the version is already published (checked before any work).
@@ -210,16 +260,28 @@ def build_sharded_index(
     started = time.perf_counter()
     import ray
 
+    ivf = config.kind in ("ivf", "ivfpq")
     if ray.is_initialized():
         # Workers may not share this process's AWS_* variables: ship the resolved config.
         wire = (storage or StorageConfig()).resolved().to_wire()
+        trained = None
+        if ivf:
+            # the CPUs free now, up to what the S builders take next (asking for more than is free
+            # would wait on whatever holds them, e.g. the service's own replicas)
+            train_cpus = max(task_cpus, min(task_cpus * num_shards, ray.available_resources().get("CPU", 0.0)))
+            train = ray.remote(num_cpus=train_cpus)(_train_task)
+            trained = _gather_in_shard_order([train.remote(wire, vectors_uri, config, version,
+                                                           max(1, int(train_cpus)))])[0]
+            trained = ray.put(trained)  # one copy in the object store for every builder
         task = ray.remote(num_cpus=task_cpus)(_build_shard_task)
         entries = _gather_in_shard_order([
-            task.remote(wire, vectors_uri, shard, num_shards, config, index_root, version, chunk_bytes)
+            task.remote(wire, vectors_uri, shard, num_shards, config, index_root, version, chunk_bytes, trained,
+                        max(1, int(task_cpus)))
             for shard in range(num_shards)])
     else:
+        trained = train_shared(vectors_uri, config, version, storage) if ivf else None
         entries = [build_shard(vectors_uri, shard, num_shards, config, index_root, version, storage,
-                               chunk_bytes=chunk_bytes) for shard in range(num_shards)]
+                               chunk_bytes=chunk_bytes, trained=trained) for shard in range(num_shards)]
     manifest = publish_manifest(index_root, version, entries, checkpoint=checkpoint, dim=vectors.dim,
                                 kind=config.kind, config=config.model_dump(mode="json"), extra=extra,
                                 storage=storage, set_latest=set_latest)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from datetime import datetime, timezone
 from typing import Literal
 
@@ -196,19 +196,21 @@ def read_vector_chunks(uri: str, storage: StorageConfig | None = None) -> Vector
 
 def iter_vector_chunks(
     uri: str, storage: StorageConfig | None = None, manifest: VectorChunksManifest | None = None,
-    shard: int | None = None,
+    shard: int | Collection[int] | None = None,
 ) -> Iterator[tuple[list[str], np.ndarray]]:
     """Yield ``(ids, vectors)`` chunk by chunk, each checked against its sha256 first.
 
     ``vectors`` is a read-only (rows, dim) float32 view of the downloaded chunk. ``shard``: only
-    the chunks of that partition (a writer with ``num_shards`` > 1 partitioned them).
+    the chunks of that partition, or of those partitions (a writer with ``num_shards`` > 1
+    partitioned them).
 
     Raises:
         SnapshotError: a chunk is missing or corrupt (its URI named).
     """
     manifest = manifest or read_vector_chunks(uri, storage)
+    wanted = None if shard is None else {shard} if isinstance(shard, int) else set(shard)
     for chunk in manifest.chunks:
-        if shard is not None and chunk.shard != shard:
+        if wanted is not None and chunk.shard not in wanted:
             continue
         chunk_uri = store.join(uri, chunk.name)
         data = read_optional(chunk_uri, storage)

@@ -162,7 +162,8 @@ def embed_and_evaluate(run: ContrastiveRun, model_uri: str, name: str = "base",
     corpus = CorpusVectors(embedded_batches(config.store_uri, model_uri, config.storage,
                                             concurrency=config.index.initial_embed_concurrency,
                                             batch_size=config.refresh.embed_batch_size,
-                                            max_length=config.eval.doc_max_length), vectors_uri, config.storage)
+                                            max_length=config.eval.doc_max_length), vectors_uri, config.storage,
+                            num_shards=config.index.num_shards)
     metrics: dict[str, float] = {}
     split = run.eval_split
     if split is None:

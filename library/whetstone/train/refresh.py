@@ -113,13 +113,16 @@ class CorpusVectors:
         batches: (ids, (n, D) float32) pairs, e.g. :func:`embedded_batches`.
         vectors_uri: where :class:`whetstone.index.vector_chunks.VectorChunkWriter` writes, typically
             ``index_root/vectors/v{n}`` (:func:`vectors_uri`); None: count only.
+        num_shards: the shard count of the index these vectors will build; the chunks are then
+            partitioned by shard, so each shard's builder downloads only its own rows.
     """
 
     def __init__(self, batches: Iterator[tuple[list[str], np.ndarray]], vectors_uri: str | None = None,
-                 storage: StorageConfig | None = None) -> None:
+                 storage: StorageConfig | None = None, *, num_shards: int = 1) -> None:
         self.batches = batches
         self.vectors_uri = vectors_uri
         self.storage = storage
+        self.num_shards = num_shards
         self.rows = 0
         self.dim: int | None = None
         self.manifest: Any = None  # the VectorChunksManifest once every batch is written
@@ -130,7 +133,8 @@ class CorpusVectors:
         writer = None
         for ids, vectors in self.batches:
             if writer is None and self.vectors_uri is not None:
-                writer = VectorChunkWriter(self.vectors_uri, int(vectors.shape[1]), storage=self.storage)
+                writer = VectorChunkWriter(self.vectors_uri, int(vectors.shape[1]), storage=self.storage,
+                                           num_shards=self.num_shards)
             if writer is not None:
                 writer.write(ids, vectors)
             self.rows += len(ids)
@@ -144,6 +148,12 @@ class CorpusVectors:
         for _ in self:
             pass
         return self
+
+
+def _num_shards(build: dict[str, Any] | Any) -> int:
+    """The shard count of an index build's settings (an IndexBuildConfig or its JSON)."""
+    value = build.get("num_shards", 1) if isinstance(build, dict) else getattr(build, "num_shards", 1)
+    return int(value or 1)
 
 
 def vectors_uri(index_uri: str, version: int) -> str:
@@ -301,7 +311,7 @@ class IndexRefresher:
             concurrency=self.settings["embed_concurrency"],
             num_cpus=self.settings["embed_cpus"],
             dtype=self.settings["dtype"],
-        ), vectors_at, self.storage).drain()
+        ), vectors_at, self.storage, num_shards=_num_shards(self.settings["index"])).drain()
         embedded_s = time.monotonic() - started
         # The service's two-phase swap writes LATEST once every shard replica holds the new version.
         publish_index(vectors_at, self.index_uri, new_version, checkpoint_uri, self.settings["index"], self.storage,
