@@ -213,7 +213,10 @@ def sharded_suite(n: int, kind: str, shards: int, config: AnnConfig, vectors_uri
         index_bytes = sum(f.bytes for e in manifest.shards for f in e.files.values())
         out["bytes_per_vector"] = index_bytes / manifest.count
         started = time.perf_counter()
-        deploy(IndexServiceArgs(index_uri=str(index_root), num_shards=shards, replicas_per_shard=1, num_cpus=1,
+        # the local cluster has 8 logical CPUs: the router takes 1, the shard replicas share at most 6
+        # (with 1 each, 8 shards could never all be placed and the deploy would wait forever)
+        deploy(IndexServiceArgs(index_uri=str(index_root), num_shards=shards, replicas_per_shard=1,
+                                num_cpus=min(1.0, 6.0 / shards),
                                 router_cpus=1, search_threads=1, search_workers=os.cpu_count() or 1,
                                 batch_max_size=32, max_ongoing_requests=256, shard_timeout_s=120,
                                 swap_timeout_s=900),
@@ -238,12 +241,17 @@ def sharded_suite(n: int, kind: str, shards: int, config: AnnConfig, vectors_uri
 
 # ------------------------------------------------------------------------------------ one size
 def run_size(n: int, kinds: list[tuple[str, list[int]]], opts, results: dict) -> None:
-    """Data, ground truth, then per kind the baseline and every shard count, for N = ``n``."""
+    """Data, ground truth, then per kind the baseline and every shard count, for N = ``n``
+    (configurations a resumed run kept are skipped; their baselines are reused)."""
+    kinds = [(kind, [s for s in counts if f"{n}/{kind}/S{s}" not in results["configs"]]) for kind, counts in kinds]
+    if not any(counts for _, counts in kinds):
+        print(f"[N={n:,}] every configuration kept from the earlier run", flush=True)
+        return
     folder = Path(opts.run_dir) / f"n{n}-k{opts.clusters}-s{opts.spread}-seed{opts.seed}"
     vectors_uri = str(folder / "vectors")
     print(f"[N={n:,}] writing vectors to {vectors_uri}", flush=True)
     partitions = max((s for _, counts in kinds for s in counts), default=1)  # as a refresh for the largest S writes
-    dataset: dict = {"corpus": data.write_corpus(vectors_uri, n, opts.dim, opts.clusters, opts.spread, opts.seed,
+    dataset: dict = results["datasets"].get(str(n), {}) | {"corpus": data.write_corpus(vectors_uri, n, opts.dim, opts.clusters, opts.spread, opts.seed,
                                                  partitions)}
     queries = np.load(folder / "queries.npy")
     print(f"[N={n:,}] exact ground truth (chunked, own process)", flush=True)
@@ -251,11 +259,16 @@ def run_size(n: int, kinds: list[tuple[str, list[int]]], opts, results: dict) ->
     dataset["ground_truth"] = {k: v for k, v in truth.items() if k not in ("positions", "scores")}
     results["datasets"][str(n)] = dataset
     for kind, shard_counts in kinds:
-        print(f"[N={n:,} {kind}] in-process baseline (own process)", flush=True)
+        if not shard_counts:
+            continue
         config = ann_config(kind, n, opts=opts)
-        base = in_subprocess(data.baseline, vectors_uri, config.model_dump(mode="json"), queries, truth["positions"],
-                             opts.seconds, opts.repeats, opts.target_recall)
-        unsharded = {k: base.pop(k) for k in ("top10_positions", "top10_scores") if k in base}
+        base = results["baselines"].get(f"{n}/{kind}") if kind != "flat" else None
+        unsharded: dict = {}
+        if base is None:
+            print(f"[N={n:,} {kind}] in-process baseline (own process)", flush=True)
+            base = in_subprocess(data.baseline, vectors_uri, config.model_dump(mode="json"), queries,
+                                 truth["positions"], opts.seconds, opts.repeats, opts.target_recall)
+            unsharded = {k: base.pop(k) for k in ("top10_positions", "top10_scores") if k in base}
         results["baselines"][f"{n}/{kind}"] = base
         if kind == "ivf":  # how hard the set is at this N, as the issue measured its own
             dataset["hardness"] = {"ivf_nlist": base["config"]["nlist"], "ivf_recall10_nprobe8": base["recall10_nprobe8"],
@@ -434,6 +447,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep-indexes", action="store_true")
     parser.add_argument("--quick", action="store_true", help="50k vectors, 2,000 clusters, S=1,4, 3 s windows")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--resume", action="store_true", help="keep the configurations already in --out")
     opts = parser.parse_args(argv)
     if opts.quick:
         opts.sizes, opts.shards, opts.clusters, opts.seconds, opts.repeats = [50_000], [1, 4], 2000, 3.0, 1
@@ -453,7 +467,13 @@ def main(argv: list[str] | None = None) -> dict:
                      "settings": vars(opts) | {"k": K, "batch": BATCH}, "datasets": {}, "baselines": {},
                      "configs": {}, "failures": {}}
     started = time.perf_counter()
-    if not opts.no_issue_set:
+    if opts.resume and Path(opts.out).is_file():  # keep what an interrupted run measured
+        kept = json.loads(Path(opts.out).read_text())
+        for key in ("datasets", "baselines", "configs", "issue_set_hardness"):
+            if key in kept:
+                results[key] = kept[key]
+        print(f"resuming: {len(results['configs'])} configurations kept from {opts.out}", flush=True)
+    if not opts.no_issue_set and "issue_set_hardness" not in results:
         probe_n = min(opts.sizes)
         print(f"[issue set] hardness of 2,000 clusters / spread 0.06 at N={probe_n:,}", flush=True)
         results["issue_set_hardness"] = in_subprocess(data.issue_set_hardness, probe_n, opts.dim, **ISSUE_SET)
