@@ -5,8 +5,9 @@ Data. Clustered synthetic unit vectors (dim 384), N per ``--sizes``, generated b
 seeds and written to storage in chunks with ``VectorChunkWriter``, as a refresh writes what it
 embedded (under ``--run-dir``, default ``.whetstone/bench/index_scale/``; reused by later runs,
 never committed). The mixture is harder than the issue's (2,000 clusters, spread 0.06: IVF recall
-1.000 at nprobe 8): 5,000 clusters, spread 0.065 by default (IVF1024 recall@10 at nprobe 8: 0.90
-at 1M, measured while choosing it); how hard is measured and reported at every N (in-process IVF-Flat recall@10 at nprobe 8, mean gap between the exact 10th and 11th
+1.000 at nprobe 8): 5,000 clusters, spread 0.065 by default (in-process IVF recall@10 at nprobe 8
+measured 0.74 at 1M, 0.93 at 2M, but 0.995 at 5M, where nlist 4,096 gives about a cell per
+cluster; ``--clusters 20000 --spread 0.07`` is far harder); how hard is measured and reported at every N (in-process IVF-Flat recall@10 at nprobe 8, mean gap between the exact 10th and 11th
 scores), beside the issue's set at the smallest N. 1,000 held-out queries from the same mixture.
 Exact ground truth: the library's chunked exact search over the chunks (``RunningTopK``, the
 evaluation path), in its own process, whose peak RSS is ``eval_peak_rss_gib_1m_1000q``.

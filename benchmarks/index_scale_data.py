@@ -6,7 +6,7 @@
   written to storage through ``VectorChunkWriter``, as a refresh writes what it embedded.
   Queries are 1,000 more draws from the same mixture, held out.
 * Workers that run in a process of their own (:func:`in_subprocess`), so that each one's peak
-  RSS is its own (``ru_maxrss``, the kernel's high-water mark) and the sharded system never
+  RSS is its own (``VmHWM``, the kernel's high-water mark of its address space) and the sharded system never
   shares a machine's memory with them: the exact ground truth (the library's chunked exact
   search, the evaluation path), the in-process baseline (one unsharded index of the same kind and
   settings, the only process allowed to hold all N vectors), and the hardness probe of the
@@ -111,7 +111,14 @@ def in_subprocess(fn, *args, **kwargs):
 
 
 def peak_rss_gib() -> float:
-    """This process's peak RSS so far (Linux reports ``ru_maxrss`` in KiB)."""
+    """This process's peak RSS so far: ``VmHWM``, the high-water mark of its own address space.
+
+    Not ``ru_maxrss``: Linux carries that over an exec, so a spawned worker would report its
+    parent's RSS at the fork (the driver's, e.g. 1.3 GiB after writing a corpus) as its own."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / GIB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
 
 
