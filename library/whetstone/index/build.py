@@ -219,7 +219,11 @@ def _gather_in_shard_order(refs: list) -> list[ShardEntry]:
         try:
             entries.append(ray.get(ref))
         except ray.exceptions.RayTaskError as err:
-            for other in refs:
+            # cancel only what has not finished: cancelling a task whose reply is arriving crashed
+            # Ray 2.60's driver (task_manager "Tried to complete task that was not pending")
+            pending = [other for other in refs if other is not ref]
+            _, unfinished = ray.wait(pending, num_returns=len(pending), timeout=0) if pending else ([], [])
+            for other in unfinished:
                 ray.cancel(other)
             raise (err.cause if isinstance(err.cause, Exception) else err) from None
     return entries
@@ -269,13 +273,11 @@ def build_sharded_index(
             # the CPUs free now, up to what the S builders take next (asking for more than is free
             # would wait on whatever holds them, e.g. the service's own replicas)
             train_cpus = max(task_cpus, min(task_cpus * num_shards, ray.available_resources().get("CPU", 0.0)))
-            # max_calls=1: the worker exits with the task, so its heap (the sample, the index) goes
-            # back to the node instead of staying in an idle worker beside the service's replicas
-            train = ray.remote(num_cpus=train_cpus, max_calls=1)(_train_task)
+            train = ray.remote(num_cpus=train_cpus)(_train_task)
             trained = _gather_in_shard_order([train.remote(wire, vectors_uri, config, version,
                                                            max(1, int(train_cpus)))])[0]
             trained = ray.put(trained)  # one copy in the object store for every builder
-        task = ray.remote(num_cpus=task_cpus, max_calls=1)(_build_shard_task)
+        task = ray.remote(num_cpus=task_cpus)(_build_shard_task)
         entries = _gather_in_shard_order([
             task.remote(wire, vectors_uri, shard, num_shards, config, index_root, version, chunk_bytes, trained,
                         max(1, int(task_cpus)))
