@@ -13,8 +13,9 @@ every shard with nprobe p scans what one unsharded index with the same cells wou
 the merged top-k is that index's.
 
 A builder holds its index and one chunk, then streams the shard into storage in chunks
-(``whetstone.index.shard_io``). :func:`build_sharded_index` runs the S builders as Ray tasks when Ray is initialised (one process
-each, ``task_cpus`` CPUs each), else one after another here, and publishes the manifest last.
+(``whetstone.index.shard_io``). :func:`build_sharded_index` runs the S builders as Ray tasks when
+Ray is initialised (one process each, ``task_cpus`` CPUs each), else one after another here, and
+publishes the manifest last.
 """
 
 from __future__ import annotations
@@ -246,7 +247,8 @@ def build_sharded_index(
     """Build every shard of version ``version`` from ``vectors_uri`` and publish its manifest.
 
     IVF kinds first train one empty index for every shard (:func:`train_shared`; one Ray task
-    with the CPUs the S builders will use next, as far as they are free now, at least ``task_cpus``). Then one Ray task per shard
+    with the CPUs the S builders will use next, as far as they are free now, at least
+    ``task_cpus``). Then one Ray task per shard
     (``num_cpus=task_cpus``) when Ray is initialised, else the shards one after another in this
     process. ``LATEST`` moves only with ``set_latest`` (the index service's two-phase swap moves
     it otherwise).
@@ -274,9 +276,9 @@ def build_sharded_index(
             # would wait on whatever holds them, e.g. the service's own replicas)
             train_cpus = max(task_cpus, min(task_cpus * num_shards, ray.available_resources().get("CPU", 0.0)))
             train = ray.remote(num_cpus=train_cpus)(_train_task)
-            trained = _gather_in_shard_order([train.remote(wire, vectors_uri, config, version,
-                                                           max(1, int(train_cpus)))])[0]
-            trained = ray.put(trained)  # one copy in the object store for every builder
+            trained = train.remote(wire, vectors_uri, config, version, max(1, int(train_cpus)))
+            _gather_in_shard_order([trained])  # a failed training raises its own error here
+            # the builders get the ref: the trained index stays one copy in the object store
         task = ray.remote(num_cpus=task_cpus)(_build_shard_task)
         entries = _gather_in_shard_order([
             task.remote(wire, vectors_uri, shard, num_shards, config, index_root, version, chunk_bytes, trained,

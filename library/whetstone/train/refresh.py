@@ -150,10 +150,12 @@ class CorpusVectors:
         return self
 
 
-def _num_shards(build: dict[str, Any] | Any) -> int:
-    """The shard count of an index build's settings (an IndexBuildConfig or its JSON)."""
-    value = build.get("num_shards", 1) if isinstance(build, dict) else getattr(build, "num_shards", 1)
-    return int(value or 1)
+def build_config(build: dict[str, Any] | Any) -> Any:
+    """An index build's settings as an :class:`whetstone.config.contrastive.IndexBuildConfig`
+    (given one, or its JSON as the refresher holds it)."""
+    from whetstone.config.contrastive import IndexBuildConfig
+
+    return build if isinstance(build, IndexBuildConfig) else IndexBuildConfig.model_validate(build)
 
 
 def vectors_uri(index_uri: str, version: int) -> str:
@@ -196,10 +198,9 @@ def publish_index(
     Returns:
         The published :class:`whetstone.index.snapshot.SnapshotManifest`.
     """
-    from whetstone.config.contrastive import IndexBuildConfig
     from whetstone.index.build import build_sharded_index
 
-    settings = build if isinstance(build, IndexBuildConfig) else IndexBuildConfig.model_validate(build)
+    settings = build_config(build)
     manifest = build_sharded_index(vectors_uri, index_uri, version, settings.num_shards, settings.ann_config(),
                                    checkpoint, storage=storage, extra=extra, set_latest=set_latest,
                                    task_cpus=settings.build_cpus)
@@ -311,7 +312,7 @@ class IndexRefresher:
             concurrency=self.settings["embed_concurrency"],
             num_cpus=self.settings["embed_cpus"],
             dtype=self.settings["dtype"],
-        ), vectors_at, self.storage, num_shards=_num_shards(self.settings["index"])).drain()
+        ), vectors_at, self.storage, num_shards=build_config(self.settings["index"]).num_shards).drain()
         embedded_s = time.monotonic() - started
         # The service's two-phase swap writes LATEST once every shard replica holds the new version.
         publish_index(vectors_at, self.index_uri, new_version, checkpoint_uri, self.settings["index"], self.storage,
