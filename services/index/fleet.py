@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from whetstone.index.coarse import Assignment, CoarseAssigner
 from whetstone.index.merge import merge_topk
 from whetstone.index.wire import ErrorCode, IndexServiceError, ReplicaInfo, ShardInfo
 
@@ -130,14 +131,16 @@ class ShardFleet:
 
     # ---------------------------------------------------------------- search
     async def search(self, version: int, vectors: np.ndarray, k: int, split: SplitExcludes,
-                     score_excluded: bool) -> tuple[list[list[str]], np.ndarray, list | None]:
+                     score_excluded: bool, assigned: Assignment | None = None,
+                     ) -> tuple[list[list[str]], np.ndarray, list | None]:
         """Every shard's top-k on ``version``, merged: ``(ids, scores, excluded scores or None)``.
+        ``assigned``: the queries' IVF cells, found once for every shard.
 
         Raises:
             IndexServiceError: a shard is unavailable, or answered another version than asked.
         """
         calls = {s: self.call(s, "search_arrays", version, vectors, k, split.per_shard[s],
-                              score_excluded and split.per_shard[s] is not None)
+                              score_excluded and split.per_shard[s] is not None, assigned)
                  for s in range(self.num_shards)}
         answers = await self.gather(calls)
         for shard, answer in answers.items():
@@ -151,6 +154,20 @@ class ShardFleet:
         if score_excluded:
             extra = join_excluded_scores(split, [a["excluded_scores"] for a in ordered])
         return ids, scores, extra
+
+    async def coarse_assigner(self, version: int) -> CoarseAssigner | None:
+        """The IVF quantizer every shard of ``version`` holds, fetched from shard 0 once every shard
+        named the same fingerprint (shards trained together); None when they do not share one."""
+        found = await asyncio.gather(*(self.call(s, "coarse_quantizer", version, mark_down=False)
+                                       for s in range(self.num_shards)))
+        if any(f is None for f in found) or len({(f["fingerprint"], f["nprobe"]) for f in found}) != 1:
+            logger.info("v%d: the shards do not share one coarse quantizer; each assigns its own queries", version)
+            return None
+        wire = await self.call(0, "coarse_quantizer", version, True, mark_down=False)
+        assigner = await asyncio.to_thread(CoarseAssigner.from_wire, wire)
+        logger.info("v%d: queries are assigned to cells at the ingress (%d cells, nprobe %d) for all %d shards",
+                    version, assigner.nlist, assigner.nprobe, self.num_shards)
+        return assigner
 
     # ---------------------------------------------------------------- swap, phase 1
     async def lagging(self, version: int, timeout_s: float = 5.0) -> dict[int, str]:

@@ -21,6 +21,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from whetstone.index.coarse import Assignment
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +30,11 @@ def search_grouped(items: list[tuple]) -> list[tuple]:
     """Run batched requests, one FAISS search per pinned version.
 
     Args:
-        items: ``(held, vectors (q_i, D), k_i, exclude_ids_i | None[, score_excluded_i])`` per
-            request; ``held`` has ``.index`` (an AnnIndex) and ``.version`` (what the answer
-            reports), e.g. a :class:`services.index.shard_state.ShardVersion`.
+        items: ``(held, vectors (q_i, D), k_i, exclude_ids_i | None[, score_excluded_i[,
+            assigned_i]])`` per request; ``held`` has ``.index`` (an AnnIndex) and ``.version``
+            (what the answer reports), e.g. a :class:`services.index.shard_state.ShardVersion`;
+            ``assigned_i`` the IVF cells the ingress found for the queries
+            (``whetstone.index.coarse.Assignment``), used when every request of the group has them.
 
     Returns:
         ``(version, ids (q_i lists of k_i), scores (q_i, k_i), excluded scores or None)`` per
@@ -48,7 +51,10 @@ def search_grouped(items: list[tuple]) -> list[tuple]:
         has_excludes = any(items[p][3] for p in positions)
         excludes = [row for p in positions for row in (items[p][3] or [[]] * len(items[p][1]))] \
             if has_excludes else None
-        ids, scores = snapshot.index.search(vectors, k_max, exclude_ids=excludes)
+        assigned = [items[p][5] if len(items[p]) > 5 else None for p in positions]
+        assigned = Assignment.concat(assigned) if all(a is not None for a in assigned) and \
+            len({a.fingerprint for a in assigned}) == 1 else None
+        ids, scores = snapshot.index.search(vectors, k_max, exclude_ids=excludes, assigned=assigned)
         start = 0
         for p in positions:
             count, k = len(items[p][1]), items[p][2]

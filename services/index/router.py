@@ -24,6 +24,7 @@ training client falls back as for any outage. See ``services.index.fleet``.
 
 import asyncio
 import logging
+import math
 import os
 import time
 from datetime import datetime, timezone
@@ -35,6 +36,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import ValidationError
 from ray import serve
 from whetstone.index.ann import AnnInputError
+from whetstone.index.coarse import Assignment
 from whetstone.index.snapshot import (
     SnapshotError,
     latest_version,
@@ -99,6 +101,7 @@ class IndexService:
         self._encoders = EncoderCache(self.args.storage, self.args.encoder_device)
         self.served: ServedVersion | None = None
         self._swap_lock = asyncio.Lock()
+        self._side_tasks: set[asyncio.Task] = set()
         await self._follow_latest_once()
         self._registry = self._registry_handle()
         self._stopping = False
@@ -227,7 +230,9 @@ class IndexService:
         split = split_excludes(exclude_ids, len(vectors), self.fleet.num_shards)
         for attempt in (0, 1):
             try:
-                ids, scores, extra = await self.fleet.search(served.version, vectors, k, split, score_excluded)
+                assigned = await self._assignment(served, vectors)
+                ids, scores, extra = await self.fleet.search(served.version, vectors, k, split, score_excluded,
+                                                             assigned)
                 break
             except IndexServiceError as err:
                 if err.code != ErrorCode.VERSION_UNAVAILABLE or attempt:
@@ -241,6 +246,29 @@ class IndexService:
         latency_ms = (time.perf_counter() - started) * 1000
         self.recorder.searched(len(vectors), latency_ms)
         return served.version, ids, scores, latency_ms, extra
+
+    async def _assignment(self, served: ServedVersion, vectors: np.ndarray) -> Assignment | None:
+        """IVF over several shards: the queries' cells, found here once for every shard (the
+        shards would each search all centroids otherwise); None until the quantizer is here."""
+        if not served.shares_cells:
+            return None
+        if served.assigner is None:
+            if time.monotonic() >= served.assigner_due:
+                served.assigner_due = math.inf
+                task = asyncio.get_running_loop().create_task(self._fetch_assigner(served))
+                self._side_tasks.add(task)
+                task.add_done_callback(self._side_tasks.discard)
+            return None
+        return await asyncio.to_thread(served.assigner.assign, vectors)
+
+    async def _fetch_assigner(self, served: ServedVersion) -> None:
+        version = served.version
+        try:
+            served.assigner = await self.fleet.coarse_assigner(version)
+        except Exception as err:  # noqa: BLE001 - the shards assign their own queries meanwhile
+            logger.warning("v%d: no coarse quantizer from the shards (%s: %s); they assign their own queries; "
+                           "asking again in 30 s", version, type(err).__name__, err)
+            served.assigner_due = time.monotonic() + 30.0
 
     @fastapi_app.post("/search", dependencies=[Depends(require_read_token)])
     async def search(self, request: SearchRequest) -> SearchResponse:

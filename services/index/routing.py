@@ -16,21 +16,31 @@ from typing import Any
 import numpy as np
 from whetstone.config.base import StorageConfig
 from whetstone.index.ann import AnnInputError, check_vectors
+from whetstone.index.coarse import CoarseAssigner
 from whetstone.index.snapshot import SnapshotManifest, shard_of
 
 # Kinds whose FAISS index keeps each document's full vector (so it can score or return it).
 FULL_VECTOR_KINDS = ("flat", "hnsw")
+IVF_KINDS = ("ivf", "ivfpq")
 
 
 @dataclass(eq=False)
 class ServedVersion:
-    """The manifest of the version the ingress pins searches to, and (lazily) its encoder.
-    Never mutated: a flip builds a new one, so a request that pinned this one finishes on it."""
+    """The manifest of the version the ingress pins searches to, and (lazily) its encoder and,
+    for IVF kinds over several shards, its coarse quantizer (``whetstone.index.coarse``). A flip
+    builds a new one, so a request that pinned this one finishes on it."""
 
     manifest: SnapshotManifest
     encoder_loader: Callable[[str], Any]
     _encoder: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    assigner: CoarseAssigner | None = None
+    assigner_due: float = 0.0  # monotonic time to ask the shards for it (again); inf: asked, or none
+
+    @property
+    def shares_cells(self) -> bool:
+        """IVF over several shards: the ingress can find each query's cells once for all shards."""
+        return self.kind in IVF_KINDS and self.manifest.num_shards > 1
 
     @property
     def version(self) -> int:
@@ -77,7 +87,7 @@ class ServedVersion:
     def describe(self) -> dict:
         m = self.manifest
         return {"version": m.version, "checkpoint": m.checkpoint, "size": m.count, "dim": m.dim,
-                "kind": m.kind, "built_at": m.built_at}
+                "kind": m.kind, "built_at": m.built_at, "cells_assigned_at_ingress": self.assigner is not None}
 
 
 class EncoderCache:

@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 from ray import serve
+from whetstone.index.coarse import Assignment
 from whetstone.index.wire import ErrorCode, IndexServiceError, StoredVectors
 
 from services.index.args import IndexServiceArgs, live_update
@@ -134,13 +135,14 @@ class IndexShard:
         return held
 
     async def search_arrays(self, version: int, vectors: np.ndarray, k: int, exclude_ids=None,
-                            score_excluded: bool = False) -> dict:
+                            score_excluded: bool = False, assigned: Assignment | None = None) -> dict:
         """Top-k of this shard on ``version`` (the ingress checked shapes): ``{"version", "ids",
-        "scores" (Q, k) float32, "excluded_scores", "latency_ms"}``."""
+        "scores" (Q, k) float32, "excluded_scores", "latency_ms"}``. ``assigned``: the IVF cells
+        of the queries, found once by the ingress (see ``whetstone.index.coarse``)."""
         held = self._held(version)
         started = time.perf_counter()
         pending = await self._search_batch((held, np.asarray(vectors, np.float32), int(k), exclude_ids,
-                                            bool(score_excluded)))
+                                            bool(score_excluded), assigned))
         answered, ids, scores, extra = await pending
         latency_ms = (time.perf_counter() - started) * 1000
         self.recorder.searched(len(vectors), latency_ms)
@@ -158,6 +160,15 @@ class IndexShard:
         results = search_grouped(items)
         self.recorder.batched(len(items), time.perf_counter() - started)
         return results
+
+    async def coarse_quantizer(self, version: int, with_quantizer: bool = False) -> dict | None:
+        """This shard's IVF quantizer on ``version``: ``{"fingerprint", "nprobe", "normalize"}`` and,
+        with ``with_quantizer``, the serialised ``"quantizer"``; None for kinds without one."""
+        held = self._held(version)
+        assigner = await asyncio.to_thread(held.index.coarse_assigner)
+        if assigner is None:
+            return None
+        return assigner.to_wire(with_quantizer)
 
     async def vectors_arrays(self, version: int, ids: list[str]) -> StoredVectors:
         """The stored vectors of ``ids`` (all of this shard) on ``version``."""

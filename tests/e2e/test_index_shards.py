@@ -16,8 +16,12 @@ import httpx
 import numpy as np
 import pytest
 from whetstone.index.ann import AnnConfig, AnnIndex
+from whetstone.index.build import build_sharded_index
 from whetstone.index.client import IndexClient, IndexRequestError, IndexUnavailable
+from whetstone.index.merge import merge_topk
+from whetstone.index.shard_io import load_shard
 from whetstone.index.snapshot import latest_version, read_manifest, shard_of, staged_version
+from whetstone.index.vector_chunks import VectorChunkWriter
 from whetstone.index.wire import ErrorCode
 
 from tests.e2e.test_index_service import serve_root_url, wait_for
@@ -32,6 +36,7 @@ TOKEN = "shard-token"
 APP = "whetstone-index-shards"
 PREFIX = "/index-shards"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+IVF_SHARED = AnnConfig(kind="ivf", nlist=6, nprobe=2)
 
 
 def version_docs(version: int) -> tuple[np.ndarray, list[str]]:
@@ -48,6 +53,11 @@ def index_root(tmp_path_factory) -> str:
     # The same documents as v3, as IVF (no full vectors), and a 2-shard snapshot that cannot be served here.
     publish_sharded(root, 7, *version_docs(3), SHARDS, AnnConfig(kind="ivf", nlist=4), set_latest=False)
     publish_sharded(root, 8, *version_docs(3), 2, AnnConfig(kind="flat"), set_latest=False)
+    # v9: IVF built the system's way (from vector chunks, trained once for every shard).
+    vectors, ids = version_docs(9)
+    with VectorChunkWriter(f"{root}/vectors/v9", DIM, rows_per_chunk=128) as writer:
+        writer.write(ids, vectors)
+    build_sharded_index(f"{root}/vectors/v9", root, 9, SHARDS, IVF_SHARED, "no-encoder")
     return root
 
 
@@ -308,9 +318,34 @@ def test_ivf_refuses_scores_and_vectors_and_a_foreign_shard_count_is_refused(ser
         client.search(np.asarray(queries, np.float32), 3, exclude_ids=[["v3-doc-1"], []], score_excluded=True)
     r = http.post("/search", json={"vectors": queries, "k": 3})
     assert r.status_code == 200 and r.json()["version"] == 7
+    time.sleep(1.0)  # the ingress asked the shards for their quantizers: each trained its own
+    assert http.get("/stats").json()["cells_assigned_at_ingress"] is False
 
     r = http.post("/swap", json={"version": 8}, headers=AUTH)
     assert r.status_code == 409 and r.json()["code"] == "snapshot_invalid", r.text
     assert "2 shards" in r.json()["detail"] and "num_shards=3" in r.json()["detail"]
     assert latest_version(service["root"]) == 7 and staged_version(service["root"]) is None
+    swap(service, 1)
+
+
+def test_ivf_shards_trained_together_get_their_cells_from_the_ingress(service):
+    """IVF shards that share one quantizer: the ingress finds each query's cells once and every
+    shard scans those; the answer is the one the shards give alone, merged."""
+    http, root = service["http"], service["root"]
+    swap(service, 9)
+    queries = np.random.default_rng(9).standard_normal((12, DIM)).astype(np.float32)
+    manifest = read_manifest(root, 9)
+    shards = [load_shard(root, manifest, shard) for shard in range(SHARDS)]
+    want_ids, want_scores = merge_topk([shard.search(queries, 8) for shard in shards], 8)
+
+    def assigned() -> bool:
+        assert http.post("/search", json={"vectors": queries.tolist(), "k": 8}).status_code == 200
+        return http.get("/stats").json()["cells_assigned_at_ingress"]
+
+    wait_for(assigned, timeout_s=30, what="the ingress to hold v9's quantizer")
+    body = http.post("/search", json={"vectors": queries.tolist(), "k": 8}).json()
+    assert body["version"] == 9 and body["ids"] == want_ids
+    np.testing.assert_allclose(np.asarray(body["scores"], np.float32), want_scores, rtol=1e-5, atol=1e-6)
+    got = IndexClient.from_handle(app_name=APP, timeout_s=30).search(queries, 8)
+    assert got.ids == want_ids
     swap(service, 1)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from whetstone.index.ann import AnnConfig, AnnIndex, AnnInputError
 from whetstone.index.build import build_shard, build_sharded_index
+from whetstone.index.coarse import CoarseAssigner, quantizer_bytes
 from whetstone.index.faiss_kinds import auto_nlist
 from whetstone.index.merge import merge_topk
 from whetstone.index.shard_io import load_shard
@@ -100,6 +101,47 @@ def test_ivf_shards_share_one_trained_index_and_merge_to_the_unsharded_result(tm
     recall = np.mean([len(set(g) & set(w)) / 10 for g, w in zip(got_ids, exact, strict=True)])
     assert 0.6 <= recall < 1.0, recall  # nprobe 3 of 50 cells: approximate, and close
     assert shards[0].scores_for(queries[:1], [[ids[0]]]) == [[None]], "IVF keeps no full vectors"
+
+
+def test_cells_assigned_once_give_each_shards_own_answer_and_a_foreign_quantizer_is_ignored(tmp_path, vectors):
+    """The ingress finds each query's cells once (whetstone.index.coarse) and every shard scans the
+    lists it names: the merged answer is the one the shards give alone. An assignment from another
+    quantizer (another build's cells) must not be used: the shard assigns the queries itself."""
+    uri, docs, ids = vectors
+    for kind in ("ivf", "ivfpq"):
+        config = AnnConfig(kind=kind, nprobe=3, pq_m=4, pq_nbits=6)
+        manifest = build_sharded_index(uri, str(tmp_path / kind), 1, 3, config, "ckpt")
+        shards = [load_shard(str(tmp_path / kind), manifest, shard) for shard in range(3)]
+        assigners = [shard.coarse_assigner() for shard in shards]
+        assert len({a.fingerprint for a in assigners}) == 1 and assigners[0].nprobe == 3
+        queries = clustered(40, seed=11)
+        before = queries.copy()
+        assigned = assigners[0].assign(queries)
+        np.testing.assert_array_equal(queries, before)  # the caller's rows are not normalised in place
+        assert assigned.cells.shape == (40, 3) and assigned.cells.max() < assigners[0].nlist
+        for shard in shards:
+            want_ids, want_scores = shard.search(queries, 10)
+            got_ids, got_scores = shard.search(queries, 10, assigned=assigned)
+            assert got_ids == want_ids
+            np.testing.assert_allclose(got_scores, want_scores, rtol=1e-5, atol=1e-6)
+        # The assignment sets how many cells are scanned: nprobe 12 from the ingress, 12 scanned.
+        wide = CoarseAssigner(quantizer_bytes(faiss.extract_index_ivf(shards[0].faiss_index).quantizer), 12,
+                              normalize=True).assign(queries)
+        shards[1].set_search_params(nprobe=12)
+        want_ids, _ = shards[1].search(queries, 10)
+        shards[1].set_search_params(nprobe=3)
+        assert shards[1].search(queries, 10, assigned=wide)[0] == want_ids != shards[1].search(queries, 10)[0]
+    # Another build with other cells: its assignment is ignored, not scanned.
+    other = build_sharded_index(uri, str(tmp_path / "other"), 2, 3, AnnConfig(kind="ivf", nprobe=3, nlist=40),
+                                "ckpt")
+    foreign = load_shard(str(tmp_path / "other"), other, 0).coarse_assigner().assign(queries)
+    ivf = build_sharded_index(uri, str(tmp_path / "ivf2"), 1, 3, AnnConfig(kind="ivf", nprobe=3), "ckpt")
+    shard = load_shard(str(tmp_path / "ivf2"), ivf, 0)
+    assert foreign.fingerprint != shard.coarse_assigner().fingerprint
+    assert shard.search(queries, 10, assigned=foreign)[0] == shard.search(queries, 10)[0]
+    flat = AnnIndex.build(docs[:50], ids[:50], AnnConfig(kind="flat"))
+    assert flat.coarse_assigner() is None
+    assert flat.search(queries, 5, assigned=foreign)[0] == flat.search(queries, 5)[0]
 
 
 def test_ivf_training_sample_is_seeded_by_version_and_bounded(tmp_path, vectors, monkeypatch):

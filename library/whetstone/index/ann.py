@@ -27,6 +27,7 @@ import faiss
 import numpy as np
 
 from whetstone.config.base import StorageConfig
+from whetstone.index.coarse import Assignment, CoarseAssigner, quantizer_bytes, search_preassigned
 from whetstone.index.faiss_kinds import (
     AnnConfig,
     AnnInputError,
@@ -94,6 +95,7 @@ class AnnIndex:
         # HNSW keeps removed labels in its graph: every dead label is a tombstone.
         self._tombstones = self.idmap.dead_labels() if config.kind == "hnsw" else np.zeros(0, np.int64)
         self._selector: tuple[Any, Any] | None = None  # (IDSelectorNot, its batch), built on demand
+        self._assigner: CoarseAssigner | None = None  # IVF: the quantizer apart, built on demand
         self.version: int | None = None
         self.checkpoint: str | None = None
         self.built_at: str | None = None
@@ -239,13 +241,45 @@ class AnnIndex:
             return params
         if self.kind in ("ivf", "ivfpq"):
             params = faiss.SearchParametersIVF()
-            nlist = faiss.extract_index_ivf(self._index).nlist
-            params.nprobe = min(self.config.nprobe or max(8, nlist // 16), nlist)
+            params.nprobe = self.nprobe
             return params
         return None
 
+    @property
+    def nprobe(self) -> int:
+        """IVF cells a query visits: ``config.nprobe`` or ``max(8, nlist / 16)``, at most nlist."""
+        nlist = faiss.extract_index_ivf(self._index).nlist
+        return min(self.config.nprobe or max(8, nlist // 16), nlist)
+
+    # ----------------------------------------------------------------- coarse assignment (IVF)
+    def _cpu_ivf(self) -> faiss.IndexIVF | None:
+        """The IVF index itself on CPU, whose coarse step can run elsewhere; None otherwise."""
+        if self.kind not in ("ivf", "ivfpq") or on_gpu(self.config):
+            return None
+        return faiss.try_extract_index_ivf(self._index)
+
+    def coarse_assigner(self) -> CoarseAssigner | None:
+        """This IVF index's coarse quantizer, to assign queries to cells once for every shard
+        (``whetstone.index.coarse``); None for other kinds and GPU indexes."""
+        ivf = self._cpu_ivf()
+        if ivf is None:
+            return None
+        if self._assigner is None:
+            self._assigner = CoarseAssigner(quantizer_bytes(ivf.quantizer), self.nprobe, self.config.normalize)
+        return self._assigner
+
+    def _search_assigned(self, array: np.ndarray, fetch: int, assigned: Assignment | None,
+                         params: faiss.SearchParameters | None) -> tuple[np.ndarray, np.ndarray] | None:
+        """FAISS's search over the cells ``assigned`` names, or None when it cannot be used (not
+        an IVF index here, another quantizer's cells, or rows that do not match the queries)."""
+        own = self.coarse_assigner() if assigned is not None else None
+        if own is None or assigned.fingerprint != own.fingerprint or assigned.cells.shape[0] != array.shape[0]:
+            return None
+        return search_preassigned(self._cpu_ivf(), array, fetch, assigned, params)
+
     def search(
-        self, queries: np.ndarray, k: int, exclude_ids: Sequence[Sequence[str]] | None = None
+        self, queries: np.ndarray, k: int, exclude_ids: Sequence[Sequence[str]] | None = None,
+        assigned: Assignment | None = None,
     ) -> tuple[list[list[str]], np.ndarray]:
         """The ``k`` nearest documents for each query, best first.
 
@@ -253,6 +287,9 @@ class AnnIndex:
             queries: (Q, D) float32.
             k: results per query (>= 1).
             exclude_ids: Q lists of ids never to return for that query (e.g. its positives).
+            assigned: IVF kinds: the cells each query visits, found once for every shard by the
+                ingress (``whetstone.index.coarse``); ignored unless it comes from this index's
+                quantizer, so the answer is the one this index gives alone.
 
         Returns:
             ``(ids, scores)``: Q lists of k ids and a (Q, k) float32 array of similarities.
@@ -274,8 +311,11 @@ class AnnIndex:
         if fetch == 0 or count == 0:
             return out_ids, out_scores
         params = self._search_params(fetch)
-        scores, labels = self._index.search(array, fetch, params=params) if params is not None \
-            else self._index.search(array, fetch)
+        found = self._search_assigned(array, fetch, assigned, params)
+        if found is None:
+            found = self._index.search(array, fetch, params=params) if params is not None \
+                else self._index.search(array, fetch)
+        scores, labels = found
         found = self.idmap.ids_of(labels)  # "" for -1 (no result) and removed labels
         for row in range(count):
             excluded = set(exclude_ids[row]) if exclude_ids else ()
@@ -443,3 +483,4 @@ class AnnIndex:
         """Change query-time knobs (HNSW ``ef_search``, IVF ``nprobe``) without rebuilding."""
         updates = {key: value for key, value in (("ef_search", ef_search), ("nprobe", nprobe)) if value}
         self.config = self.config.model_copy(update=updates)
+        self._assigner = None  # its nprobe changed

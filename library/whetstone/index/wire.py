@@ -157,6 +157,9 @@ class StatsResponse(_Wire):
         default_factory=list, description="every live ingress replica's last report (version per replica)"
     )
     num_shards: int = Field(1, description="shards the index is split into")
+    cells_assigned_at_ingress: bool = Field(
+        False, description="IVF over several shards: this ingress finds each query's cells once for every shard "
+                           "(the shards share one quantizer); false while it is being fetched, and for other kinds")
     shards: list[ShardInfo] = Field(default_factory=list, description="each shard's replicas and versions")
 
 
