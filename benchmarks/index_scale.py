@@ -171,8 +171,9 @@ def measure_swap(app: str, vectors_uri: str, index_root: Path, shards: int, conf
                  queries: np.ndarray, truth: np.ndarray, sampler) -> dict:
     """A refresh's swap under the sampler: build v2 of the same vectors (its IVF training sample is
     drawn for v2, so every shard file differs from v1's and no replica can keep what it holds),
-    swap to it through the handle (every replica loads v2 beside v1, then all flip), then search
-    it. Replica peaks before and after show what holding two versions costs."""
+    swap to it through the handle (``--swap-mode blue_green``: the idle replica set loads v2, then
+    the ingress flips and the old set drops v1; ``beside``: every replica loads v2 beside v1), then
+    search it. Replica peaks before and after show what the swap costs each process."""
     from whetstone.index.build import build_sharded_index
     from whetstone.index.client import IndexClient
     from whetstone.index.snapshot import read_manifest
@@ -224,9 +225,11 @@ def sharded_suite(n: int, kind: str, shards: int, config: AnnConfig, vectors_uri
         out["bytes_per_vector"] = index_bytes / manifest.count
         started = time.perf_counter()
         # the local cluster has 8 logical CPUs: the router takes 1, the shard replicas share at most 6
-        # (with 1 each, 8 shards could never all be placed and the deploy would wait forever)
+        # (with 1 each, 8 shards could never all be placed and the deploy would wait forever); a
+        # blue/green service has two replica sets
+        sets = 2 if opts.swap_mode == "blue_green" else 1
         deploy(IndexServiceArgs(index_uri=str(index_root), num_shards=shards, replicas_per_shard=1,
-                                num_cpus=min(1.0, 6.0 / shards),
+                                swap_mode=opts.swap_mode, num_cpus=min(1.0, 6.0 / (shards * sets)),
                                 router_cpus=1, search_threads=1, search_workers=os.cpu_count() or 1,
                                 batch_max_size=32, max_ongoing_requests=256, shard_timeout_s=120,
                                 swap_timeout_s=900),
@@ -439,6 +442,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--large-shards", type=ints, default=[4, 8], help="shard counts above the smallest size")
     parser.add_argument("--no-swap", dest="swap", action="store_false",
                         help="skip the swap to a second build at the largest size")
+    parser.add_argument("--swap-mode", choices=["beside", "blue_green"], default="blue_green",
+                        help="the service's swap_mode (blue_green: no shard process holds two versions)")
     parser.add_argument("--pq-all-shards", action="store_true", help="IVF-PQ at every S (default: the largest)")
     parser.add_argument("--seconds", type=float, default=8.0, help="per throughput measurement")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each in-process baseline way (median kept)")

@@ -58,8 +58,8 @@ def role_of(title: str, pid: int, driver_pid: int, router: str) -> str:
         deployment = title[title.rindex("ServeReplica:"):].split()[0].rsplit(":", 1)[-1].split(".")[0]
         if deployment == router:
             return "router"
-        if deployment.startswith(f"{router}-shard-"):
-            return f"shard_replica:{deployment.rsplit('-', 1)[-1]}"
+        if deployment.startswith(f"{router}-shard-"):  # IndexService-shard-3, or its second set -3-b
+            return f"shard_replica:{deployment[len(router) + 7:].split('-')[0]}"
         return f"serve_replica:{deployment}"
     for marker, role in (("ProxyActor", "serve_proxy"), ("ServeController", "serve_controller"),
                          ("ReplicaRegistry", "serve_registry"), ("DashboardAgent", "ray_system")):

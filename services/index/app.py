@@ -9,7 +9,9 @@ Training workers call the same methods through a Serve handle (see ``whetstone.i
 Shape. The application is one ingress deployment, ``IndexService`` (``services.index.router``:
 routes, fan-out, merge; it holds no vectors) and ``num_shards`` shard deployments,
 ``IndexService-shard-{s}`` (``services.index.shard``), ``replicas_per_shard`` replicas each, every
-replica holding its shard of the served version (and of a version being swapped in). Documents are
+replica holding its shard of the served version (and of a version being swapped in; with
+``swap_mode=blue_green`` a second set of shard deployments, ``IndexService-shard-{s}-b``, loads it
+instead, so no replica holds two versions). Documents are
 assigned to shards by ``whetstone.index.snapshot.shard_of`` (crc32 of the id); the snapshot's
 ``num_shards`` must equal the deployment's. With one shard (the default) the ingress forwards to
 one shard deployment and the answers are those of one unsharded index.
@@ -52,7 +54,7 @@ from whetstone.config.base import StorageConfig
 from whetstone.index.snapshot import latest_version, read_manifest
 from whetstone.index.wire import APP_NAME, DEPLOYMENT_NAME, ROUTE_PREFIX
 
-from services.index.args import LIVE_FIELDS, IndexServiceArgs, resolve_token, shard_deployment_name
+from services.index.args import LIVE_FIELDS, IndexServiceArgs, num_slots, resolve_token, shard_deployment_name
 from services.index.registry import REGISTRY_ACTOR, ReplicaRegistry
 from services.index.router import IndexService
 from services.index.shard import IndexShard
@@ -88,18 +90,18 @@ def build_app(args: IndexServiceArgs) -> Application:
         shard_resources["num_gpus"] = args.gpus_per_replica
     if args.shard_custom_resources:
         shard_resources["resources"] = dict(args.shard_custom_resources)
-    shards = [
+    sets = [[
         IndexShard.options(
-            name=shard_deployment_name(DEPLOYMENT_NAME, shard),
+            name=shard_deployment_name(DEPLOYMENT_NAME, shard, slot),
             num_replicas=args.replicas_per_shard,
             ray_actor_options=shard_resources,
             max_ongoing_requests=max(args.max_ongoing_requests, args.batch_max_size),
             health_check_period_s=args.health_check_period_s,
             logging_config=logging_config,
             deployment_actors=_registry(),
-        ).bind(args, shard)
+        ).bind(args, shard, slot)
         for shard in range(args.num_shards)
-    ]
+    ] for slot in range(num_slots(args))]
     router = IndexService.options(
         num_replicas=args.router_replicas,
         ray_actor_options={"num_cpus": args.router_cpus},
@@ -108,7 +110,7 @@ def build_app(args: IndexServiceArgs) -> Application:
         logging_config=logging_config,
         deployment_actors=_registry(),
     )
-    return router.bind(args, shards)
+    return router.bind(args, *sets)
 
 
 def start_serve(http_host: str, http_port: int) -> None:

@@ -5,7 +5,7 @@ deployment (``IndexService-shard-{s}``) get the same validated copy.
 """
 
 import os
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from whetstone.config.base import StorageConfig, StrictModel, renamed_field
@@ -32,6 +32,12 @@ class IndexServiceArgs(StrictModel):
         None, ge=1, description="shard deployments; must equal the snapshots' num_shards. None: the published "
                                 "snapshot's (build_app reads LATEST's manifest), 1 when nothing is published")
     replicas_per_shard: int = Field(1, ge=1, description="replicas of each shard (throughput, availability)")
+    swap_mode: Literal["beside", "blue_green"] = Field(
+        "beside", description="beside: a swap loads v+1 into every shard replica beside v, then flips (a "
+                              "replica holds two versions for a moment, about 2x its shard); blue_green: two "
+                              "replica sets per shard, a swap loads v+1 into the idle set, flips, and the old "
+                              "set drops v (no process holds two versions; idle replicas hold nothing between "
+                              "swaps). Mutations stay in the serving set either way (docs/scale.md)")
     num_cpus: float = Field(0.25, gt=0, description="CPUs of each shard replica (FAISS runs there)")
     use_gpu: bool = Field(False, description="shard replicas ask Ray for GPUs and move their shard to FAISS GPU")
     gpus_per_replica: float = Field(1.0, gt=0, description="GPUs of each shard replica when use_gpu")
@@ -76,9 +82,15 @@ class IndexServiceArgs(StrictModel):
         return self.replicas_per_shard
 
 
-def shard_deployment_name(router: str, shard: int) -> str:
-    """``IndexService-shard-2``: the deployment serving ``shard`` beside the ingress ``router``."""
-    return f"{router}-shard-{shard}"
+def shard_deployment_name(router: str, shard: int, slot: int = 0) -> str:
+    """``IndexService-shard-2``: the deployment serving ``shard`` beside the ingress ``router``;
+    ``IndexService-shard-2-b``: its second replica set (``swap_mode=blue_green``)."""
+    return f"{router}-shard-{shard}" + ("-b" if slot else "")
+
+
+def num_slots(args: IndexServiceArgs) -> int:
+    """Replica sets per shard: 2 for ``blue_green``, else 1."""
+    return 2 if args.swap_mode == "blue_green" else 1
 
 
 def resolve_token(args: IndexServiceArgs) -> str | None:

@@ -22,7 +22,7 @@ from whetstone.index.merge import merge_topk
 from whetstone.index.wire import ErrorCode, IndexServiceError, ReplicaInfo, ShardInfo
 
 from services.index.args import shard_deployment_name
-from services.index.routing import SplitExcludes, join_excluded_scores
+from services.index.routing import ServedVersion, SplitExcludes, join_excluded_scores
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +36,13 @@ class ShardFleet:
         handles: one Serve ``DeploymentHandle`` per shard, in shard order.
         router: the ingress's deployment name (names the shard deployments in messages).
         timeout_s: how long a search waits for a shard.
+        slot: which replica set of a blue/green service these are (0 otherwise).
     """
 
-    def __init__(self, handles: Sequence[Any], router: str, timeout_s: float) -> None:
+    def __init__(self, handles: Sequence[Any], router: str, timeout_s: float, slot: int = 0) -> None:
         self.handles = list(handles)
         self.router = router
+        self.slot = slot
         self.timeout_s = timeout_s
         self.down: dict[int, str] = {}  # shard -> why it is down
         self._methods: dict[tuple[int, str], Any] = {}
@@ -51,7 +53,7 @@ class ShardFleet:
         return len(self.handles)
 
     def describe(self, shard: int) -> str:
-        return f"shard {shard} of {self.num_shards} ({shard_deployment_name(self.router, shard)})"
+        return f"shard {shard} of {self.num_shards} ({shard_deployment_name(self.router, shard, self.slot)})"
 
     def unavailable(self, shards: dict[int, str], what: str = "did not answer") -> IndexServiceError:
         """``shard_unavailable`` naming every shard in ``shards`` and why."""
@@ -169,6 +171,15 @@ class ShardFleet:
                     version, assigner.nlist, assigner.nprobe, self.num_shards)
         return assigner
 
+    async def fetch_assigner(self, served: ServedVersion) -> None:
+        """Set ``served.assigner`` (:meth:`coarse_assigner`); on failure ask again in 30 s."""
+        try:
+            served.assigner = await self.coarse_assigner(served.version)
+        except Exception as err:  # noqa: BLE001 - the shards assign their own queries meanwhile
+            logger.warning("v%d: no coarse quantizer from the shards (%s: %s); they assign their own queries; "
+                           "asking again in 30 s", served.version, type(err).__name__, err)
+            served.assigner_due = time.monotonic() + 30.0
+
     # ---------------------------------------------------------------- swap, phase 1
     async def lagging(self, version: int, timeout_s: float = 5.0) -> dict[int, str]:
         """``{shard: why}`` for every shard some live replica of which does not hold ``version``
@@ -213,7 +224,7 @@ class ShardFleet:
     # ---------------------------------------------------------------- stats
     async def info(self, shard: int, count: int | None) -> ShardInfo:
         """``/stats`` of one shard: its replicas and what each holds (a down shard says why)."""
-        name = shard_deployment_name(self.router, shard)
+        name = shard_deployment_name(self.router, shard, self.slot)
         if shard in self.down:
             return ShardInfo(shard=shard, deployment=name, count=count, available=False, error=self.down[shard])
         try:
@@ -223,3 +234,14 @@ class ShardFleet:
         rows = [ReplicaInfo(**{k: v for k, v in r.items() if k in _REPLICA_FIELDS}) for r in replicas]
         return ShardInfo(shard=shard, deployment=name, count=count, available=True,
                          replicas=sorted(rows, key=lambda r: r.replica_id))
+
+    async def summary(self, counts: Sequence[int | None]) -> tuple[list[ShardInfo], dict]:
+        """``/stats`` of every shard (``counts``: each shard's documents, when known) and the FAISS
+        figures of their replicas: calls, requests per call, the slowest replica's median."""
+        shards = list(await asyncio.gather(*(self.info(s, counts[s]) for s in range(self.num_shards))))
+        replicas = [r for shard in shards for r in shard.replicas]
+        calls = sum(r.faiss_calls_total or 0 for r in replicas)
+        medians = [r.faiss_ms_p50 for r in replicas if r.faiss_ms_p50 is not None]
+        return shards, {"faiss_calls_total": calls,
+                        "requests_per_faiss_call": sum(r.requests_total or 0 for r in replicas) / calls if calls else None,
+                        "faiss_ms_p50": max(medians, default=None)}

@@ -12,7 +12,8 @@ Swap (two phases). ``/swap`` reads the version's manifest (its ``num_shards`` mu
 deployment's), writes STAGED, waits until every replica of every shard holds the version beside
 the served one, then writes LATEST and flips, and clears STAGED. Other ingress replicas follow
 LATEST every ``poll_interval_s``; shard replicas keep the previous version for two poll intervals
-after the flip, so searches pinned to it finish on it.
+after the flip, so searches pinned to it finish on it. ``swap_mode=blue_green``: the idle replica
+set loads it instead (``services.index.swap``), so no replica holds two versions.
 
 Mutations. ``/upsert`` and ``/delete`` group the ids by shard (``shard_of``); only the touched
 shards write new files under ``v{new}``; the new manifest reuses the untouched shards' entries
@@ -44,7 +45,6 @@ from whetstone.index.snapshot import (
     publish_manifest,
     read_manifest,
     set_latest_version,
-    set_staged_version,
 )
 from whetstone.index.wire import (
     DEPLOYMENT_NAME,
@@ -73,7 +73,15 @@ from services.index.http import (
 )
 from services.index.registry import registry_handle
 from services.index.replica import StatsRecorder, run_storage_op
-from services.index.routing import EncoderCache, ServedVersion, gather_vectors, group_by_shard, split_excludes
+from services.index.routing import (
+    EncoderCache,
+    ServedVersion,
+    gather_vectors,
+    group_by_shard,
+    slot_holding,
+    split_excludes,
+)
+from services.index.swap import two_phase_swap
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +97,7 @@ def _bad_input(err: Exception) -> IndexServiceError:
 class IndexService:
     """One ingress replica: the served version, the shard fleet, a LATEST follower."""
 
-    async def __init__(self, args: IndexServiceArgs | dict, shards: list) -> None:
+    async def __init__(self, args: IndexServiceArgs | dict, shards: list, spare_shards: list | None = None) -> None:
         self.args = IndexServiceArgs.model_validate(args if isinstance(args, dict) else args.model_dump())
         if len(shards) != self.args.num_shards:
             raise ValueError(f"shards: {len(shards)} shard deployments for num_shards={self.args.num_shards}")
@@ -97,7 +105,9 @@ class IndexService:
         logger.info("index service args (secrets masked): %s", self.args.model_dump_json())
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.recorder = StatsRecorder(self.replica_id)
-        self.fleet = ShardFleet(shards, DEPLOYMENT_NAME, self.args.shard_timeout_s)
+        # one fleet per replica set: [shards] or, blue/green, [shards, their second set]
+        self.fleets = [ShardFleet(handles, DEPLOYMENT_NAME, self.args.shard_timeout_s, slot)
+                       for slot, handles in enumerate([shards] + ([spare_shards] if spare_shards else []))]
         self._encoders = EncoderCache(self.args.storage, self.args.encoder_device)
         self.served: ServedVersion | None = None
         self._swap_lock = asyncio.Lock()
@@ -111,6 +121,12 @@ class IndexService:
                     self.args.num_shards)
 
     @property
+    def fleet(self) -> ShardFleet:
+        """The replica set serving the served version (blue/green: the one its slot names)."""
+        served = self.served
+        return self.fleets[served.slot if served is not None and served.slot is not None else 0]
+
+    @property
     def version(self) -> int | None:
         served = self.served
         return None if served is None else served.version
@@ -122,7 +138,8 @@ class IndexService:
     def reconfigure(self, user_config: dict) -> None:
         """Live settings (``LIVE_FIELDS``) from the deployment's ``user_config``."""
         self.args = live_update(self.args, user_config)
-        self.fleet.timeout_s = self.args.shard_timeout_s
+        for fleet in self.fleets:
+            fleet.timeout_s = self.args.shard_timeout_s
 
     # ---------------------------------------------------------------- background
     def _read_served(self, version: int) -> ServedVersion:
@@ -133,7 +150,7 @@ class IndexService:
                                 f"the service was deployed with num_shards={self.args.num_shards}; redeploy with "
                                 f"num_shards={manifest.num_shards} or swap to a snapshot of "
                                 f"{self.args.num_shards} shards")
-        return ServedVersion(manifest, self._encoders)
+        return ServedVersion(manifest, self._encoders, slot=slot_holding(self.args, version, len(self.fleets)))
 
     async def _follow_latest_once(self, gated: bool = False) -> ServedVersion | None:
         """Serve the version LATEST names. ``gated``: only once every shard replica holds it (a
@@ -142,7 +159,12 @@ class IndexService:
         latest = await asyncio.to_thread(latest_version, self.args.index_uri, self.args.storage)
         if latest is not None and latest != self.version:
             served = await run_storage_op(self._read_served, latest)
-            if gated and self.served is not None and not await self.fleet.holds(latest):
+            if served.slot is None:  # blue/green: LATEST written without a swap, no set holds it
+                if gated:
+                    async with self._swap_lock:
+                        await self._swap_locked(latest, served)
+                return self.served
+            if gated and self.served is not None and not await self.fleets[served.slot].holds(latest):
                 return self.served  # the shards are still loading it: flip on a later tick
             self.served = served
             logger.info("ingress %s serves v%d", self.replica_id, latest)
@@ -162,8 +184,9 @@ class IndexService:
 
     async def _probe_shards(self) -> None:
         while not self._stopping:
-            if self.fleet.down:
-                await self.fleet.probe_down()
+            for fleet in self.fleets:
+                if fleet.down:
+                    await fleet.probe_down()
             await asyncio.sleep(min(0.5, self.args.poll_interval_s))
 
     def __del__(self) -> None:
@@ -231,8 +254,8 @@ class IndexService:
         for attempt in (0, 1):
             try:
                 assigned = await self._assignment(served, vectors)
-                ids, scores, extra = await self.fleet.search(served.version, vectors, k, split, score_excluded,
-                                                             assigned)
+                ids, scores, extra = await self.fleets[served.slot].search(served.version, vectors, k, split,
+                                                                           score_excluded, assigned)
                 break
             except IndexServiceError as err:
                 if err.code != ErrorCode.VERSION_UNAVAILABLE or attempt:
@@ -255,20 +278,11 @@ class IndexService:
         if served.assigner is None:
             if time.monotonic() >= served.assigner_due:
                 served.assigner_due = math.inf
-                task = asyncio.get_running_loop().create_task(self._fetch_assigner(served))
+                task = asyncio.get_running_loop().create_task(self.fleets[served.slot].fetch_assigner(served))
                 self._side_tasks.add(task)
                 task.add_done_callback(self._side_tasks.discard)
             return None
         return await asyncio.to_thread(served.assigner.assign, vectors)
-
-    async def _fetch_assigner(self, served: ServedVersion) -> None:
-        version = served.version
-        try:
-            served.assigner = await self.fleet.coarse_assigner(version)
-        except Exception as err:  # noqa: BLE001 - the shards assign their own queries meanwhile
-            logger.warning("v%d: no coarse quantizer from the shards (%s: %s); they assign their own queries; "
-                           "asking again in 30 s", version, type(err).__name__, err)
-            served.assigner_due = time.monotonic() + 30.0
 
     @fastapi_app.post("/search", dependencies=[Depends(require_read_token)])
     async def search(self, request: SearchRequest) -> SearchResponse:
@@ -341,9 +355,10 @@ class IndexService:
         except AnnInputError as err:
             raise _bad_input(err) from None
         ids = list(ids)
-        groups = group_by_shard(ids, self.fleet.num_shards)
-        answers = await self.fleet.gather({
-            s: self.fleet.call(s, "vectors_arrays", served.version, [ids[i] for i in positions])
+        fleet = self.fleets[served.slot]
+        groups = group_by_shard(ids, fleet.num_shards)
+        answers = await fleet.gather({
+            s: fleet.call(s, "vectors_arrays", served.version, [ids[i] for i in positions])
             for s, positions in groups.items()})
         vectors = gather_vectors(groups, {s: a["vectors"] for s, a in answers.items()}, len(ids), served.dim)
         return StoredVectors(version=served.version, vectors=vectors)
@@ -362,25 +377,23 @@ class IndexService:
             raise IndexServiceError(ErrorCode.TEXTS_UNSUPPORTED, str(err)) from None
 
     # ---------------------------------------------------------------- swap and mutation
-    async def _swap_locked(self, version: int, served: ServedVersion | None = None) -> int | None:
-        """The two-phase swap to ``version`` (``_swap_lock`` held). Returns the previous version."""
-        root, storage = self.args.index_uri, self.args.storage
+    async def _swap_locked(self, version: int, served: ServedVersion | None = None,
+                           in_place: bool = False) -> int | None:
+        """The two-phase swap to ``version`` (``_swap_lock`` held; ``services.index.swap``; a
+        mutation is ``in_place``: it stays in the serving replica set). Returns the previous version."""
         served = served or await run_storage_op(self._read_served, version)
-        previous = self.version
+        previous, current = self.version, self.served.slot if self.served is not None else None
         if version == previous:
-            await run_storage_op(set_latest_version, root, version, storage)
+            await run_storage_op(set_latest_version, self.args.index_uri, version, self.args.storage)
             return previous
-        await run_storage_op(set_staged_version, root, version, storage)
-        try:
-            await self.fleet.stage(version, self.args.swap_timeout_s, self.args.poll_interval_s)
-        except BaseException:
-            await run_storage_op(set_staged_version, root, None, storage)  # abort: shards drop it
-            raise
-        await run_storage_op(set_latest_version, root, version, storage)
-        self.served = served
-        await run_storage_op(set_staged_version, root, None, storage)
+
+        def flip(target: int) -> None:
+            served.slot = target
+            self.served = served
+
+        target = await two_phase_swap(self.args, self.fleets, version, previous, current, in_place, flip)
         self._report()
-        logger.info("ingress %s swapped v%s -> v%d", self.replica_id, previous, version)
+        logger.info("ingress %s swapped v%s -> v%d (replica set %d)", self.replica_id, previous, version, target)
         return previous
 
     @fastapi_app.post("/swap", dependencies=[Depends(require_write_token)])
@@ -435,7 +448,7 @@ class IndexService:
                     kind=base.kind, config=base.config, storage=self.args.storage, set_latest=False,
                     built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     extra={**base.extra, "parent_version": base.version, "mutation": op}))
-            await self._swap_locked(new_version, ServedVersion(manifest, self._encoders))
+            await self._swap_locked(new_version, ServedVersion(manifest, self._encoders), in_place=True)
         return {"version": new_version, "previous_version": base.version, "changed": changed, "size": manifest.count}
 
     # ---------------------------------------------------------------- reads
@@ -459,18 +472,14 @@ class IndexService:
                 self._registry = self._registry_handle()  # Serve may have recreated it
         served = self.served
         counts = [e.count for e in served.manifest.shards] if served else [None] * self.fleet.num_shards
-        shards = await asyncio.gather(*(self.fleet.info(s, counts[s]) for s in range(self.fleet.num_shards)))
+        shards, faiss = await self.fleet.summary(counts)
+        idle = [await fleet.summary([None] * fleet.num_shards) for fleet in self.fleets if fleet is not self.fleet]
         described = served.describe() if served else {"version": None, "checkpoint": None, "size": 0, "dim": None,
                                                       "kind": None, "built_at": None}
-        shard_replicas = [r for shard in shards for r in shard.replicas]
-        calls = sum(r.faiss_calls_total or 0 for r in shard_replicas)
-        medians = [r.faiss_ms_p50 for r in shard_replicas if r.faiss_ms_p50 is not None]
-        summary = {**self.recorder.summary(), "faiss_calls_total": calls,  # FAISS runs in the shards
-                   "requests_per_faiss_call": sum(r.requests_total or 0 for r in shard_replicas) / calls
-                   if calls else None, "faiss_ms_p50": max(medians, default=None)}
-        return StatsResponse(**described, **summary, replica_id=self.replica_id, pid=os.getpid(),
-                             replicas=sorted(replicas, key=lambda r: r["replica_id"]),
-                             num_shards=self.fleet.num_shards, shards=list(shards))
+        return StatsResponse(**described, **{**self.recorder.summary(), **faiss}, replica_id=self.replica_id,
+                             pid=os.getpid(), replicas=sorted(replicas, key=lambda r: r["replica_id"]),
+                             num_shards=self.fleet.num_shards, shards=shards, swap_mode=self.args.swap_mode,
+                             idle_shards=idle[0][0] if idle else [])
 
     @fastapi_app.get("/healthz")
     async def healthz(self):

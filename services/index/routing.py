@@ -17,7 +17,7 @@ import numpy as np
 from whetstone.config.base import StorageConfig
 from whetstone.index.ann import AnnInputError, check_vectors
 from whetstone.index.coarse import CoarseAssigner
-from whetstone.index.snapshot import SnapshotManifest, shard_of
+from whetstone.index.snapshot import SnapshotManifest, shard_of, slot_version
 
 # Kinds whose FAISS index keeps each document's full vector (so it can score or return it).
 FULL_VECTOR_KINDS = ("flat", "hnsw")
@@ -34,6 +34,7 @@ class ServedVersion:
     encoder_loader: Callable[[str], Any]
     _encoder: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    slot: int | None = 0  # the replica set holding it (blue/green); None: no set holds it yet
     assigner: CoarseAssigner | None = None
     assigner_due: float = 0.0  # monotonic time to ask the shards for it (again); inf: asked, or none
 
@@ -173,3 +174,14 @@ def gather_vectors(groups: dict[int, np.ndarray], answers: dict[int, np.ndarray]
     for shard, positions in groups.items():
         out[positions] = answers[shard]
     return out
+
+
+def slot_holding(args: Any, version: int, num_sets: int) -> int | None:
+    """The replica set holding ``version``: 0 with one set; blue/green: the set whose ``SLOT-n``
+    names it, set 0 before any swap named either (it serves LATEST); None when neither does."""
+    if num_sets == 1:
+        return 0
+    marks = [slot_version(args.index_uri, slot, args.storage) for slot in range(num_sets)]
+    if version in marks:
+        return marks.index(version)
+    return 0 if all(mark is None for mark in marks) else None

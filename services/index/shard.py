@@ -2,7 +2,8 @@
 ingress (``services.index.router``) through Serve handles; it serves no HTTP.
 
 A replica holds its shard's versions (``services.index.shard_state``: LATEST, STAGED and, for a
-grace, the previous LATEST), follows LATEST and STAGED in storage every ``poll_interval_s`` and
+grace, the previous LATEST; with ``swap_mode=blue_green`` only what its replica set's ``SLOT-{n}``
+names), follows LATEST and STAGED in storage every ``poll_interval_s`` and
 reports what it holds to its deployment's registry actor (``services.index.registry``), which the
 ingress reads to know when every replica of every shard holds a staged version. A restarted
 replica loads LATEST (and STAGED) before it serves.
@@ -23,7 +24,7 @@ from ray import serve
 from whetstone.index.coarse import Assignment
 from whetstone.index.wire import ErrorCode, IndexServiceError, StoredVectors
 
-from services.index.args import IndexServiceArgs, live_update
+from services.index.args import IndexServiceArgs, live_update, num_slots
 from services.index.registry import registry_handle
 from services.index.replica import SearchCoalescer, StatsRecorder, run_storage_op, search_grouped
 from services.index.shard_state import ShardHolder, ShardVersion
@@ -35,18 +36,19 @@ logger = logging.getLogger(__name__)
 class IndexShard:
     """One replica of shard ``shard``: its held versions, a batched search queue, a follower."""
 
-    async def __init__(self, args: IndexServiceArgs | dict, shard: int) -> None:
+    async def __init__(self, args: IndexServiceArgs | dict, shard: int, slot: int = 0) -> None:
         self.args = IndexServiceArgs.model_validate(args if isinstance(args, dict) else args.model_dump())
         self.shard = int(shard)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self.name = f"shard {self.shard} of {self.args.num_shards}"
+        blue_green = num_slots(self.args) > 1
+        self.name = f"shard {self.shard} of {self.args.num_shards}" + (f" (replica set {slot})" if blue_green else "")
         self.recorder = StatsRecorder(self.replica_id)
         # FAISS runs on `search_workers` threads, each with `search_threads` OpenMP threads set in it.
         self._coalescer = SearchCoalescer(self._search_timed, self.args.batch_max_size, self.args.search_threads,
                                           self.args.search_workers)
         self.holder = ShardHolder(self.args.index_uri, self.args.storage, self.shard, self.args.num_shards,
                                   grace_s=2 * self.args.poll_interval_s, keep_s=self.args.swap_timeout_s,
-                                  use_gpu=self.args.use_gpu)
+                                  use_gpu=self.args.use_gpu, slot=int(slot) if blue_green else None)
         self._apply_batch_settings()
         # Hold LATEST (and STAGED) before serving: a restarted replica comes back at the current
         # version. An empty root is fine: nothing is served until a version is published.

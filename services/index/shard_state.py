@@ -37,6 +37,7 @@ from whetstone.index.snapshot import (
     SnapshotManifest,
     latest_version,
     read_manifest,
+    slot_version,
     staged_version,
 )
 
@@ -67,7 +68,7 @@ class ShardHolder:
     """
 
     def __init__(self, index_uri: str, storage: StorageConfig | None, shard: int, num_shards: int,
-                 grace_s: float = 4.0, keep_s: float = 120.0, use_gpu: bool = False) -> None:
+                 grace_s: float = 4.0, keep_s: float = 120.0, use_gpu: bool = False, slot: int | None = None) -> None:
         self.index_uri = index_uri
         self.storage = storage
         self.shard = shard
@@ -75,6 +76,7 @@ class ShardHolder:
         self.grace_s = grace_s
         self.keep_s = keep_s
         self.use_gpu = use_gpu
+        self.slot = slot  # blue/green: the replica set this replica belongs to (None: one set)
         self.held: dict[int, ShardVersion] = {}
         self.latest: int | None = None  # LATEST as this replica last read it (and holds)
         self._lock = threading.Lock()
@@ -127,18 +129,32 @@ class ShardHolder:
         with self._lock:
             return self._load(version, time.monotonic() + self.keep_s)
 
+    def _wanted(self) -> tuple[int | None, int | None]:
+        """``(the version to serve, one to hold beside it)`` as storage names them: LATEST and
+        STAGED; in a blue/green replica set, its ``SLOT-{slot}`` (set 0 serves LATEST until the
+        first swap names either set), and LATEST while it holds it."""
+        root, storage = self.index_uri, self.storage
+        if self.slot is None:
+            return latest_version(root, storage), staged_version(root, storage)
+        mine, latest = slot_version(root, self.slot, storage), latest_version(root, storage)
+        if mine is None and self.slot == 0 and slot_version(root, 1, storage) is None:
+            mine = latest
+        # a mutation moves the serving set to v+1 before the flip: keep serving LATEST till then
+        return mine, latest if latest != mine and latest in self.held else None
+
     def follow(self) -> list[int]:
-        """One tick: hold LATEST and STAGED as storage names them, drop what nothing needs any more.
+        """One tick: hold LATEST and STAGED (a blue/green set: its slot's version) as storage names
+        them, drop what nothing needs any more.
 
         Returns:
             The versions held afterwards.
         """
         with self._lock:
-            latest = latest_version(self.index_uri, self.storage)
-            staged = staged_version(self.index_uri, self.storage)
+            latest, staged = self._wanted()
             now = time.monotonic()
             if latest is not None:
                 self._load(latest, math.inf)
+            if latest is not None or self.slot is not None:
                 self.latest = latest
             if staged is not None and staged != latest:
                 try:

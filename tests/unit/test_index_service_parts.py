@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,13 +17,16 @@ from whetstone.index.snapshot import (
     publish_manifest,
     read_manifest,
     set_latest_version,
+    set_slot_version,
     set_staged_version,
     shard_of,
 )
 from whetstone.index.wire import SearchRequest, UpsertRequest
 
 from services.index.replica import SearchCoalescer, StatsRecorder, search_grouped
+from services.index.routing import slot_holding
 from services.index.shard_state import ShardHolder
+from services.index.swap import target_set
 
 REPO = Path(__file__).resolve().parents[2]
 DIM = 16
@@ -142,6 +146,35 @@ def test_holder_follows_latest_and_staged_and_drops_after_the_grace(tmp_path):
     with pytest.raises(SnapshotError, match="num_shards=3"):
         ShardHolder(root, None, shard=0, num_shards=3).follow()
     assert holder.versions() == [2], "a failed load leaves what is held alone"
+
+
+def test_blue_green_sets_hold_only_their_slots_version(tmp_path):
+    """swap_mode=blue_green: each replica set holds what its SLOT file names (set 0 serves LATEST
+    until a swap names either), never STAGED beside it; a set moved to a mutation's version keeps
+    LATEST until the flip."""
+    root = make_root(tmp_path, versions=(1, 2, 3))
+    set_latest_version(root, 1)
+    blue, green = (ShardHolder(root, None, shard=0, num_shards=2, grace_s=0.3, slot=slot) for slot in (0, 1))
+    assert (blue.follow(), green.follow()) == ([1], [])
+    set_staged_version(root, 2)
+    set_slot_version(root, 0, 1)
+    set_slot_version(root, 1, 2)  # phase 1 of a swap into the idle set
+    assert (blue.follow(), green.follow()) == ([1], [2]) and green.latest == 2
+    set_latest_version(root, 2)
+    set_slot_version(root, 0, None)  # the flip releases the old set: it drops v1 after the grace
+    assert blue.follow() == [1] and blue.latest is None
+    time.sleep(0.4)
+    assert (blue.follow(), green.follow()) == ([], [2])
+    set_slot_version(root, 1, 3)  # a mutation moves the serving set first: LATEST stays held
+    assert green.follow() == [2, 3] and green.latest == 3
+    set_latest_version(root, 3)
+    assert green.follow() == [2, 3]  # the flip: v2 for the grace
+    time.sleep(0.4)
+    assert green.follow() == [3]
+    assert slot_holding(SimpleNamespace(index_uri=root, storage=None), 3, 2) == 1
+    assert slot_holding(SimpleNamespace(index_uri=root, storage=None), 2, 2) is None
+    assert [target_set(2, current, in_place) for current, in_place in ((0, False), (1, False), (1, True), (None, False))] \
+        == [1, 0, 1, 0]
 
 
 def test_holder_reuses_an_unchanged_shard_and_mutates_only_its_own(tmp_path):

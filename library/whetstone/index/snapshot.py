@@ -7,6 +7,7 @@ Layout under an index root (a local folder or ``s3://``)::
     index_root/v{n}/manifest.json                        written after every shard file
     index_root/LATEST                                    the version searches are served at (last)
     index_root/STAGED                                    phase 1 of a two-phase swap (see set_staged_version)
+    index_root/SLOT-0, SLOT-1                            blue/green services: each replica set's version
 
 Every file is cut into chunks of at most ``chunk_bytes`` (64 MiB by default), each its own
 object with its own sha256 in the manifest, so a writer uploads and a reader downloads and
@@ -38,6 +39,7 @@ from whetstone.config.base import StorageConfig
 MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "LATEST"
 STAGED_FILE = "STAGED"
+SLOT_FILE_PREFIX = "SLOT-"  # SLOT-0, SLOT-1: what each replica set of a blue/green service holds
 SNAPSHOT_FORMAT = 2
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids"
@@ -290,7 +292,22 @@ def staged_version(index_root_uri: str, storage: StorageConfig | None = None) ->
 
 def set_staged_version(index_root_uri: str, version: int | None, storage: StorageConfig | None = None) -> None:
     """Write ``STAGED`` (phase 1 of a swap); ``None`` removes it (the swap finished or gave up)."""
-    uri = store.join(index_root_uri, STAGED_FILE)
+    _write_pointer(index_root_uri, STAGED_FILE, version, storage)
+
+
+def slot_version(index_root_uri: str, slot: int, storage: StorageConfig | None = None) -> int | None:
+    """The version replica set ``slot`` of a blue/green index service holds (``SLOT-{slot}``), or None."""
+    return _read_pointer(index_root_uri, f"{SLOT_FILE_PREFIX}{int(slot)}", storage)
+
+
+def set_slot_version(index_root_uri: str, slot: int, version: int | None,
+                     storage: StorageConfig | None = None) -> None:
+    """Name the version replica set ``slot`` must hold; ``None``: hold nothing (an idle set)."""
+    _write_pointer(index_root_uri, f"{SLOT_FILE_PREFIX}{int(slot)}", version, storage)
+
+
+def _write_pointer(index_root_uri: str, name: str, version: int | None, storage: StorageConfig | None) -> None:
+    uri = store.join(index_root_uri, name)
     if version is not None:
         store.write_bytes(uri, f"{check_version(version)}\n".encode(), storage)
         return

@@ -161,6 +161,10 @@ class StatsResponse(_Wire):
         False, description="IVF over several shards: this ingress finds each query's cells once for every shard "
                            "(the shards share one quantizer); false while it is being fetched, and for other kinds")
     shards: list[ShardInfo] = Field(default_factory=list, description="each shard's replicas and versions")
+    swap_mode: str = Field("beside", description="how swaps load a version: beside the served one in every "
+                                                 "replica, or (blue_green) into a second, idle replica set")
+    idle_shards: list[ShardInfo] = Field(default_factory=list, description="blue_green: the replica set not "
+                                                                           "serving (it loads the next version)")
 
 
 class ErrorCode(str, Enum):
