@@ -10,7 +10,6 @@ import gzip
 import json
 import os
 import platform
-import resource
 import tempfile
 import time
 from dataclasses import dataclass
@@ -79,7 +78,10 @@ def evaluate(model_dir: str, beir: Beir, doc_max_length: int = 256, query_max_le
 
 
 def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    """This process's peak RSS (``VmHWM``; see ``benchmarks.index_scale_data.peak_rss_gib``)."""
+    from benchmarks.index_scale_data import peak_rss_gib as own_peak
+
+    return own_peak()
 
 
 def train_sentence_transformers(base: str, rows: list[tuple[str, str]] | list[tuple[str, str, str]], out_dir: str,

@@ -141,7 +141,7 @@ def deploy_index(run: ContrastiveRun, version: int, documents: int) -> None:
     deploy(IndexServiceArgs(index_uri=run.index_uri, storage=config.storage.resolved(), num_shards=index.num_shards,
                             replicas_per_shard=index.replicas_per_shard, num_cpus=index.num_cpus,
                             use_gpu=index.use_gpu, gpus_per_replica=index.gpus_per_replica,
-                            router_replicas=index.router_replicas))
+                            router_replicas=index.router_replicas, swap_mode=index.swap_mode))
     print(f"[index] v{version} deployed ({index.kind}, {index.num_shards} shard(s) x {index.replicas_per_shard} "
           f"replica(s), {documents} docs) in {run.timer.mark('deploy_s', t)} s; "
           f"HTTP: http://{index.http_host}:{index.http_port}/index/stats", flush=True)

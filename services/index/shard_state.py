@@ -116,6 +116,7 @@ class ShardHolder:
             index = same.index
             logger.info("shard %d v%d: unchanged since v%d, reused in memory", self.shard, version, same.version)
         else:
+            self._make_room()
             started = time.perf_counter()
             index = load_shard(self.index_uri, manifest, self.shard, self.storage, use_gpu=self.use_gpu)
             logger.info("shard %d v%d loaded (%d docs) in %.1fs", self.shard, version, index.size,
@@ -123,6 +124,20 @@ class ShardHolder:
         loaded = ShardVersion(version, index, entry.fingerprint, int(index.size), keep_until)
         self.held = {**self.held, version: loaded}
         return loaded
+
+    def _make_room(self) -> None:
+        """Blue/green, before a load (lock held): drop every held version but LATEST. A set that
+        takes a swap soon after it was released may still hold its old version (two swaps old now)
+        in its grace; loading beside it would hold two versions in one process. A search still
+        pinned to it gets ``version_unavailable`` and the ingress retries it on LATEST."""
+        if self.slot is None:
+            return
+        latest = latest_version(self.index_uri, self.storage)
+        keep = {v: h for v, h in self.held.items() if v == latest}
+        if len(keep) != len(self.held):
+            logger.info("shard %d (set %d): dropped v%s to load the next version", self.shard, self.slot,
+                        sorted(set(self.held) - set(keep)))
+            self.held = keep
 
     def stage(self, version: int) -> ShardVersion:
         """Load ``version`` beside what is held (phase 1 of a swap); kept ``keep_s`` at least."""

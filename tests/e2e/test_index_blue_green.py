@@ -20,7 +20,7 @@ from whetstone.index.ann import AnnConfig
 from whetstone.index.snapshot import latest_version, slot_version, staged_version
 from whetstone.index.wire import ErrorCode
 
-from tests.e2e.test_index_service import serve_root_url, wait_for
+from tests.e2e.test_index_service import search_until_503, serve_root_url, wait_for
 from tests.unit.test_index_service_parts import publish_sharded
 
 pytestmark = pytest.mark.e2e
@@ -149,12 +149,7 @@ def test_a_mutation_stays_in_the_serving_set_and_a_killed_replica_comes_back_at_
 
     victim = after["shards"][1]["replicas"][0]
     os.kill(victim["pid"], signal.SIGKILL)
-    started = time.monotonic()
-    while True:  # until the ingress notices (at most the shard timeout)
-        r = http.post("/search", json=query)
-        if r.status_code == 503:
-            break
-        assert r.status_code == 200 and time.monotonic() - started < 10, r.text
+    r = search_until_503(http, query)  # once the ingress notices (at most the shard timeout)
     assert r.json()["code"] == ErrorCode.SHARD_UNAVAILABLE.value
     assert f"shard 1 of 2 ({serving[1]})" in r.json()["detail"]
 

@@ -38,6 +38,16 @@ def version_docs(version: int) -> tuple[np.ndarray, list[str]]:
     return rng.standard_normal((DOCS, DIM)).astype(np.float32), [f"v{version}-doc-{i}" for i in range(DOCS)]
 
 
+def search_until_503(http: httpx.Client, body: dict, within_s: float = 10.0) -> httpx.Response:
+    """Search until the ingress notices a killed shard and answers 503 (before that: 200s only)."""
+    started = time.monotonic()
+    while True:
+        r = http.post("/search", json=body)
+        if r.status_code == 503:
+            return r
+        assert r.status_code == 200 and time.monotonic() - started < within_s, r.text
+
+
 def wait_for(predicate, timeout_s: float = 60.0, interval_s: float = 0.25, what: str = "condition"):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

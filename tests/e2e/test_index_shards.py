@@ -24,7 +24,7 @@ from whetstone.index.snapshot import latest_version, read_manifest, shard_of, st
 from whetstone.index.vector_chunks import VectorChunkWriter
 from whetstone.index.wire import ErrorCode
 
-from tests.e2e.test_index_service import serve_root_url, wait_for
+from tests.e2e.test_index_service import search_until_503, serve_root_url, wait_for
 from tests.unit.test_index_service_parts import publish_sharded
 
 pytestmark = pytest.mark.e2e
@@ -237,14 +237,7 @@ def test_killed_shard_replica_gives_503_naming_it_then_serves_the_current_versio
     victim = shard_replicas(service)[1][0]
     query = {"vectors": np.random.default_rng(1).standard_normal((2, DIM)).tolist(), "k": 5}
     os.kill(victim["pid"], signal.SIGKILL)
-
-    started = time.monotonic()
-    while True:  # until the ingress notices (at most the shard timeout)
-        r = http.post("/search", json=query)
-        if r.status_code == 503:
-            break
-        assert r.status_code == 200 and time.monotonic() - started < 10, r.text
-    body = r.json()
+    body = search_until_503(http, query).json()  # once the ingress notices (at most the shard timeout)
     assert body["code"] == ErrorCode.SHARD_UNAVAILABLE.value, body
     assert "shard 1 of 3 (IndexService-shard-1)" in body["detail"], body
     # While it is down: fast 503s, and the training client falls back (IndexUnavailable).

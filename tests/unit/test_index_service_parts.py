@@ -175,6 +175,13 @@ def test_blue_green_sets_hold_only_their_slots_version(tmp_path):
     assert slot_holding(SimpleNamespace(index_uri=root, storage=None), 2, 2) is None
     assert [target_set(2, current, in_place) for current, in_place in ((0, False), (1, False), (1, True), (None, False))] \
         == [1, 0, 1, 0]
+    # a set that takes a swap while it still holds its old version (in the grace) drops it first
+    set_slot_version(root, 0, 1)
+    assert blue.follow() == [1]
+    set_slot_version(root, 0, None)
+    assert blue.follow() == [1], "released: kept for the grace"
+    set_slot_version(root, 0, 2)
+    assert blue.stage(2).version == 2 and blue.versions() == [2], "never two versions to load a third"
 
 
 def test_holder_reuses_an_unchanged_shard_and_mutates_only_its_own(tmp_path):

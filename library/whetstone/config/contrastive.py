@@ -175,6 +175,10 @@ class IndexSection(IndexBuildConfig):
     gpus_per_replica: float = Field(1.0, gt=0, description="GPUs of each shard replica when use_gpu (0.5: two "
                                                           "replicas share a GPU)")
     router_replicas: int = Field(1, ge=1, description="replicas of the index router (fans out, merges; no vectors)")
+    swap_mode: Literal["beside", "blue_green"] = Field(
+        "beside", description="how a refresh's swap loads the new version: beside the served one in every shard "
+                              "replica (about 2x a shard per process for a moment), or blue_green (a second, idle "
+                              "replica set per shard loads it: no process holds two versions; docs/scale.md)")
     initial_embed_concurrency: int = Field(2, ge=1, description="embedding actors before training")
     http_host: str = Field("127.0.0.1", description="Serve HTTP proxy host (0.0.0.0 to expose it)")
     http_port: int = Field(8000, ge=1, le=65535, description="Serve HTTP port for /index/search etc.")

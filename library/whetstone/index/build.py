@@ -20,6 +20,8 @@ publishes the manifest last.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import time
 from collections.abc import Iterator
@@ -201,13 +203,30 @@ def _build_shard_task(storage_wire: dict, vectors_uri: str, shard: int, num_shar
 
     faiss.omp_set_num_threads(threads)
     storage = StorageConfig.model_validate(storage_wire)
-    return build_shard(vectors_uri, shard, num_shards, config, index_root, version, storage, chunk_bytes=chunk_bytes,
-                       trained=trained)
+    try:
+        return build_shard(vectors_uri, shard, num_shards, config, index_root, version, storage,
+                           chunk_bytes=chunk_bytes, trained=trained)
+    finally:
+        release_freed_memory()
 
 
 def _train_task(storage_wire: dict, vectors_uri: str, config: AnnConfig, version: int, threads: int) -> np.ndarray:
     """:func:`train_shared` in a Ray task."""
-    return train_shared(vectors_uri, config, version, StorageConfig.model_validate(storage_wire), threads)
+    try:
+        return train_shared(vectors_uri, config, version, StorageConfig.model_validate(storage_wire), threads)
+    finally:
+        release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Give the memory a task freed back to the OS. glibc keeps freed blocks in its arenas, so a
+    Ray worker that built a shard stayed at about the shard's size while idle, waiting for its
+    next task; ``malloc_trim`` returns them (a no-op where the C library is not glibc)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _gather_in_shard_order(refs: list) -> list[ShardEntry]:
