@@ -17,10 +17,10 @@ import httpx
 import numpy as np
 import pytest
 from whetstone.index.ann import AnnConfig
-from whetstone.index.snapshot import latest_version, slot_version, staged_version
+from whetstone.index.snapshot import latest_version, set_latest_version, slot_version, staged_version
 from whetstone.index.wire import ErrorCode
 
-from tests.e2e.test_index_service import search_until_503, serve_root_url, wait_for
+from tests.e2e.test_index_service import search_until_503, searching, serve_root_url, wait_for
 from tests.unit.test_index_service_parts import publish_sharded
 
 pytestmark = pytest.mark.e2e
@@ -81,16 +81,7 @@ def test_swaps_load_the_idle_set_and_no_replica_ever_holds_two_versions(service)
     assert all(r["versions"] == [] for s in stats["idle_shards"] for r in s["replicas"]), "an idle set holds nothing"
 
     queries = np.random.default_rng(4).standard_normal((3, DIM)).tolist()
-    stop, seen, failures, holdings = threading.Event(), [], [], []
-
-    def search():
-        with httpx.Client(base_url=service["base"], timeout=30) as client:
-            while not stop.is_set():
-                r = client.post("/search", json={"vectors": queries, "k": 6})
-                if r.status_code != 200:
-                    failures.append(f"{r.status_code} {r.text[:200]}")
-                else:
-                    seen.append((r.json()["version"], r.json()["ids"]))
+    stop, holdings = threading.Event(), []
 
     def watch():  # what every shard replica holds, sampled through the swaps
         with httpx.Client(base_url=service["base"], timeout=30) as client:
@@ -98,28 +89,26 @@ def test_swaps_load_the_idle_set_and_no_replica_ever_holds_two_versions(service)
                 holdings.append(held(client.get("/stats").json()))
                 time.sleep(0.1)
 
-    threads = [threading.Thread(target=search) for _ in range(2)] + [threading.Thread(target=watch)]
-    for thread in threads:
-        thread.start()
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     try:
-        for version, serving in ((2, "-b"), (3, ""), (2, "-b")):
-            assert swap(http, version)["version"] == version
-            stats = http.get("/stats").json()
-            assert stats["version"] == version
-            assert [s["deployment"] for s in stats["shards"]] == [f"IndexService-shard-{s}{serving}" for s in (0, 1)]
-            assert slot_version(root, 1 if serving else 0) == version
-            assert slot_version(root, 0 if serving else 1) is None, "the old set is released after the flip"
-            time.sleep(1.2)  # past the old set's grace: it drops the old version
-        # a LATEST a job wrote without /swap: the ingress stages it into the idle set itself
-        from whetstone.index.snapshot import set_latest_version
-
-        set_latest_version(root, 5)
-        wait_for(lambda: seen and seen[-1][0] == 5, timeout_s=30, what="searches at v5")
-        time.sleep(1.0)
+        with searching(service["base"], {"vectors": queries, "k": 6}) as (seen, failures):
+            for version, serving in ((2, "-b"), (3, ""), (2, "-b")):
+                assert swap(http, version)["version"] == version
+                stats = http.get("/stats").json()
+                assert stats["version"] == version
+                assert [s["deployment"] for s in stats["shards"]] == [f"IndexService-shard-{s}{serving}"
+                                                                      for s in (0, 1)]
+                assert slot_version(root, 1 if serving else 0) == version
+                assert slot_version(root, 0 if serving else 1) is None, "the old set is released after the flip"
+                time.sleep(1.2)  # past the old set's grace: it drops the old version
+            # a LATEST a job wrote without /swap: the ingress stages it into the idle set itself
+            set_latest_version(root, 5)
+            wait_for(lambda: seen and seen[-1][0] == 5, timeout_s=30, what="searches at v5")
+            time.sleep(1.0)
     finally:
         stop.set()
-        for thread in threads:
-            thread.join()
+        watcher.join()
     assert not failures, failures[:3]
     assert {v for v, _ in seen} == {1, 2, 3, 5}
     for version, ids in seen:

@@ -7,6 +7,7 @@ in its ids. The sharded cases are in ``test_index_shards``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -36,6 +37,32 @@ PREFIX = "/index-e2e"
 def version_docs(version: int) -> tuple[np.ndarray, list[str]]:
     rng = np.random.default_rng(100 + version)
     return rng.standard_normal((DOCS, DIM)).astype(np.float32), [f"v{version}-doc-{i}" for i in range(DOCS)]
+
+
+@contextlib.contextmanager
+def searching(base: str, body: dict, clients: int = 2):
+    """``clients`` threads POST ``body`` to ``{base}/search`` until the block ends; yields
+    ``(seen, failures)``: ``(version, ids)`` of every 200, a line for every other answer."""
+    stop, seen, failures = threading.Event(), [], []
+
+    def search():
+        with httpx.Client(base_url=base, timeout=30) as http:
+            while not stop.is_set():
+                r = http.post("/search", json=body)
+                if r.status_code != 200:
+                    failures.append(f"{r.status_code} {r.text[:200]}")
+                else:
+                    seen.append((r.json()["version"], r.json()["ids"]))
+
+    threads = [threading.Thread(target=search) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield seen, failures
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
 
 
 def search_until_503(http: httpx.Client, body: dict, within_s: float = 10.0) -> httpx.Response:

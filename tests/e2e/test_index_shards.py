@@ -24,7 +24,7 @@ from whetstone.index.snapshot import latest_version, read_manifest, shard_of, st
 from whetstone.index.vector_chunks import VectorChunkWriter
 from whetstone.index.wire import ErrorCode
 
-from tests.e2e.test_index_service import search_until_503, serve_root_url, wait_for
+from tests.e2e.test_index_service import search_until_503, searching, serve_root_url, wait_for
 from tests.unit.test_index_service_parts import publish_sharded
 
 pytestmark = pytest.mark.e2e
@@ -201,30 +201,12 @@ def test_a_latest_written_without_a_swap_is_followed_without_failed_searches(ser
     with pytest.raises(IndexServiceError, match="does not hold v99") as err:
         shard0.search_arrays.remote(99, queries, 3).result()
     assert err.value.code == ErrorCode.VERSION_UNAVAILABLE
-    stop, seen, failures = threading.Event(), [], []
-
-    def search():
-        with httpx.Client(base_url=service["base"], timeout=30) as http:
-            while not stop.is_set():
-                r = http.post("/search", json={"vectors": queries.tolist(), "k": 6})
-                if r.status_code != 200:
-                    failures.append(f"{r.status_code} {r.text[:200]}")
-                else:
-                    seen.append((r.json()["version"], r.json()["ids"]))
-
-    threads = [threading.Thread(target=search) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    try:
+    with searching(service["base"], {"vectors": queries.tolist(), "k": 6}) as (seen, failures):
         time.sleep(0.3)
         publish_sharded(service["root"], 20, *version_docs(20), SHARDS, AnnConfig(kind="flat"),
                         checkpoint="no-encoder", set_latest=True)
         wait_for(lambda: seen and seen[-1][0] == 20, timeout_s=30, what="searches at v20")
         time.sleep(1.0)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
     assert not failures, failures[:3]
     assert {v for v, _ in seen} == {1, 20}
     for version, ids in seen:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from whetstone.index.ann import AnnConfig, AnnIndex, AnnInputError
 from whetstone.index.build import build_shard, build_sharded_index
-from whetstone.index.coarse import CoarseAssigner, quantizer_bytes
+from whetstone.index.coarse import CoarseAssigner
 from whetstone.index.faiss_kinds import auto_nlist
 from whetstone.index.merge import merge_topk
 from whetstone.index.shard_io import load_shard
@@ -125,8 +125,8 @@ def test_cells_assigned_once_give_each_shards_own_answer_and_a_foreign_quantizer
             assert got_ids == want_ids
             np.testing.assert_allclose(got_scores, want_scores, rtol=1e-5, atol=1e-6)
         # The assignment sets how many cells are scanned: nprobe 12 from the ingress, 12 scanned.
-        wide = CoarseAssigner(quantizer_bytes(faiss.extract_index_ivf(shards[0].faiss_index).quantizer), 12,
-                              normalize=True).assign(queries)
+        wide = CoarseAssigner(faiss.extract_index_ivf(shards[0].faiss_index).quantizer, 12, normalize=True,
+                              owner=shards[0].faiss_index).assign(queries)
         shards[1].set_search_params(nprobe=12)
         want_ids, _ = shards[1].search(queries, 10)
         shards[1].set_search_params(nprobe=3)

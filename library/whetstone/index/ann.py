@@ -27,7 +27,7 @@ import faiss
 import numpy as np
 
 from whetstone.config.base import StorageConfig
-from whetstone.index.coarse import Assignment, CoarseAssigner, quantizer_bytes, search_preassigned
+from whetstone.index.coarse import Assignment, CoarseAssigner, search_preassigned
 from whetstone.index.faiss_kinds import (
     AnnConfig,
     AnnInputError,
@@ -265,7 +265,7 @@ class AnnIndex:
         if ivf is None:
             return None
         if self._assigner is None:
-            self._assigner = CoarseAssigner(quantizer_bytes(ivf.quantizer), self.nprobe, self.config.normalize)
+            self._assigner = CoarseAssigner(ivf.quantizer, self.nprobe, self.config.normalize, owner=self._index)
         return self._assigner
 
     def _search_assigned(self, array: np.ndarray, fetch: int, assigned: Assignment | None,

@@ -59,9 +59,6 @@ class Assignment:
     cells: np.ndarray
     scores: np.ndarray
 
-    def rows(self, start: int, stop: int) -> Assignment:
-        return Assignment(self.fingerprint, self.cells[start:stop], self.scores[start:stop])
-
     @staticmethod
     def concat(parts: list[Assignment]) -> Assignment:
         return Assignment(parts[0].fingerprint, np.concatenate([p.cells for p in parts]),
@@ -72,9 +69,14 @@ class CoarseAssigner:
     """An IVF index's coarse quantizer, apart from its lists: ``assign`` gives what the index's
     own search would visit (``nprobe`` cells, queries normalised as the index normalises them)."""
 
-    def __init__(self, serialised: np.ndarray, nprobe: int, normalize: bool) -> None:
-        self.quantizer = faiss.deserialize_index(np.ascontiguousarray(serialised, dtype=np.uint8))
-        self.fingerprint = fingerprint(serialised)
+    def __init__(self, quantizer: faiss.Index, nprobe: int, normalize: bool, serialised: np.ndarray | None = None,
+                 owner: faiss.Index | None = None) -> None:
+        """``quantizer`` is used as it is, no copy: an IVF index's own, with that index as ``owner``
+        (kept alive here: FAISS frees the quantizer with it); ``serialised``, its bytes when the
+        caller has them, names it (serialised here otherwise)."""
+        self.quantizer = quantizer
+        self._owner = owner
+        self.fingerprint = fingerprint(quantizer_bytes(quantizer) if serialised is None else serialised)
         self.nprobe = min(int(nprobe), self.quantizer.ntotal)
         self.normalize = bool(normalize)
 
@@ -91,7 +93,8 @@ class CoarseAssigner:
 
     @classmethod
     def from_wire(cls, wire: dict) -> CoarseAssigner:
-        assigner = cls(wire["quantizer"], wire["nprobe"], wire["normalize"])
+        serialised = np.ascontiguousarray(wire["quantizer"], dtype=np.uint8)
+        assigner = cls(faiss.deserialize_index(serialised), wire["nprobe"], wire["normalize"], serialised)
         if assigner.fingerprint != wire["fingerprint"]:
             raise ValueError(f"coarse quantizer: fingerprint {assigner.fingerprint} of the bytes received "
                              f"is not the {wire['fingerprint']} sent")
