@@ -183,7 +183,7 @@ def run_whetstone(store: str, base: str, out_uri: str, *, workers: int, batch_pe
                   "max_steps": max_steps, "lr": lr, "temperature": 0.05, "seed": seed, "log_every": 5},
         "negatives": {"source": "index" if live else "none",
                       "mining": {"num_negatives": 1, "rank_start": 3, "rank_end": 30, "sampling": "random"},
-                      "max_versions_behind": 2},
+                      "max_steps_behind": 3 * refresh_every if live and refresh_every else None},
         "refresh": {"every_steps": refresh_every if live else None, "doc_max_length": 128, "dtype": "bfloat16"},
         "index": {"kind": "flat", "initial_embed_concurrency": 2},
         # The benchmarks evaluate every model with one function (evaluate()), so the job skips its own.

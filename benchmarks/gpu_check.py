@@ -12,12 +12,15 @@ What it does, on clustered synthetic unit vectors (``benchmarks.index_service.cl
    64, merging the shards' top 10 as the service's router does;
 4. serves the flat index with the service's ``use_gpu`` (each shard replica asks Ray for
    ``1/shards`` of the GPU), searches through the Serve handle at batch 64, and checks that every
-   shard replica's process holds GPU memory (``nvidia-smi``) and that answers carry the version.
+   shard replica's process holds GPU memory (``nvidia-smi``) and that answers carry the version;
+5. embeds a small corpus (``--embed-docs``) with MiniLM through the refresh's embedding actors
+   (``embedded_batches(num_gpus=1)``, half precision) and on the CPU in float32.
 
 Checks (exit 1 when one fails, 2 when this machine has no usable GPU FAISS): flat recall@10 vs
 exact >= 0.99 on GPU in-process and through the service; IVF recall@10 on GPU within 0.03 of the
 CPU-loaded shards' and >= ``--min-ivf-recall``; the service's recall within 0.01 of in-process GPU; every
-shard replica on the GPU. Figures are printed as a table and written to ``--out`` as JSON.
+shard replica on the GPU; the embedding actor on the GPU (holding GPU memory) and its vectors within
+cosine 0.99 of the CPU's. Figures are printed as a table and written to ``--out`` as JSON.
 
 Usage::
 
@@ -169,6 +172,46 @@ def serve_check(index_root: str, version: int, queries: np.ndarray, args) -> dic
         ray.shutdown()
 
 
+def embed_check(root: str, args) -> dict:
+    """The refresh's embedding actors on the GPU: ``embedded_batches`` with ``num_gpus=1`` (half
+    precision) over a small corpus with MiniLM, against the same actors on the CPU in float32."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+    from whetstone.models.assets import resolve_model_path
+    from whetstone.train.refresh import embedded_batches
+
+    gpu = not args.plumbing_on_cpu
+    store = os.path.join(root, "embed-store")
+    os.makedirs(os.path.join(store, "corpus"), exist_ok=True)
+    rng = np.random.default_rng(0)
+    words = [f"term{i}" for i in range(500)]
+    texts = [" ".join(rng.choice(words, size=40)) for _ in range(args.embed_docs)]
+    pq.write_table(pa.table({"doc_id": [f"d{i}" for i in range(len(texts))], "title": [""] * len(texts),
+                             "text": texts}), os.path.join(store, "corpus", "part-0.parquet"))
+    model = resolve_model_path("all-MiniLM-L6-v2")
+    ray.init(num_cpus=max(4, os.cpu_count() or 4), num_gpus=int(gpu), include_dashboard=False, log_to_driver=False)
+    try:
+        out: dict = {"docs": len(texts)}
+        vectors: dict[str, dict[str, np.ndarray]] = {}
+        for place, num_gpus in (("gpu", 1.0 if gpu else 0.0), ("cpu", 0.0)):
+            started, pids, got = time.monotonic(), set(), {}
+            for ids, batch in embedded_batches(store, model, batch_size=128, max_length=128, concurrency=1,
+                                               num_gpus=num_gpus):
+                got.update(zip(ids, batch, strict=True))
+                if place == "gpu" and gpu and not pids and shutil.which("nvidia-smi"):
+                    pids = gpu_pids()  # the embedding actor holds GPU memory while it runs
+            out[f"{place}_docs_per_s"] = round(len(got) / (time.monotonic() - started), 1)
+            out[f"{place}_process_on_gpu"] = bool(pids)
+            vectors[place] = got
+        cosines = [float(vectors["gpu"][i] @ vectors["cpu"][i]) for i in vectors["cpu"]]
+        out["min_cosine_gpu_fp16_vs_cpu_fp32"] = round(min(cosines), 6)
+        out["rows_match"] = sorted(vectors["gpu"]) == sorted(vectors["cpu"])
+        return out
+    finally:
+        ray.shutdown()
+
+
 def run(args) -> tuple[dict, list[str]]:
     from benchmarks.index_service import clustered_vectors
 
@@ -210,6 +253,12 @@ def run(args) -> tuple[dict, list[str]]:
     if not args.plumbing_on_cpu and shutil.which("nvidia-smi") and not all(served["replicas_on_gpu"]):
         failures.append(f"shard replicas {served['replica_pids']} on the GPU: {served['replicas_on_gpu']} "
                         "(a replica without GPU memory kept its shard on the CPU)")
+    embed = figures["embed"] = embed_check(root, args)
+    if not embed["rows_match"] or embed["min_cosine_gpu_fp16_vs_cpu_fp32"] < 0.99:
+        failures.append(f"embedding on the GPU: rows match {embed['rows_match']}, min cosine to CPU float32 "
+                        f"{embed['min_cosine_gpu_fp16_vs_cpu_fp32']} (< 0.99)")
+    if not args.plumbing_on_cpu and shutil.which("nvidia-smi") and not embed["gpu_process_on_gpu"]:
+        failures.append("the embedding actor that asked Ray for a GPU held no GPU memory (it embedded on the CPU)")
     if not args.workdir:
         shutil.rmtree(root, ignore_errors=True)
     return figures, failures
@@ -229,6 +278,9 @@ def print_table(figures: dict) -> None:
     s = figures["service_flat"]
     print(f"service (flat, use_gpu): deploy {s['deploy_s']:.1f} s, {s['qps_b64_one_caller']:.0f} q/s at batch 64 "
           f"(one caller), recall@10 {s['recall10']:.4f}, replicas on GPU {s['replicas_on_gpu']}")
+    e = figures["embed"]
+    print(f"embedding actors (MiniLM, {e['docs']} docs): GPU fp16 {e['gpu_docs_per_s']} docs/s (on GPU: "
+          f"{e['gpu_process_on_gpu']}), CPU fp32 {e['cpu_docs_per_s']} docs/s, min cosine {e['min_cosine_gpu_fp16_vs_cpu_fp32']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nlist", type=int, default=1024, help="IVF cells per shard")
     parser.add_argument("--nprobe", type=int, default=32)
     parser.add_argument("--min-ivf-recall", type=float, default=0.9)
+    parser.add_argument("--embed-docs", type=int, default=4000, help="corpus of the embedding actors' check")
     parser.add_argument("--port", type=int, default=8123, help="Serve HTTP port")
     parser.add_argument("--workdir", default=None, help="keep the vectors and indexes here (default: a temp dir)")
     parser.add_argument("--plumbing-on-cpu", action="store_true",

@@ -117,15 +117,18 @@ def run(config: ContrastiveJobConfig) -> dict:
     run = stage.start_run(config)  # paths, Ray, run folder, task data, resume point
     # corpus vectors streamed to storage (index v1's chunks) through the exact evaluation: nDCG before training
     base = stage.embed_and_evaluate(run, run.base_model, "base", stage.first_vectors_uri(run))
-    version, refresher = 1, None
-    if config.negatives.source == "index":
+    version, refresher, mined = 1, None, None
+    if config.negatives.source != "none":
         version = stage.publish_first_version(run, base)  # v1's shards built from those chunks, or the newest resumed
         deploy_index(run, version, base.count)
+    if config.negatives.source == "index":
         refresher = stage.start_refresher(run)  # re-embeds from rank 0's checkpoints while training goes on
+    elif config.negatives.source == "static":
+        mined = stage.mine_static(run)  # once, with the base model, through the index just deployed
     plan = stage.plan_run(run, version, refresher)  # steps, epochs, where this attempt writes
-    metrics = stage.fit(run, plan, stage.training_datasets(run), train_loop_per_worker)
+    metrics = stage.fit(run, plan, stage.training_datasets(run, mined), train_loop_per_worker)
     final = stage.finish_model(run, plan, refresher)  # last refresh, merge, embed, evaluate, promote
-    return write_report(run, plan, base, final, metrics)
+    return write_report(run, plan, base, final, metrics, mined)
 
 
 def deploy_index(run: ContrastiveRun, version: int, documents: int) -> None:

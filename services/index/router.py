@@ -268,7 +268,7 @@ class IndexService:
                 self._check_kind(served, score_excluded)
         latency_ms = (time.perf_counter() - started) * 1000
         self.recorder.searched(len(vectors), latency_ms)
-        return served.version, ids, scores, latency_ms, extra
+        return served, ids, scores, latency_ms, extra
 
     async def _assignment(self, served: ServedVersion, vectors: np.ndarray) -> Assignment | None:
         """IVF over several shards: the queries' cells, found here once for every shard (the
@@ -295,11 +295,11 @@ class IndexService:
             vectors = await self._encode(served, request.texts)
         else:
             vectors = self._as_matrix(served, request.vectors)
-        version, ids, scores, latency_ms, extra = await self._search(
+        served, ids, scores, latency_ms, extra = await self._search(
             served, vectors, request.k, request.exclude_ids, request.score_excluded)
         wire_scores = [[None if not np.isfinite(s) else float(s) for s in row] for row in scores.tolist()]
-        return SearchResponse(version=version, ids=ids, scores=wire_scores, latency_ms=latency_ms,
-                              excluded_scores=extra)
+        return SearchResponse(version=served.version, embedded_step=served.embedded_step, ids=ids,
+                              scores=wire_scores, latency_ms=latency_ms, excluded_scores=extra)
 
     async def fast_search(self, headers, body: bytes) -> bytes | None:
         """The JSON answer to a ``/search`` body, or None to let the FastAPI route answer it
@@ -320,11 +320,12 @@ class IndexService:
         except IndexServiceError:
             return None
         try:
-            version, ids, scores, latency_ms, extra = await self._search(
+            served, ids, scores, latency_ms, extra = await self._search(
                 served, vectors, request.k, request.exclude_ids, request.score_excluded)
         except IndexServiceError as err:  # e.g. a shard down: answered as the route would, not searched twice
             return err
-        return pydantic_core.to_json({"version": version, "ids": ids, "scores": scores.tolist(),
+        return pydantic_core.to_json({"version": served.version, "embedded_step": served.embedded_step,
+                                      "ids": ids, "scores": scores.tolist(),
                                       "latency_ms": latency_ms, "excluded_scores": extra}, inf_nan_mode="null")
 
     async def search_arrays(self, vectors: np.ndarray, k: int, exclude_ids=None,
@@ -339,9 +340,10 @@ class IndexService:
         self._check_query_shape(len(vectors), int(k), exclude_ids)
         self._check_kind(served, bool(score_excluded))
         vectors = self._as_matrix(served, vectors)
-        version, ids, scores, latency_ms, extra = await self._search(served, vectors, int(k), exclude_ids,
-                                                                     bool(score_excluded))
-        return SearchArrays(version=version, ids=ids, scores=scores, latency_ms=latency_ms, excluded_scores=extra)
+        served, ids, scores, latency_ms, extra = await self._search(served, vectors, int(k), exclude_ids,
+                                                                    bool(score_excluded))
+        return SearchArrays(version=served.version, embedded_step=served.embedded_step, ids=ids, scores=scores,
+                            latency_ms=latency_ms, excluded_scores=extra)
 
     async def vectors_arrays(self, ids: list[str]) -> StoredVectors:
         """Handle-only: the stored vectors of ``ids`` (flat and HNSW indexes), for training with

@@ -52,6 +52,13 @@ class ServedVersion:
         return self.manifest.dim
 
     @property
+    def embedded_step(self) -> int | None:
+        """The training step whose checkpoint embedded this version (its manifest's ``extra.step``);
+        None when the publisher did not record one."""
+        step = self.manifest.extra.get("step")
+        return int(step) if step is not None else None
+
+    @property
     def kind(self) -> str:
         return self.manifest.kind
 

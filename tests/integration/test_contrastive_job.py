@@ -45,7 +45,9 @@ def contrastive_report(ray_cluster, scifact_store, tiny_encoder_dir) -> dict:
         f"store_uri={scifact_store}",
         f"encoder.base_model={tiny_encoder_dir}",
         f"index.http_port={free_port()}",
-        "optim.max_steps=4", "refresh.every_steps=2",
+        # A refresh asked for after every step: each takes longer than a step, so requests merge
+        # (newest checkpoint wins) and fewer versions are published than asked for.
+        "optim.max_steps=6", "refresh.every_steps=1", "negatives.max_steps_behind=6",
         "index.num_shards=2",  # the sharded path: two build tasks, two shard deployments, swaps across both
     ])
     yield report
@@ -56,24 +58,40 @@ def contrastive_report(ray_cluster, scifact_store, tiny_encoder_dir) -> dict:
 
 def test_report_has_the_loop(contrastive_report):
     report = contrastive_report
-    assert report["steps"] == 4
+    assert report["steps"] == 6
     # every step mined negatives from the live index: 1 per query, 8 queries per worker
-    assert report["negatives_served_by_index"] == 4 * 8
-    assert report["fallback_steps_rank0"] == 0
+    assert report["negatives_served_by_index"] == 6 * 8
+    assert report["fallback_steps_rank0"] == 0 and report["fallback_steps_by_reason_rank0"] == {}
+    assert report["staleness_bound_steps"] == 6 and 0 <= report["max_index_steps_behind_rank0"] <= 5
     assert report["before"]["queries"] == report["after"]["queries"] == 77
     assert 0 <= report["after"]["ndcg@10"] <= 1
 
 
-def test_refresh_swapped_a_new_version(contrastive_report):
+def test_refresh_slower_than_every_steps_merges_and_lag_is_counted_in_steps(contrastive_report):
+    """Refreshes were asked for after steps 1 to 5; each took longer than a step, so requests
+    merged. Counting versions would then report a lag that only grows (and fall back); the lag in
+    steps is the step mined for minus the step its version's checkpoint was embedded at."""
+    from whetstone.index.snapshot import read_manifest
+
     refreshes = contrastive_report["refreshes"]
     assert contrastive_report["refresh_errors"] == []
-    assert len(refreshes) == 1 and refreshes[0]["step"] == 2
-    assert (refreshes[0]["old_version"], refreshes[0]["new_version"]) == (1, 2)
-    assert refreshes[0]["checkpoint"].endswith("step-000002")
+    assert 1 <= len(refreshes) < 5, "refreshes should be slower than a tiny model's step"
+    assert [r["step"] for r in refreshes] == sorted({r["step"] for r in refreshes})
+    assert [(r["old_version"], r["new_version"]) for r in refreshes] == [(v, v + 1) for v in range(1, len(refreshes) + 1)]
+    first = refreshes[0]
+    assert first["checkpoint"].endswith(f"step-{first['step']:06d}")
     # periodic evaluation comes with each refresh (the corpus was just embedded for the index)
-    assert 0 <= refreshes[0]["ndcg@10_at_index_length"] <= 1 and 0 <= refreshes[0]["recall@100_at_index_length"] <= 1
+    assert 0 <= first["ndcg@10_at_index_length"] <= 1 and 0 <= first["recall@100_at_index_length"] <= 1
     # the final model is promoted as the newest version
-    assert contrastive_report["index_versions"] == [1, 2, 3]
+    promoted = len(refreshes) + 2
+    assert contrastive_report["index_versions"] == list(range(1, promoted + 1))
+    index_uri = str(Path(contrastive_report["run_uri"]) / "index")
+    embedded_at = {v: read_manifest(index_uri, v).extra["step"] for v in range(1, promoted + 1)}
+    assert embedded_at[1] == 0 and embedded_at[promoted] == 6
+    assert [embedded_at[v + 1] for v in range(1, promoted - 1)] == [r["step"] for r in refreshes]
+    history = json.loads((Path(contrastive_report["run_uri"]) / "train-history.json").read_text())
+    for m in history:  # step m["step"] trained after m["step"] - 1 steps
+        assert m["index_steps_behind"] == m["step"] - 1 - embedded_at[m["index_version"]], m
 
 
 def test_index_service_serves_the_promoted_version(contrastive_report):
@@ -82,7 +100,8 @@ def test_index_service_serves_the_promoted_version(contrastive_report):
 
     client = IndexClient.from_handle()
     result = client.search(np.ones((1, 32), dtype=np.float32), k=5)
-    assert result.version == 3 and len(result.ids[0]) == 5
+    promoted = contrastive_report["index_versions"][-1]
+    assert result.version == promoted and result.embedded_step == 6 and len(result.ids[0]) == 5
     assert contrastive_report["index"] == {"kind": "flat", "num_shards": 2, "replicas_per_shard": 1,
                                            "use_gpu": False, "documents": contrastive_report["index"]["documents"]}
     stats = client.stats()
@@ -105,10 +124,11 @@ def test_refresh_and_evaluate_jobs_stream_the_corpus(contrastive_report, scifact
     documents = contrastive_report["index"]["documents"]
     result = refresh([f"checkpoint={contrastive_report['model_uri']}", f"store_uri={scifact_store}",
                       f"index_uri={index_uri}", "swap=handle", "doc_max_length=64"])
-    assert (result["old_version"], result["new_version"], result["num_shards"]) == (3, 4, 2)
+    promoted = contrastive_report["index_versions"][-1]
+    assert (result["old_version"], result["new_version"], result["num_shards"]) == (promoted, promoted + 1, 2)
     assert result["documents"] == documents and read_vector_chunks(result["vectors"]).count == documents
-    assert latest_version(index_uri) == 4 and read_manifest(index_uri, 4).count == documents
-    assert IndexClient.from_handle().search(np.ones((1, 32), dtype=np.float32), k=3).version == 4
+    assert latest_version(index_uri) == promoted + 1 and read_manifest(index_uri, promoted + 1).count == documents
+    assert IndexClient.from_handle().search(np.ones((1, 32), dtype=np.float32), k=3).version == promoted + 1
     out = tmp_path / "eval.json"
     metrics = evaluate([f"model={contrastive_report['model_uri']}", f"store_uri={scifact_store}",
                         f"output_uri={out}", "doc_max_length=64"])
@@ -128,9 +148,9 @@ def test_model_loads_in_sentence_transformers_and_transformers(contrastive_repor
     plot = Path(contrastive_report["plot_uri"])
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
     history = json.loads((Path(contrastive_report["run_uri"]) / "train-history.json").read_text())
-    assert [m["step"] for m in history] == [1, 2, 3, 4] and all("loss" in m and "score_gap" in m for m in history)
+    assert [m["step"] for m in history] == [1, 2, 3, 4, 5, 6] and all("loss" in m and "score_gap" in m for m in history)
     report_file = Path(contrastive_report["run_uri"]) / "report.json"
-    assert json.loads(report_file.read_text())["steps"] == 4
+    assert json.loads(report_file.read_text())["steps"] == 6
 
 
 def test_gist_matryoshka_and_false_negative_margin_in_the_job(ray_cluster, scifact_store, tiny_encoder_dir):
@@ -309,3 +329,50 @@ def test_multitask_steps_follow_one_schedule_on_every_worker(ray_cluster, scifac
     assert report["model_uri"].endswith("train/final-merged") and report["trained_model_uri"].endswith("train/final")
     assert (Path(report["model_uri"]) / "model.safetensors").is_file()
     assert report["merge_base_weight"] == 0.5 and report["index_versions"] == [1, 2]
+
+
+def test_static_negatives_are_mined_once_and_resolved_by_id(ray_cluster, scifact_store, tiny_encoder_dir, tmp_path):
+    """negatives.source=static: every training query's negatives mined once with the base model
+    through the served v1 (same rank window), stored with the pairs, resolved to text by id."""
+    import numpy as np
+    from whetstone.data.store import read_dataset_table
+    from whetstone.data.stream import DocStore, pairs_dataset
+    from whetstone.index.client import IndexClient
+    from whetstone.models.encoder import Encoder
+
+    from jobs.train_contrastive import main
+
+    report = main([
+        "--config", "jobs/configs/train_contrastive/smoke.yaml", f"store_uri={scifact_store}",
+        f"encoder.base_model={tiny_encoder_dir}", f"index.http_port={free_port()}", "run_name=smoke-static",
+        f"output_uri={tmp_path / 'run'}", "negatives.source=static", "negatives.mining.num_negatives=2",
+        "refresh.every_steps=null", "optim.max_steps=3", "eval.split=null",
+    ])
+    mining = report["static_mining"]
+    assert report["negatives_source"] == "static" and mining["pairs"] == 188 and mining["index_version"] == 1
+    assert mining["negatives_from_index"] + mining["negatives_random_fill"] == 188 * 2
+    assert mining["negatives_from_index"] > 188  # the window (ranks 1-9) mostly has room for two
+    # every step trained on its batch's mined negatives: 8 queries x 2 per worker, no fallback
+    assert report["negatives_served_by_index"] == 3 * 8 * 2 and report["fallback_steps_rank0"] == 0
+
+    mined = read_dataset_table(mining["store_uri"], "pairs/train").to_pylist()
+    corpus = DocStore.load(scifact_store)
+    assert len(mined) == 188 and all(len(row["negative_ids"]) == 2 for row in mined)
+    assert all(not set(row["negative_ids"]) & set(row["positive_ids"]) for row in mined)
+    assert all(doc_id in corpus for row in mined for doc_id in row["negative_ids"])
+    # Mined from the base model's ranking of v1: the negatives sit inside its rank window.
+    sample = mined[:20]
+    encoder = Encoder.load_query(str(tiny_encoder_dir), device="cpu")
+    vectors = encoder.encode([row["query"] for row in sample], max_length=32)
+    found = IndexClient.from_handle().search(vectors, k=10, exclude_ids=[row["positive_ids"] for row in sample])
+    assert found.version == 1
+    in_window = [doc_id in ranked[1:10] for row, ranked in zip(sample, found.ids, strict=True)
+                 for doc_id in row["negative_ids"]]
+    assert np.mean(in_window) >= 0.9, in_window  # random fill only where the window ran short
+
+    # The data pipeline resolves them by id: texts are the corpus's.
+    rows = pairs_dataset(scifact_store, "train", seed=0, negatives_per_query=2,
+                         pairs_store_uri=mining["store_uri"]).take(16)
+    assert len(rows) == 16
+    for row in rows:
+        assert list(row["negative_texts"]) == corpus.texts(list(row["negative_ids"]))

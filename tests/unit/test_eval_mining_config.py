@@ -280,3 +280,13 @@ def test_train_run_config_keeps_worker_prints_single_and_sets_the_log_level(tmp_
         assert not cleaner.isEnabledFor(logging.WARNING) and cleaner.isEnabledFor(logging.ERROR)
     finally:
         cleaner.setLevel(before)
+
+
+def test_staleness_is_bounded_in_steps_and_the_old_version_count_is_refused():
+    config = ContrastiveJobConfig.model_validate({"refresh": {"every_steps": 4}})
+    assert config.negatives.max_steps_behind is None and config.staleness_bound == 12  # 3 x every_steps
+    assert ContrastiveJobConfig.model_validate({"negatives": {"max_steps_behind": 0}}).staleness_bound == 0
+    assert ContrastiveJobConfig().staleness_bound is None  # no refresh: the first version serves the whole run
+    with pytest.raises(ValueError, match=r"max_versions_behind was replaced by negatives.max_steps_behind.*"
+                                         r"\(k \+ 1\) \* E"):
+        ContrastiveJobConfig.model_validate({"negatives": {"max_versions_behind": 2}})

@@ -105,10 +105,30 @@ class LossConfig(StrictModel):
 
 
 class NegativesConfig(StrictModel):
-    source: Literal["index", "none"] = Field("index", description="'none' = in-batch negatives only")
+    source: Literal["index", "static", "none"] = Field(
+        "index", description="index: live negatives, mined every step from the served index (refreshed with "
+        "refresh.every_steps); static: mined once before training with the base model through the same index, "
+        "rank window and false-negative margin, stored with the pairs (<run>/static-negatives) and resolved by "
+        "the data pipeline; none: in-batch negatives only")
     mining: MiningConfig = MiningConfig()
     search_timeout_s: float = Field(10.0, gt=0)
-    max_versions_behind: int = Field(1, ge=0, description="staleness bound: fall back past this")
+    max_steps_behind: int | None = Field(
+        None, ge=0, description="staleness bound in training steps: a step whose answering index version was "
+        "embedded from a checkpoint more than this many steps older falls back to in-batch negatives (and "
+        "says so); live negatives resume with the next fresh version. None: 3 x refresh.every_steps with "
+        "refresh on, no bound without (the run then mines its first version throughout). A version arrives "
+        "about one refresh's duration after its checkpoint, so size it to 2 x that duration + every_steps")
+    @model_validator(mode="before")
+    @classmethod
+    def _old_staleness_bound(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_versions_behind" in data:
+            raise ValueError("negatives.max_versions_behind was replaced by negatives.max_steps_behind: staleness "
+                             "is now measured in training steps, from the step each served version was embedded "
+                             "at (refreshes that are merged never publish a version, so counting versions "
+                             "overstated the lag); e.g. max_versions_behind=k with refresh.every_steps=E is about "
+                             "max_steps_behind=(k + 1) * E")
+        return data
+
     encode: bool = Field(
         True, description="False: train against the index's stored vectors of the mined negatives (a negative "
         "cache, Lindgren et al. 2021): no forward or backward for them, gradients through the queries only; "
@@ -123,6 +143,14 @@ class RefreshConfig(StrictModel):
     doc_max_length: int | None = Field(None, ge=16, le=512,
                                        description="document length for refreshed indexes (None: eval's)")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="bfloat16: faster refreshes on CPU")
+    embed_gpus: float | None = Field(
+        None, ge=0, description="GPUs each embedding actor asks Ray for (the base model's embedding before training "
+        "too); None: 1 when optim.use_gpu, else 0 (CPU). 0.5 puts two actors on a GPU")
+    gpu_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="autocast dtype of embedding on GPUs (half precision; vectors stay float32)")
+    coordinator_cpus: float = Field(
+        0.5, ge=0, description="CPUs the refresher actor reserves: it drives the embedding pipeline, writes the "
+        "vector chunks as they pass and evaluates each checkpoint")
 
 
 class IndexBuildConfig(AnnConfig):
@@ -262,6 +290,9 @@ class ContrastiveJobConfig(StrictModel):
         if self.refresh.every_steps and self.negatives.source != "index":
             raise ValueError("refresh.every_steps needs negatives.source=index")
         self._index_can_score()
+        if self.negatives.source == "static" and not self.negatives.encode:
+            raise ValueError("negatives.source=static needs negatives.encode=true (static negatives are re-encoded "
+                             "with the current weights every step; the cached vectors come from the live index)")
         if not self.negatives.encode and self.loss.kind == "gist":
             raise ValueError("negatives.encode=false does not combine with loss.kind=gist (the guide "
                              "scores the negatives' text)")
@@ -287,6 +318,23 @@ class ContrastiveJobConfig(StrictModel):
         if needs:
             raise ValueError(f"index.kind={self.index.kind} keeps no full vectors: {'; '.join(needs)}. Use "
                              f"index.kind flat or hnsw, or {' and '.join(fixes)}")
+
+    @property
+    def embed_gpus(self) -> float:
+        """GPUs per embedding actor: ``refresh.embed_gpus``, or 1 when the run trains on GPUs."""
+        if self.refresh.embed_gpus is not None:
+            return self.refresh.embed_gpus
+        return 1.0 if self.optim.use_gpu else 0.0
+
+    @property
+    def staleness_bound(self) -> int | None:
+        """``negatives.max_steps_behind``, or its default: 3 x ``refresh.every_steps`` with refresh on,
+        no bound without (see the field)."""
+        if self.negatives.source != "index":
+            return None
+        if self.negatives.max_steps_behind is not None:
+            return self.negatives.max_steps_behind
+        return 3 * self.refresh.every_steps if self.refresh.every_steps else None
 
     @property
     def run_uri(self) -> str:

@@ -24,11 +24,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 import whetstone.storage as wstorage
 from whetstone.config.base import StorageConfig
 from whetstone.data import schemas as S
 from whetstone.data.collate import collate_pairs, pad_sequences
+from whetstone.data.pair_shards import explode_positives, streamed_pairs, with_topics
 from whetstone.data.store import read_dataset_table, read_manifest, read_shard
 
 if TYPE_CHECKING:
@@ -107,10 +109,6 @@ class DocStore:
                     if len(chosen) == n:
                         break
         return [self._ids[row] for row in chosen]
-
-
-def _has_static_negatives(tables: Sequence[pa.Table]) -> bool:
-    return any(t.num_rows and pc.max(pc.list_value_length(t.column(S.NEGATIVE_IDS))).as_py() > 0 for t in tables)
 
 
 def _shard_tables(store_uri: str, name: str, storage: StorageConfig | None) -> list[pa.Table]:
@@ -238,52 +236,41 @@ class _ResolvePairs:
         return chosen
 
 
-def explode_positives(table: pa.Table) -> pa.Table:
-    """One row per (query, labelled positive): the row's ``positive_id`` is fixed, and
-    ``positive_ids`` keeps every positive of the query (for masking the others). Rows keep the
-    input order, each query's positives in their listed order."""
-    lengths = pc.list_value_length(table.column(S.POSITIVE_IDS)).to_numpy(zero_copy_only=False)
-    parents = np.repeat(np.arange(table.num_rows), lengths)
-    exploded = table.take(pa.array(parents))
-    return exploded.append_column(S.POSITIVE_ID, pc.list_flatten(table.column(S.POSITIVE_IDS)).cast(pa.string()))
-
-
-def with_topics(table: pa.Table, topics: dict[str, int]) -> pa.Table:
-    """Append each row's ``topic`` (looked up by query id)."""
-    query_ids = table.column(S.QUERY_ID).to_pylist()
-    missing = [q for q in query_ids if q not in topics]
-    if missing:
-        raise KeyError(f"topics: {len(missing)} queries have no topic, e.g. {missing[:3]}")
-    return table.append_column(S.TOPIC, pa.array([topics[q] for q in query_ids], pa.int32()))
-
-
 def count_training_rows(store_uri: str, split: str, storage: StorageConfig | None = None,
                         positives: str = "sample") -> int:
-    """Rows one epoch of :func:`pairs_dataset` yields: queries, or (query, positive) pairs for ``all``."""
-    table = read_dataset_table(store_uri, f"pairs/{split}", storage, columns=[S.POSITIVE_IDS])
-    if positives == "all":
-        return int(pc.sum(pc.list_value_length(table.column(S.POSITIVE_IDS))).as_py() or 0)
-    return table.num_rows
+    """Rows one epoch of :func:`pairs_dataset` yields: queries (from the manifest, nothing read), or
+    (query, positive) pairs for ``all`` (the ``positive_ids`` column read shard by shard)."""
+    manifest = read_manifest(store_uri, storage)
+    shards = manifest.dataset(f"pairs/{split}", store_uri).shards
+    if positives != "all":
+        return sum(shard.rows for shard in shards)
+    total = 0
+    for shard in shards:
+        where = wstorage.resolve(wstorage.join(store_uri, shard.path), storage)
+        column = pq.read_table(where.path, filesystem=where.filesystem, columns=[S.POSITIVE_IDS]).column(S.POSITIVE_IDS)
+        total += int(pc.sum(pc.list_value_length(column)).as_py() or 0)
+    return total
 
 
 def pairs_dataset(store_uri: str, split: str, storage: StorageConfig | None = None, seed: int | None = None,
-                  negatives_per_query: int | None = None, num_cpus: float = 0.25,
+                  negatives_per_query: int | None = 0, num_cpus: float = 0.25,
                   concurrency: int | None = 2, positives: str = "sample",
-                  topics: dict[str, int] | None = None) -> ray.data.Dataset:
-    """Contrastive pairs of ``split`` as a Ray Dataset, shuffled per epoch, texts resolved by id.
+                  topics: dict[str, int] | None = None, pairs_store_uri: str | None = None) -> ray.data.Dataset:
+    """Contrastive pairs of ``split`` as a Ray Dataset, streamed from storage and shuffled per epoch,
+    texts resolved by id.
 
-    Shuffling (see :func:`_in_memory_dataset`): rows permuted once with ``seed``, block order
-    re-drawn every execution (epoch), repeatable per seed; consumers add a seeded local shuffle
-    buffer per epoch. Texts are attached after the shuffle. The pair shards are read once, on the
-    driver (sha256-checked), into the object store: epochs do not re-read storage.
+    Shuffling (see :func:`streamed_pairs`): shard order re-drawn every execution (epoch) with
+    ``seed``, rows permuted within groups of shards that change per epoch; consumers add a seeded
+    local shuffle buffer per epoch. Texts are attached after the shuffle. The pair shards are read
+    by Ray Data tasks (sha256-checked), never whole on the driver.
 
     Args:
         store_uri: the store root (local or ``s3://``).
         split: e.g. ``"train"`` (reads ``pairs/<split>``).
         storage: how to reach ``s3://``.
         seed: shuffle and positive-choice seed; ``None`` is non-deterministic.
-        negatives_per_query: ``None``: pass the static negatives when the pair file has any;
-            ``0``: no negatives; ``k``: exactly ``k`` per query, the static ones first, topped up
+        negatives_per_query: ``0`` (default): no negatives; ``None``: the static negatives as
+            stored (the pair files' ``negative_ids``, however many each row has); ``k``: exactly ``k`` per query, the static ones first, topped up
             with random corpus documents that are not labelled positives.
         num_cpus: CPUs per resolving task.
         concurrency: most resolving tasks at once. With :func:`tokenize_pairs`' defaults (same
@@ -293,6 +280,9 @@ def pairs_dataset(store_uri: str, split: str, storage: StorageConfig | None = No
             row per (query, positive) (:func:`explode_positives`), for the decoupled softmax.
         topics: query id -> topic (topic-aware batches); adds a ``topic`` column. A query
             missing from it is an error naming the query.
+        pairs_store_uri: read ``pairs/<split>`` from this store instead (e.g. pairs with mined
+            static negatives, ``whetstone.train.static_negatives``); texts still come from
+            ``store_uri``'s corpus.
 
     Returns:
         Rows with ``query_id``, ``query``, ``positive_ids`` (all labelled positives, for masking),
@@ -305,15 +295,8 @@ def pairs_dataset(store_uri: str, split: str, storage: StorageConfig | None = No
     name = f"pairs/{split}"
     if positives not in ("sample", "all"):
         raise ValueError(f"positives must be 'sample' or 'all', got {positives!r}")
-    tables = _shard_tables(store_uri, name, storage)
-    if positives == "all":
-        tables = [explode_positives(t) for t in tables]
-    if topics is not None:
-        tables = [with_topics(t, topics) for t in tables]
-    if negatives_per_query is None and not _has_static_negatives(tables):
-        negatives_per_query = 0
     corpus_ref = ray.put(DocStore.load(store_uri, storage).table)
-    ds = _in_memory_dataset(tables, seed)
+    ds = streamed_pairs(pairs_store_uri or store_uri, name, storage, seed, positives, topics)
     # Tasks, not actors (see _PROCESS_CACHE): no per-epoch actor start-up before the first batch.
     return ds.map_batches(
         _resolve_batch,
@@ -347,6 +330,8 @@ class _TokenizePairs:
         self.doc_max_length = doc_max_length
 
     def _encode(self, texts: list[str], max_length: int) -> pa.Array:
+        if not texts:  # an empty block (a shard group with no rows) passes through
+            return pa.array([], pa.list_(pa.int32()))
         ids = self.tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
         return pa.array(ids, pa.list_(pa.int32()))
 
@@ -450,6 +435,8 @@ def load_eval_split(store_uri: str, split: str, storage: StorageConfig | None = 
 
 __all__ = [
     "DocStore",
+    "explode_positives",
+    "with_topics",
     "EvalSplit",
     "collate_pairs",
     "load_eval_split",
@@ -457,5 +444,6 @@ __all__ = [
     "pairs_dataset",
     "preference_dataset",
     "read_dataset_table",
+    "streamed_pairs",
     "tokenize_pairs",
 ]

@@ -101,6 +101,7 @@ class SearchResult:
     scores: np.ndarray
     latency_ms: float | None = None
     excluded_scores: list[list[float | None]] | None = None  # per query, per excluded id (when asked)
+    embedded_step: int | None = None  # the training step whose checkpoint embedded ``version``, when recorded
 
 
 class IndexClient:
@@ -187,7 +188,7 @@ class IndexClient:
             out: SearchArrays = self._call_handle("search_arrays", (vectors, int(k), excludes, score_excluded),
                                                   timeout_s)
             return SearchResult(out["version"], out["ids"], np.asarray(out["scores"], np.float32),
-                                out["latency_ms"], out["excluded_scores"])
+                                out["latency_ms"], out["excluded_scores"], out.get("embedded_step"))
         request = SearchRequest(vectors=vectors.tolist(), k=int(k), exclude_ids=excludes,
                                 score_excluded=score_excluded)
         return self._result(SearchResponse.model_validate(self._post("/search", request, timeout_s)))
@@ -246,7 +247,8 @@ class IndexClient:
     def _result(response: SearchResponse) -> SearchResult:
         scores = np.array([[-np.inf if s is None else s for s in row] for row in response.scores],
                           dtype=np.float32).reshape(len(response.ids), -1)
-        return SearchResult(response.version, response.ids, scores, response.latency_ms, response.excluded_scores)
+        return SearchResult(response.version, response.ids, scores, response.latency_ms, response.excluded_scores,
+                            response.embedded_step)
 
     def _admin(self, method: str, path: str, request) -> dict:
         if self.mode == "handle":

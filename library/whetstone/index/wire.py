@@ -15,7 +15,7 @@ service's routes (e.g. Serve's proxy: 404 for a route no application serves, 503
 """
 
 from enum import Enum
-from typing import Annotated, TypedDict
+from typing import Annotated, NotRequired, TypedDict
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -60,6 +60,8 @@ class SearchResponse(_Wire):
     (fewer than k documents qualified): JSON has no -inf."""
 
     version: int
+    embedded_step: int | None = Field(
+        None, description="the training step whose checkpoint embedded this version (None: not recorded)")
     ids: list[list[str]]
     scores: list[list[float | None]]
     latency_ms: float
@@ -249,6 +251,7 @@ class SearchArrays(TypedDict):
     each shard answers the ingress in the same shape for its part of the index."""
 
     version: int
+    embedded_step: NotRequired[int | None]  # the ingress adds it: the step whose checkpoint embedded the version
     ids: list[list[str]]  # Q lists of k document ids ("" where padded)
     scores: np.ndarray  # (Q, k) float32, -inf where padded
     latency_ms: float

@@ -83,9 +83,10 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return summed / counts
 
 
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    """A ``"float32"``/``"bfloat16"`` config value -> the dtype to autocast to (None: no autocast)."""
-    return torch.bfloat16 if precision == "bfloat16" else None
+def autocast_dtype(precision: str | None) -> torch.dtype | None:
+    """A ``"float32"``/``"bfloat16"``/``"float16"`` config value -> the dtype to autocast to (None:
+    no autocast). float16 is for GPUs (half precision inference)."""
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(precision or "float32")
 
 
 def default_device() -> torch.device:

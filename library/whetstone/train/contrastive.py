@@ -123,7 +123,8 @@ class NegativeBatch:
     fallback_reason: str | None = None
     search_s: float = 0.0
     candidates: int = 0  # candidates inside the rank window (before the margin rule)
-    versions_behind: int = 0  # the version the step expected minus the version that answered
+    steps_behind: int | None = None  # the step mined for minus the step the answering version was embedded at
+    fallback_kind: str | None = None  # "unavailable" (index down or slow), "stale" (past the bound), "vectors"
     vectors: torch.Tensor | None = None  # (B * N, D) the index's stored vectors, when not re-encoded
 
 
@@ -136,14 +137,17 @@ class LiveNegatives:
         mining: rank window, margins and random mix.
         seed, rank: the random draws of step t come from ``(seed, rank, t)`` alone, so a resumed run
             mines what an uninterrupted one would have.
-        max_versions_behind: staleness bound against the versions the run has asked for.
+        max_steps_behind: staleness bound in steps: a search answered by a version embedded from a
+            checkpoint more than this many steps before the step being mined falls back (None: no
+            bound). A version that did not record its step (published outside a training run) is
+            taken as fresh.
         encode: True: return the negatives' tokens (the step re-encodes them with the current
             weights); False: return their stored vectors from the index (a negative cache: no
             forward or backward for negatives, gradients through the queries only).
     """
 
     def __init__(self, client, docs, mining: MiningConfig, seed: int, rank: int,
-                 doc_max_length: int, timeout_s: float, max_versions_behind: int, encode: bool = True):
+                 doc_max_length: int, timeout_s: float, max_steps_behind: int | None, encode: bool = True):
         self.client = client
         self.docs = docs
         self.doc_ids = docs.ids
@@ -151,7 +155,7 @@ class LiveNegatives:
         self.seed, self.rank = seed, rank
         self.doc_max_length = doc_max_length
         self.timeout_s = timeout_s
-        self.max_versions_behind = max_versions_behind
+        self.max_steps_behind = max_steps_behind
         self.encode = encode
 
     @staticmethod
@@ -164,12 +168,13 @@ class LiveNegatives:
             encoder.train(was_training)
         return vectors.float().cpu().numpy()
 
-    def fetch(self, vectors: np.ndarray, positive_ids: list[list[str]], expected_version: int,
-              tokenizer, step: int = 0) -> NegativeBatch:
+    def fetch(self, vectors: np.ndarray, positive_ids: list[list[str]], tokenizer, step: int = 0) -> NegativeBatch:
         """Search, apply the staleness bound, mine, resolve ids to text and tokenise.
 
-        Thread-safe with respect to the training step (it touches no model weights), so the
-        loop runs it for the next batch while the current one trains.
+        ``step``: the steps trained so far (the weights that embedded ``vectors``); the lag is it
+        minus the step the answering version was embedded at. Thread-safe with respect to the
+        training step (it touches no model weights), so the loop runs it for the next batch while
+        the current one trains.
         """
         from whetstone.index.client import IndexRequestError, IndexUnavailable
 
@@ -180,13 +185,14 @@ class LiveNegatives:
             result = self.client.search(vectors, k=self.mining.rank_end, exclude_ids=positive_ids,
                                         timeout_s=self.timeout_s, score_excluded=guard)
         except IndexUnavailable as err:
-            return NegativeBatch(fallback_reason=f"index unavailable: {err}",
+            return NegativeBatch(fallback_reason=f"index unavailable: {err}", fallback_kind="unavailable",
                                  search_s=time.monotonic() - started)
         search_s = time.monotonic() - started
-        behind = expected_version - result.version
-        if behind > self.max_versions_behind:
-            return NegativeBatch(version=result.version, search_s=search_s,
-                                 fallback_reason=f"index v{result.version} is {behind} versions behind")
+        behind = None if result.embedded_step is None else max(step - result.embedded_step, 0)
+        if behind is not None and self.max_steps_behind is not None and behind > self.max_steps_behind:
+            return NegativeBatch(version=result.version, search_s=search_s, steps_behind=behind, fallback_kind="stale",
+                                 fallback_reason=f"index v{result.version} was embedded at step {result.embedded_step}, "
+                                                 f"{behind} steps behind (bound {self.max_steps_behind})")
         positive_scores = positive_reference_scores(result.excluded_scores) if guard else None
         rng = np.random.default_rng([self.seed, self.rank, step])
         mined = mine_negatives(result.ids, result.scores, self.mining, rng, self.doc_ids,
@@ -197,14 +203,14 @@ class LiveNegatives:
             try:
                 _, vectors = self.client.vectors(flat, timeout_s=self.timeout_s)
             except (IndexUnavailable, IndexRequestError) as err:
-                return NegativeBatch(version=result.version, search_s=time.monotonic() - started,
-                                     fallback_reason=f"stored vectors unavailable: {err}")
+                return NegativeBatch(version=result.version, search_s=time.monotonic() - started, steps_behind=behind,
+                                     fallback_reason=f"stored vectors unavailable: {err}", fallback_kind="vectors")
             return NegativeBatch(flat, None, None, result.version, *counts, None, time.monotonic() - started,
-                                 mined.candidates, max(behind, 0), torch.tensor(vectors))  # a copy: Ray hands read-only arrays
+                                 mined.candidates, behind, vectors=torch.tensor(vectors))  # a copy: Ray's is read-only
         tokens = tokenizer(self.docs.texts(flat), padding=True, truncation=True,
                            max_length=self.doc_max_length, return_tensors="pt")
         return NegativeBatch(flat, tokens["input_ids"], tokens["attention_mask"], result.version, *counts, None,
-                             search_s, mined.candidates, max(behind, 0))
+                             search_s, mined.candidates, behind)
 
 
 def positive_reference_scores(excluded_scores: list[list[float | None]] | None) -> np.ndarray | None:

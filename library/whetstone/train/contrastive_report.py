@@ -13,7 +13,7 @@ from whetstone.train.plan import ContrastiveRunPlan
 
 
 def write_report(run: ContrastiveRun, plan: ContrastiveRunPlan, base: Embedded, final: FinalModel,
-                 train_metrics: dict[str, Any]) -> dict:
+                 train_metrics: dict[str, Any], mined: Any = None) -> dict:
     """Build the report, plot the run, write both under the run folder and print the summary
     (its last line is the report's path). Returns the report."""
     config = run.config
@@ -37,7 +37,9 @@ def write_report(run: ContrastiveRun, plan: ContrastiveRunPlan, base: Embedded, 
         "tasks": _task_report(run.task_data, plan.task_shares, train_metrics),
         "topic_pure_batch_share": train_metrics.get("topic_pure_batch_share"),
         "resumed_from_step": plan.resume_step if plan.resume_checkpoint else None,
-        **_negatives_report(train_metrics, config.optim.num_workers),
+        "negatives_source": config.negatives.source,
+        "static_mining": mined.summary() if mined is not None else None,
+        **_negatives_report(train_metrics, config.optim.num_workers, config.staleness_bound),
         "final_loss": train_metrics.get("loss"),
         "worker_nodes": train_metrics.get("worker_nodes"),
         "data_wait_fraction": train_metrics.get("data_wait_fraction"),
@@ -59,14 +61,20 @@ def write_report(run: ContrastiveRun, plan: ContrastiveRunPlan, base: Embedded, 
     return report
 
 
-def _negatives_report(train_metrics: dict[str, Any], world: int) -> dict[str, Any]:
-    """Where the hard negatives came from (rank 0's running totals; every worker mines alike)."""
+def _negatives_report(train_metrics: dict[str, Any], world: int, bound: int | None) -> dict[str, Any]:
+    """Where the hard negatives came from (rank 0's running totals; every worker mines alike), and
+    how stale the index that answered got against the bound (``bound``: steps, None: unbounded)."""
     served = train_metrics.get("total_negatives_from_index")
     return {
         "negatives_served_by_index": served,
         "negatives_note": "rank-0 worker's count; every worker mines the same number per step",
         "negatives_served_all_workers": (served or 0) * world,
         "fallback_steps_rank0": train_metrics.get("total_fallback_steps"),
+        "fallback_steps_by_reason_rank0": {key.removeprefix("total_fallback_steps_"): value
+                                           for key, value in train_metrics.items()
+                                           if key.startswith("total_fallback_steps_")},
+        "max_index_steps_behind_rank0": train_metrics.get("total_max_index_steps_behind"),
+        "staleness_bound_steps": bound,
         "negatives_random_fill": train_metrics.get("total_negatives_random_fill"),
         "negatives_dropped_as_false_negatives": train_metrics.get("total_negatives_dropped_margin"),
         "false_negative_dropped_share": (train_metrics.get("total_negatives_dropped_margin") or 0)
@@ -110,6 +118,11 @@ def _plot_run(config: ContrastiveJobConfig, plan: ContrastiveRunPlan, before: di
                         title=f"{config.run_name}: loss, positive-negative gap, nDCG@10 (refreshes dashed)")
 
 
+def _fallback_reasons(report: dict) -> str:
+    reasons = report.get("fallback_steps_by_reason_rank0") or {}
+    return "".join(f", {count:.0f} {reason}" for reason, count in sorted(reasons.items()))
+
+
 def _print_summary(report: dict, report_uri: str) -> None:
     before, after = report["before"], report["after"]
     lines = ["", "=== Whetstone contrastive run ==="]
@@ -118,7 +131,9 @@ def _print_summary(report: dict, report_uri: str) -> None:
                      f"({after['ndcg@10'] - before['ndcg@10']:+.4f})")
         lines.append(f"Recall@100 before {before['recall@100']:.4f}  after {after['recall@100']:.4f}")
     lines.append(f"steps {report['steps']}, hard negatives served by the index: "
-                 f"{report['negatives_served_all_workers']} (fallback steps on rank 0: {report['fallback_steps_rank0']})")
+                 f"{report['negatives_served_all_workers']} (fallback steps on rank 0: {report['fallback_steps_rank0']}"
+                 f"{_fallback_reasons(report)}); index at most {report['max_index_steps_behind_rank0']} steps behind "
+                 f"(bound {report['staleness_bound_steps']})")
     for r in report["refreshes"]:
         lines.append(f"refresh at step {r['step']}: index v{r['old_version']} -> v{r['new_version']} "
                      f"({r['total_s']} s)")

@@ -162,7 +162,8 @@ def embed_and_evaluate(run: ContrastiveRun, model_uri: str, name: str = "base",
     corpus = CorpusVectors(embedded_batches(config.store_uri, model_uri, config.storage,
                                             concurrency=config.index.initial_embed_concurrency,
                                             batch_size=config.refresh.embed_batch_size,
-                                            max_length=config.eval.doc_max_length), vectors_uri, config.storage,
+                                            max_length=config.eval.doc_max_length, num_gpus=config.embed_gpus,
+                                            gpu_dtype=config.refresh.gpu_dtype), vectors_uri, config.storage,
                             num_shards=config.index.num_shards)
     metrics: dict[str, float] = {}
     split = run.eval_split
@@ -185,7 +186,7 @@ def first_vectors_uri(run: ContrastiveRun) -> str | None:
     no index or a resumed run keeps serving its newest version."""
     from whetstone.train.refresh import vectors_uri
 
-    if run.config.negatives.source != "index" or run.resumed_version:
+    if run.config.negatives.source == "none" or run.resumed_version:
         return None
     return vectors_uri(run.index_uri, 1)
 
@@ -200,7 +201,9 @@ def publish_first_version(run: ContrastiveRun, base: Embedded) -> int:
     if base.vectors_uri is None:
         raise ValueError("publish_first_version: the base model's vectors were not kept (embed_and_evaluate "
                          "needs vectors_uri=first_vectors_uri(run))")
-    publish_index(base.vectors_uri, run.index_uri, 1, base.model_uri, run.config.index, run.config.storage)
+    # extra.step: the step whose weights embedded it (the workers' staleness is counted from it)
+    publish_index(base.vectors_uri, run.index_uri, 1, base.model_uri, run.config.index, run.config.storage,
+                  extra={"step": 0})
     return 1
 
 
@@ -219,10 +222,11 @@ def start_refresher(run: ContrastiveRun) -> Refresher:
 
     config = run.config
     name = f"whetstone-refresher-{config.run_name}-{uuid.uuid4().hex[:6]}"
-    settings = {**config.refresh.model_dump(), "index": index_build_settings(config),
+    settings = {**config.refresh.model_dump(), "embed_gpus_resolved": config.embed_gpus,
+                "index": index_build_settings(config),
                 "index_max_length": config.refresh.doc_max_length or config.eval.doc_max_length,
                 "eval_split": config.eval.split, "query_max_length": config.encoder.query_max_length}
-    actor = IndexRefresher.options(name=name).remote(config.store_uri, run.index_uri,
+    actor = IndexRefresher.options(name=name, num_cpus=config.refresh.coordinator_cpus).remote(config.store_uri, run.index_uri,
                                                      config.storage.resolved().to_wire(), settings)
     return Refresher(name, actor)
 
@@ -267,8 +271,20 @@ def plan_run(run: ContrastiveRun, first_version: int, refresher: Refresher | Non
     return plan
 
 
-def training_datasets(run: ContrastiveRun) -> dict[str, Any]:
-    """The tokenised training pairs (``train``) and one dataset per auxiliary task."""
+def mine_static(run: ContrastiveRun) -> Any:
+    """``negatives.source=static``: mine every training query's negatives once, with the base model,
+    through the index just deployed (``whetstone.train.static_negatives``); a resumed run reuses them."""
+    from whetstone.train.static_negatives import mine_static_negatives
+
+    t = time.monotonic()
+    mined = mine_static_negatives(run.config, run.base_model, run.config.run_uri, reuse=run.resume is not None)
+    run.timer.mark("mine_static_s", t)
+    return mined
+
+
+def training_datasets(run: ContrastiveRun, mined: Any = None) -> dict[str, Any]:
+    """The tokenised training pairs (``train``; with ``mined``, the pairs carrying their static
+    negatives, resolved to tokens here) and one dataset per auxiliary task."""
     import ray.data
 
     from whetstone.data.stream import pairs_dataset, tokenize_pairs
@@ -277,7 +293,9 @@ def training_datasets(run: ContrastiveRun) -> dict[str, Any]:
     config = run.config
     topics = query_topics(config, run.base_model) if config.optim.topic_clusters else None
     pairs = pairs_dataset(config.store_uri, config.train_split, config.storage, seed=config.optim.seed,
-                          negatives_per_query=0, positives=config.loss.positives, topics=topics)
+                          negatives_per_query=config.negatives.mining.num_negatives if mined else 0,
+                          positives=config.loss.positives, topics=topics,
+                          pairs_store_uri=mined.store_uri if mined else None)
     train = tokenize_pairs(pairs, run.base_model, config.encoder.query_max_length, config.encoder.doc_max_length)
     return {"train": train, **{task_dataset_name(name): ray.data.from_arrow(data.table)
                                for name, data in run.task_data.items()}}
@@ -376,7 +394,7 @@ def finish_model(run: ContrastiveRun, plan: ContrastiveRunPlan, refresher: Refre
 
         versions.append(promoted)
         publish_index(embedded.vectors_uri, run.index_uri, promoted, final, config.index, config.storage,
-                      set_latest=False)
+                      set_latest=False, extra={"step": plan.total_steps, "final": True})
         IndexClient.from_handle().swap(promoted)
         print(f"[index] promoted v{promoted} built from the final model", flush=True)
     return FinalModel(trained, embedded, versions, status["history"], status["errors"])

@@ -162,7 +162,7 @@ def _attach_extras(run: WorkerRun) -> None:
             IndexClient.from_handle(timeout_s=config.negatives.search_timeout_s),
             DocStore.load(config.store_uri, config.storage), config.negatives.mining,
             config.optim.seed, run.rank, config.encoder.doc_max_length, config.negatives.search_timeout_s,
-            config.negatives.max_versions_behind, config.negatives.encode,
+            config.staleness_bound, config.negatives.encode,
         )
     if run.rank == 0 and plan.refresher:
         run.refresher = ray.get_actor(plan.refresher)
@@ -219,6 +219,14 @@ class _Pending:
     batch: dict[str, Any]
     queries: dict[str, torch.Tensor]
     negatives: Future | None = field(default=None)
+    static: NegativeBatch | None = None  # negatives that came with the batch (negatives.source=static)
+
+
+def _static_negatives(batch: dict[str, Any]) -> NegativeBatch:
+    """The batch's own (mined-once) negatives as the step's hard negatives: query i's at rows
+    ``i * N .. i * N + N - 1``, as live ones are laid out."""
+    ids = [doc_id for per_query in batch["negative_ids"] for doc_id in per_query]
+    return NegativeBatch(ids, batch["negative_input_ids"], batch["negative_attention_mask"], from_index=len(ids))
 
 
 class StepInputs:
@@ -295,7 +303,7 @@ class StepInputs:
             if pending is None:  # the shard ran out before the planned end of the epoch
                 return
             upcoming = self._prepare(batches, self._next_retrieval(step + 1, end), end)
-            hard = pending.negatives.result() if pending.negatives is not None else None
+            hard = pending.negatives.result() if pending.negatives is not None else pending.static
             done += 1
             yield StepInput(step, epoch, task, done, pending.batch, pending.queries, hard,
                             topic_pure_share=self.topic_batches.pure_share if self.topic_batches else None)
@@ -315,14 +323,15 @@ class StepInputs:
         batch = collate_pairs(raw, pad_token_id=self.pad_id)
         queries = {"input_ids": batch["query_input_ids"].to(run.device),
                    "attention_mask": batch["query_attention_mask"].to(run.device)}
+        if "negative_input_ids" in batch:  # static negatives, mined once and resolved by the data pipeline
+            return _Pending(batch, queries, static=_static_negatives(batch))
         if run.negatives is None:
             return _Pending(batch, queries)
-        # The version this step should see: one refresh per `every` steps since this attempt began.
-        every = run.config.refresh.every_steps
-        expected = run.plan.first_version + ((for_step - run.start.step) // every if every else 0)
+        # The lag is counted against `for_step`, the steps trained before this batch's (the current step may
+        # still be training: the queries are embedded with the weights one step older).
         vectors = run.negatives.embed_queries(run.query_tower or run.encoder, queries)
-        future = self.prefetch.submit(run.negatives.fetch, vectors, batch["positive_ids"], expected,
-                                      run.encoder.tokenizer, for_step)
+        future = self.prefetch.submit(run.negatives.fetch, vectors, batch["positive_ids"], run.encoder.tokenizer,
+                                      for_step)
         return _Pending(batch, queries, future)
 
 

@@ -97,17 +97,23 @@ class StepLog:
             self.totals["negative_candidates"] += hard.candidates
             if hard.fallback_reason:
                 self.totals["fallback_steps"] += 1
+                kind = f"fallback_steps_{hard.fallback_kind or 'other'}"
+                self.totals[kind] = self.totals.get(kind, 0) + 1
             if hard.version is not None:
                 self.versions_seen.add(hard.version)
+            if hard.steps_behind is not None:
+                self.totals["max_index_steps_behind"] = max(self.totals.get("max_index_steps_behind", 0),
+                                                            hard.steps_behind)
             metrics.update(index_version=hard.version if hard.version is not None else -1,
-                           index_versions_behind=hard.versions_behind,
+                           index_steps_behind=hard.steps_behind if hard.steps_behind is not None else -1,
                            false_negative_dropped_share=hard.dropped_by_margin / max(hard.candidates, 1),
                            search_s=hard.search_s, fallback=hard.fallback_reason or "")
         self._record(metrics)
         if self.rank == 0 and (step % self.log_every == 0 or step == self.total_steps):
             index = ""
             if hard is not None:
-                index = (f" | index v{hard.version} (lag {hard.versions_behind}) negs {hard.from_index}"
+                lag = "" if hard.steps_behind is None else f", {hard.steps_behind} steps old"
+                index = (f" | index v{hard.version}{lag} negs {hard.from_index}"
                          f"+{hard.random_fill}rnd, fn-dropped {100 * metrics['false_negative_dropped_share']:.0f}%")
                 if hard.fallback_reason:
                     index = f" | FALLBACK to in-batch ({hard.fallback_reason})"

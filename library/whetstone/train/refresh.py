@@ -35,10 +35,11 @@ class _EmbedBatch:
     """Ray Data UDF: load the encoder once per actor, embed a batch of corpus rows."""
 
     def __init__(self, model_uri: str, storage_wire: dict, max_length: int, batch_size: int,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", use_gpu: bool = False):
         from whetstone.models.encoder import Encoder
 
-        self.encoder = Encoder.load(model_uri, storage=StorageConfig(**storage_wire))
+        # A GPU only when Ray gave this actor one (it then sees just that one as cuda:0).
+        self.encoder = Encoder.load(model_uri, device="cuda" if use_gpu else "cpu", storage=StorageConfig(**storage_wire))
         self.max_length = max_length
         self.batch_size = batch_size
         self.dtype = dtype
@@ -63,8 +64,14 @@ def embedded_batches(
     concurrency: int = 1,
     num_cpus: float = 1.0,
     dtype: str = "float32",
+    num_gpus: float = 0.0,
+    gpu_dtype: str = "float16",
 ) -> Iterator[tuple[list[str], np.ndarray]]:
     """Embed every corpus document with ``model_uri`` using Ray Data, streamed.
+
+    With ``num_gpus`` > 0 every embedding actor asks Ray for that many GPUs and embeds on its GPU
+    under ``gpu_dtype`` autocast (half precision by default; the vectors stay float32 unit-norm);
+    otherwise on CPU under ``dtype``.
 
     Yields:
         (doc ids, (n, D) float32 unit-norm vectors) per batch, as Ray Data hands them over (about
@@ -88,12 +95,14 @@ def embedded_batches(
             "storage_wire": storage.resolved().to_wire(),
             "max_length": max_length,
             "batch_size": batch_size,
-            "dtype": dtype,
+            "dtype": gpu_dtype if num_gpus else dtype,
+            "use_gpu": bool(num_gpus),
         },
         batch_size=128,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_cpus=num_cpus,
+        **({"num_gpus": num_gpus} if num_gpus else {}),
     )
     rows = 0
     for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
@@ -211,7 +220,11 @@ def publish_index(
 
 @ray.remote(num_cpus=0, max_concurrency=4)
 class IndexRefresher:
-    """Background refreshes for one training run; one at a time, newest checkpoint wins."""
+    """Background refreshes for one training run; one at a time, newest checkpoint wins.
+
+    Started with ``.options(num_cpus=refresh.coordinator_cpus)``: it drives the Ray Data pipeline,
+    writes the vector chunks as batches pass and evaluates each checkpoint, so it reserves the
+    CPUs that work takes (the embedding actors and build tasks reserve their own)."""
 
     def __init__(self, store_uri: str, index_uri: str, storage_wire: dict, settings: dict):
         self.store_uri = store_uri
@@ -312,6 +325,8 @@ class IndexRefresher:
             concurrency=self.settings["embed_concurrency"],
             num_cpus=self.settings["embed_cpus"],
             dtype=self.settings["dtype"],
+            num_gpus=self.settings.get("embed_gpus_resolved", 0.0),
+            gpu_dtype=self.settings.get("gpu_dtype", "float16"),
         ), vectors_at, self.storage, num_shards=build_config(self.settings["index"]).num_shards).drain()
         embedded_s = time.monotonic() - started
         # The service's two-phase swap writes LATEST once every shard replica holds the new version.
