@@ -118,6 +118,7 @@ def run(config: ContrastiveJobConfig) -> dict:
     # corpus vectors streamed to storage (index v1's chunks) through the exact evaluation: nDCG before training
     base = stage.embed_and_evaluate(run, run.base_model, "base", stage.first_vectors_uri(run))
     version, refresher, mined = 1, None, None
+    stage.start_docs(run)  # document texts in partition actors: resolved by id, never loaded per worker
     if config.negatives.source != "none":
         version = stage.publish_first_version(run, base)  # v1's shards built from those chunks, or the newest resumed
         deploy_index(run, version, base.count)

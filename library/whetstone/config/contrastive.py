@@ -262,6 +262,17 @@ class MultiTaskSection(StrictModel):
         return {"retrieval": self.retrieval_share, **{task.name: task.share for task in self.tasks}}
 
 
+class DocTextSection(StrictModel):
+    """Where document texts come from during training: ``partitions`` Ray actors holding the corpus
+    text once, split by a hash of the id (``whetstone.data.doc_lookup``); workers and the data
+    pipeline ask them for the texts of mined negatives and positives instead of each loading the
+    corpus."""
+
+    partitions: int = Field(2, ge=1, le=1024, description="text lookup actors (each holds 1/partitions of the "
+                                                          "corpus text)")
+    num_cpus: float = Field(0.1, gt=0, description="CPU share each lookup actor reserves")
+
+
 class ContrastiveJobConfig(StrictModel):
     """Train an embedding model with live hard negatives from the index service."""
 
@@ -280,6 +291,7 @@ class ContrastiveJobConfig(StrictModel):
     index: IndexSection = IndexSection()
     eval: EvalConfig = EvalConfig()
     multitask: MultiTaskSection = MultiTaskSection()
+    doc_text: DocTextSection = DocTextSection()
     ray_num_cpus: int = Field(8, ge=1, description="logical CPUs when this job starts its own local Ray")
     ray_object_store_mb: int = Field(1024, ge=128)
     ray_train_log_level: RayTrainLogLevel = Field(

@@ -72,6 +72,13 @@ class DocStore:
     def __contains__(self, doc_id: object) -> bool:
         return doc_id in self._row
 
+    def __getitem__(self, index: int) -> str:
+        """The id at row ``index`` (a DocStore is also the sequence of its ids)."""
+        return self._ids[index]
+
+    def __iter__(self):
+        return iter(self._ids)
+
     def rows(self, ids: Sequence[str]) -> list[int]:
         """Row numbers of ``ids``; raises ``KeyError`` naming the first unknown id."""
         try:
@@ -255,7 +262,8 @@ def count_training_rows(store_uri: str, split: str, storage: StorageConfig | Non
 def pairs_dataset(store_uri: str, split: str, storage: StorageConfig | None = None, seed: int | None = None,
                   negatives_per_query: int | None = 0, num_cpus: float = 0.25,
                   concurrency: int | None = 2, positives: str = "sample",
-                  topics: dict[str, int] | None = None, pairs_store_uri: str | None = None) -> ray.data.Dataset:
+                  topics: dict[str, int] | None = None, pairs_store_uri: str | None = None,
+                  docs: Any = None) -> ray.data.Dataset:
     """Contrastive pairs of ``split`` as a Ray Dataset, streamed from storage and shuffled per epoch,
     texts resolved by id.
 
@@ -283,6 +291,9 @@ def pairs_dataset(store_uri: str, split: str, storage: StorageConfig | None = No
         pairs_store_uri: read ``pairs/<split>`` from this store instead (e.g. pairs with mined
             static negatives, ``whetstone.train.static_negatives``); texts still come from
             ``store_uri``'s corpus.
+        docs: a :class:`whetstone.data.doc_lookup.DocLookup` to resolve texts with; None: the
+            corpus is loaded on the driver, put in the object store and cached by each resolving
+            process (fine for small corpora, grows with it).
 
     Returns:
         Rows with ``query_id``, ``query``, ``positive_ids`` (all labelled positives, for masking),
@@ -295,13 +306,13 @@ def pairs_dataset(store_uri: str, split: str, storage: StorageConfig | None = No
     name = f"pairs/{split}"
     if positives not in ("sample", "all"):
         raise ValueError(f"positives must be 'sample' or 'all', got {positives!r}")
-    corpus_ref = ray.put(DocStore.load(store_uri, storage).table)
+    corpus_ref = ray.put(DocStore.load(store_uri, storage).table) if docs is None else None
     ds = streamed_pairs(pairs_store_uri or store_uri, name, storage, seed, positives, topics)
     # Tasks, not actors (see _PROCESS_CACHE): no per-epoch actor start-up before the first batch.
     return ds.map_batches(
         _resolve_batch,
-        fn_kwargs={"corpus_ref": corpus_ref, "corpus_key": corpus_ref.hex(), "seed": seed,
-                   "negatives_per_query": negatives_per_query},
+        fn_kwargs={"corpus_ref": corpus_ref, "corpus_key": corpus_ref.hex() if corpus_ref else None, "seed": seed,
+                   "negatives_per_query": negatives_per_query, "docs": docs},
         batch_format="pyarrow",
         batch_size=RESOLVE_BATCH,
         compute=ray.data.TaskPoolStrategy(size=concurrency),
@@ -309,10 +320,11 @@ def pairs_dataset(store_uri: str, split: str, storage: StorageConfig | None = No
     )
 
 
-def _resolve_batch(batch: pa.Table, corpus_ref: Any, corpus_key: str, seed: int | None,
-                   negatives_per_query: int | None) -> pa.Table:
-    """``map_batches`` task: :class:`_ResolvePairs` over a DocStore cached per worker process."""
-    docs = _cached(f"docs:{corpus_key}", lambda: _docstore_from_ref(corpus_ref))
+def _resolve_batch(batch: pa.Table, corpus_ref: Any, corpus_key: str | None, seed: int | None,
+                   negatives_per_query: int | None, docs: Any = None) -> pa.Table:
+    """``map_batches`` task: :class:`_ResolvePairs` over the lookup, or a DocStore cached per process."""
+    if docs is None:
+        docs = _cached(f"docs:{corpus_key}", lambda: _docstore_from_ref(corpus_ref))
     return _ResolvePairs(docs, seed, negatives_per_query)(batch)
 
 

@@ -133,7 +133,8 @@ class LiveNegatives:
 
     Args:
         client: an ``IndexClient`` (handle in the cluster, HTTP outside).
-        docs: a ``DocStore`` resolving ids to text.
+        docs: resolves ids to text and is the random-fill pool: the run's
+            :class:`whetstone.data.doc_lookup.DocLookup` (or a ``DocStore``, the corpus in memory).
         mining: rank window, margins and random mix.
         seed, rank: the random draws of step t come from ``(seed, rank, t)`` alone, so a resumed run
             mines what an uninterrupted one would have.
@@ -149,8 +150,7 @@ class LiveNegatives:
     def __init__(self, client, docs, mining: MiningConfig, seed: int, rank: int,
                  doc_max_length: int, timeout_s: float, max_steps_behind: int | None, encode: bool = True):
         self.client = client
-        self.docs = docs
-        self.doc_ids = docs.ids
+        self.docs = docs  # texts by id, and the random-fill pool (a sequence of every id)
         self.mining = mining
         self.seed, self.rank = seed, rank
         self.doc_max_length = doc_max_length
@@ -195,7 +195,7 @@ class LiveNegatives:
                                                  f"{behind} steps behind (bound {self.max_steps_behind})")
         positive_scores = positive_reference_scores(result.excluded_scores) if guard else None
         rng = np.random.default_rng([self.seed, self.rank, step])
-        mined = mine_negatives(result.ids, result.scores, self.mining, rng, self.doc_ids,
+        mined = mine_negatives(result.ids, result.scores, self.mining, rng, self.docs,
                                positive_scores=positive_scores, exclude=[set(p) for p in positive_ids])
         flat = [doc_id for per_query in mined.ids for doc_id in per_query]
         counts = (mined.from_index, mined.random_fill, mined.dropped_by_margin)

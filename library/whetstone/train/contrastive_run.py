@@ -57,6 +57,8 @@ class ContrastiveRun:
     resume: tuple[str, TrainerState] | None = None  # (checkpoint URI, its state) when resuming
     resumed_version: int | None = None  # the index version a resumed run keeps serving (its newest)
     eval_split: Any = None
+    docs: Any = None  # the DocLookup (document texts in partition actors), once started
+    docs_name: str | None = None
 
     @property
     def index_uri(self) -> str:
@@ -262,7 +264,8 @@ def plan_run(run: ContrastiveRun, first_version: int, refresher: Refresher | Non
         resume_checkpoint=run.resume[0] if run.resume else None, resume_step=run.resume[1].step if run.resume else 0,
         base_model=run.base_model, train_rows=pairs, epoch_ends=epoch_ends, task_shares=task_shares,
         task_labels={name: data.labels for name, data in run.task_data.items() if data.labels},
-        refresher=refresher.name if refresher else None, first_version=first_version)
+        refresher=refresher.name if refresher else None, first_version=first_version,
+        doc_lookup=run.docs_name, doc_partition_sizes=run.docs.sizes if run.docs is not None else [])
     print(f"[train] {pairs} pairs, {world} workers x batch {batch}: {steps_per_epoch} steps/epoch, "
           f"{plan.total_steps} steps", flush=True)
     if run.resume:
@@ -271,13 +274,27 @@ def plan_run(run: ContrastiveRun, first_version: int, refresher: Refresher | Non
     return plan
 
 
+def start_docs(run: ContrastiveRun) -> Any:
+    """The document-text partition actors the workers and the data pipeline resolve ids with
+    (``doc_text.partitions`` of them; no process loads the whole corpus text)."""
+    from whetstone.data.doc_lookup import start_doc_lookup
+
+    config, t = run.config, time.monotonic()
+    run.docs_name = f"whetstone-docs-{config.run_name}-{uuid.uuid4().hex[:6]}"
+    run.docs = start_doc_lookup(config.store_uri, config.storage, config.doc_text.partitions,
+                                config.doc_text.num_cpus, name=run.docs_name)
+    run.timer.mark("doc_lookup_s", t)
+    return run.docs
+
+
 def mine_static(run: ContrastiveRun) -> Any:
     """``negatives.source=static``: mine every training query's negatives once, with the base model,
     through the index just deployed (``whetstone.train.static_negatives``); a resumed run reuses them."""
     from whetstone.train.static_negatives import mine_static_negatives
 
     t = time.monotonic()
-    mined = mine_static_negatives(run.config, run.base_model, run.config.run_uri, reuse=run.resume is not None)
+    mined = mine_static_negatives(run.config, run.base_model, run.config.run_uri, reuse=run.resume is not None,
+                                  docs=run.docs)
     run.timer.mark("mine_static_s", t)
     return mined
 
@@ -295,7 +312,7 @@ def training_datasets(run: ContrastiveRun, mined: Any = None) -> dict[str, Any]:
     pairs = pairs_dataset(config.store_uri, config.train_split, config.storage, seed=config.optim.seed,
                           negatives_per_query=config.negatives.mining.num_negatives if mined else 0,
                           positives=config.loss.positives, topics=topics,
-                          pairs_store_uri=mined.store_uri if mined else None)
+                          pairs_store_uri=mined.store_uri if mined else None, docs=run.docs)
     train = tokenize_pairs(pairs, run.base_model, config.encoder.query_max_length, config.encoder.doc_max_length)
     return {"train": train, **{task_dataset_name(name): ray.data.from_arrow(data.table)
                                for name, data in run.task_data.items()}}

@@ -158,9 +158,10 @@ def _attach_extras(run: WorkerRun) -> None:
         from whetstone.data.stream import DocStore
         from whetstone.index.client import IndexClient
 
+        # The run's text partitions (a plan without them, from an older driver: the corpus, loaded here)
+        docs = plan.docs() or DocStore.load(config.store_uri, config.storage)
         run.negatives = LiveNegatives(
-            IndexClient.from_handle(timeout_s=config.negatives.search_timeout_s),
-            DocStore.load(config.store_uri, config.storage), config.negatives.mining,
+            IndexClient.from_handle(timeout_s=config.negatives.search_timeout_s), docs, config.negatives.mining,
             config.optim.seed, run.rank, config.encoder.doc_max_length, config.negatives.search_timeout_s,
             config.staleness_bound, config.negatives.encode,
         )

@@ -9,6 +9,7 @@ the start of the run and names itself, not as a ``KeyError`` deep in the loop.
 from __future__ import annotations
 
 import bisect
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -36,6 +37,19 @@ class ContrastiveRunPlan(RunPlan):
     task_labels: dict[str, list[str]] = Field(default_factory=dict, description="labels of classification tasks")
     refresher: str | None = Field(None, description="name of the IndexRefresher actor rank 0 asks for refreshes")
     first_version: int = Field(1, ge=1, description="index version serving when this attempt starts")
+    doc_lookup: str | None = Field(None, description="name prefix of the document-text partition actors")
+    doc_partition_sizes: list[int] = Field(default_factory=list, description="documents in each text partition")
+
+    def docs(self) -> Any:
+        """The run's :class:`whetstone.data.doc_lookup.DocLookup` (found by name), or None."""
+        if self.doc_lookup is None:
+            return None
+        import ray
+
+        from whetstone.data.doc_lookup import DocLookup
+
+        return DocLookup([ray.get_actor(f"{self.doc_lookup}-{p}") for p in range(len(self.doc_partition_sizes))],
+                         self.doc_partition_sizes)
 
     def epoch_of(self, step: int) -> int:
         """The epoch that step ``step + 1`` belongs to (steps are counted from 0 done)."""

@@ -53,7 +53,7 @@ class _MineQueries:
     """Ray Data actor: embed a batch of training queries, search the index, mine its negatives."""
 
     def __init__(self, model_uri: str, storage_wire: dict, store_uri: str, query_max_length: int, mining: dict,
-                 seed: int, app_name: str, timeout_s: float) -> None:
+                 seed: int, app_name: str, timeout_s: float, docs: Any = None) -> None:
         from whetstone.data.store import read_dataset_table
         from whetstone.index.client import IndexClient
         from whetstone.index.mining import MiningConfig
@@ -64,8 +64,10 @@ class _MineQueries:
         self.client = IndexClient.from_handle(app_name=app_name, timeout_s=timeout_s)
         self.mining = MiningConfig.model_validate(mining)
         self.seed, self.query_max_length, self.timeout_s = seed, query_max_length, timeout_s
-        # The random-fill pool (documents drawn when the window has too few candidates): ids only.
-        self.doc_ids = read_dataset_table(store_uri, "corpus", storage, columns=[S.DOC_ID]).column(S.DOC_ID).to_pylist()
+        # The random-fill pool (documents drawn when the window has too few candidates): the run's text
+        # partitions, or (without them) the corpus' ids read here.
+        self.doc_ids = docs if docs is not None else read_dataset_table(
+            store_uri, "corpus", storage, columns=[S.DOC_ID]).column(S.DOC_ID).to_pylist()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from whetstone.index.mining import mine_negatives
@@ -96,7 +98,7 @@ def mined_store_uri(run_uri: str) -> str:
 
 
 def mine_static_negatives(config, base_model: str, run_uri: str, reuse: bool = False,
-                          app_name: str | None = None) -> MinedPairs:
+                          app_name: str | None = None, docs: Any = None) -> MinedPairs:
     """Mine ``negatives.mining.num_negatives`` negatives for every training query of
     ``config.train_split`` through the deployed index, write them as ``<run>/static-negatives``.
 
@@ -125,7 +127,7 @@ def mine_static_negatives(config, base_model: str, run_uri: str, reuse: bool = F
         fn_constructor_kwargs={"model_uri": base_model, "storage_wire": config.storage.resolved().to_wire(),
                                "store_uri": config.store_uri, "query_max_length": config.encoder.query_max_length,
                                "mining": config.negatives.mining.model_dump(), "seed": config.optim.seed,
-                               "app_name": app_name or APP_NAME, "timeout_s": 60.0},
+                               "app_name": app_name or APP_NAME, "timeout_s": 60.0, "docs": docs},
         compute=ray.data.ActorPoolStrategy(size=config.index.initial_embed_concurrency), num_cpus=0.5)
     writer = ShardWriter(out_uri, name, S.PAIRS_SCHEMA, rows_per_shard=1000, storage_config=config.storage)
     totals = {"_from_index": 0, "_random_fill": 0, "_dropped_margin": 0}
