@@ -207,7 +207,8 @@ def run_whetstone(store: str, base: str, out_uri: str, *, workers: int, batch_pe
 
 def variant_overrides(name: str) -> dict:
     """The job overrides a benchmark method's or mode's name asks for: ``_cached`` (the index's stored
-    vectors as negatives), ``_bf16`` (bf16 autocast), ``_frozen_queries`` (a frozen query tower)."""
+    vectors as negatives), ``_bf16`` (bf16 autocast), ``_frozen_queries`` (a frozen query tower),
+    ``_partial`` (``refresh.fraction=0.25``)."""
     extra: dict = {}
     if "_cached" in name:
         extra["negatives.encode"] = False
@@ -215,6 +216,8 @@ def variant_overrides(name: str) -> dict:
         extra["encoder.precision"] = "bfloat16"
     if name.endswith("_frozen_queries"):
         extra["encoder.query_tower"] = "frozen"
+    if "_partial" in name:  # partial refresh: a rotating quarter of the corpus plus recently served negatives
+        extra["refresh.fraction"] = 0.25
     return extra
 
 

@@ -86,11 +86,14 @@ from benchmarks.contrastive_common import (
 )
 
 STEPS, BATCH, LR, DOC_LEN = 15, 32, 2e-5, 256
-METHODS = ("base", "st_in_batch", "st_mined", "whetstone_in_batch", "whetstone_live", "whetstone_live_merged",
+METHODS = ("base", "st_in_batch", "st_mined", "whetstone_in_batch", "whetstone_live", "whetstone_static",
+           "whetstone_live_partial", "whetstone_live_merged",
            "whetstone_live_cached", "whetstone_live_bf16", "whetstone_live_frozen_queries",
            "whetstone_in_batch_frozen_queries", "whetstone_live_bf16_frozen_queries",
            "whetstone_live_cached_frozen_queries")
-REQUIRED = ("base", "st_in_batch", "st_mined", "whetstone_in_batch", "whetstone_live")  # the issue's methods
+REQUIRED = ("base", "st_in_batch", "st_mined", "whetstone_in_batch", "whetstone_live", "whetstone_static",
+            "whetstone_live_partial")  # the issues' methods (21: the first five; 23: static and partial)
+REQUIRED_SEEDS = (0, 1, 2, 3, 4)
 MERGE_BASE_WEIGHT = 0.5
 PARTIAL = RESULTS / "contrastive_quality.partial.json"
 # The live method's negatives: the rank window of run_whetstone plus the false-negative guard that
@@ -115,9 +118,40 @@ def mined_rows(base: str, beir_train, corpus: dict[str, str]) -> tuple[list[tupl
     return out, {"pairs": len(rows), "triplets": len(out)}
 
 
+def static_and_partial_goals(cache: dict, summary: dict) -> dict:
+    """Issue 23's goals: live negatives against Whetstone's own static mining (same index, window,
+    margin, budget), partial refresh against full, msmarco transfer; paired over seeds."""
+    from scipy import stats
+
+    def per_seed(method: str, metric: str = "scifact_test") -> dict[str, float]:
+        return {k.split("/")[1]: v[metric]["ndcg@10"] for k, v in cache.items() if k.startswith(f"{method}/")}
+
+    goals: dict = {}
+    live, static, partial = per_seed("whetstone_live"), per_seed("whetstone_static"), per_seed("whetstone_live_partial")
+    paired = sorted(set(live) & set(static))
+    if paired:
+        diffs = [100 * (live[s] - static[s]) for s in paired]
+        goals["live_minus_static_scifact_ndcg_points"] = sum(diffs) / len(diffs)
+        goals["live_vs_static_seeds"] = len(paired)
+        if len(paired) >= 2:
+            goals["live_vs_static_p_value"] = float(stats.ttest_rel([live[s] for s in paired],
+                                                                    [static[s] for s in paired]).pvalue)
+        goals["goal_live_beats_static_by_1_point"] = goals["live_minus_static_scifact_ndcg_points"] >= 1.0
+    both = sorted(set(live) & set(partial))
+    if both:
+        goals["partial_minus_full_scifact_ndcg_points"] = sum(100 * (partial[s] - live[s]) for s in both) / len(both)
+        goals["goal_partial_within_0.5_of_full"] = goals["partial_minus_full_scifact_ndcg_points"] >= -0.5
+    if "whetstone_live" in summary and "base" in summary:
+        gap = 100 * (summary["whetstone_live"]["msmarco_dl19_ndcg@10"]["mean"]
+                     - summary["base"]["msmarco_dl19_ndcg@10"]["mean"])
+        goals["live_minus_base_msmarco_ndcg_points"] = gap
+        goals["goal_live_msmarco_within_0.5_of_base"] = gap >= -0.5
+    return goals
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--fresh", action="store_true", help="ignore cached (method, seed) results")
     parser.add_argument("--out", default=str(RESULTS / "contrastive_quality.json"))
@@ -168,7 +202,10 @@ def main() -> None:
                 else:
                     store = store or ingest_scifact(root)
                     live = method.startswith("whetstone_live")
-                    extra = {"negatives.mining": LIVE_MINING} if live else {}
+                    static = method == "whetstone_static"  # mined once with the base model: same index, window, margin
+                    extra = {"negatives.mining": LIVE_MINING} if live or static else {}
+                    if static:
+                        extra["negatives.source"] = "static"
                     if method == "whetstone_live_merged":
                         extra["optim.merge_base_weight"] = MERGE_BASE_WEIGHT
                     extra.update(variant_overrides(method))
@@ -215,10 +252,11 @@ def main() -> None:
         suffix = tag if name == "live" else f"_{name}{tag}"
         goals[f"goal_beats_best_st_by_1_point{suffix}"] = scifact_gap >= 1.0
         goals[f"goal_msmarco_within_0.5_of_base{suffix}"] = msmarco_gap >= -0.5
+    goals.update(static_and_partial_goals(cache, summary))
     missing = [f"{m}/seed{s}" for m in METHODS for s in ([0] if m == "base" else seeds) if f"{m}/seed{s}" not in cache]
     # Goals are only judged on a complete run: every method the issue names, every seed (>= 3);
     # the extra variants (merged, cached, bf16) are reported with however many seeds they have.
-    complete = all(f"{m}/seed{s}" in cache for m in REQUIRED for s in ([0] if m == "base" else (0, 1, 2)))
+    complete = all(f"{m}/seed{s}" in cache for m in REQUIRED for s in ([0] if m == "base" else REQUIRED_SEEDS))
     result = {"settings": {"steps": STEPS, "global_batch": BATCH, "lr": LR, "doc_max_length": DOC_LEN,
                            "seeds": seeds, "model": "all-MiniLM-L6-v2"},
               "complete": complete, "missing_runs": missing,

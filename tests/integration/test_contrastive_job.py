@@ -376,3 +376,39 @@ def test_static_negatives_are_mined_once_and_resolved_by_id(ray_cluster, scifact
     assert len(rows) == 16
     for row in rows:
         assert list(row["negative_texts"]) == corpus.texts(list(row["negative_ids"]))
+
+
+def test_partial_refresh_reembeds_a_slice_plus_served_negatives(ray_cluster, scifact_store, tiny_encoder_dir,
+                                                                 tmp_path):
+    """refresh.fraction=0.5: each refresh re-embeds one of two slices plus the negatives the workers
+    reported, layered on the previous version; every version still holds every document once, and
+    the manifests record how old its vectors are."""
+    from whetstone.index.snapshot import read_manifest
+
+    from jobs.train_contrastive import main
+
+    report = main([
+        "--config", "jobs/configs/train_contrastive/smoke.yaml", f"store_uri={scifact_store}",
+        f"encoder.base_model={tiny_encoder_dir}", f"index.http_port={free_port()}", "run_name=smoke-partial",
+        f"output_uri={tmp_path / 'run'}", "refresh.fraction=0.5", "refresh.every_steps=2", "optim.max_steps=6",
+        "eval.split=null",
+    ])
+    documents, refreshes = report["index"]["documents"], report["refreshes"]
+    assert report["refresh_errors"] == [] and 1 <= len(refreshes) <= 2 and report["fallback_steps_rank0"] == 0
+    index_uri = str(Path(report["run_uri"]) / "index")
+    for number, refresh in enumerate(refreshes, start=1):
+        partial = refresh["partial"]
+        assert (partial["refresh"], partial["slice"], partial["slices"], partial["full"]) == (number, number - 1, 2,
+                                                                                              False)
+        assert partial["served_reported"] > 0  # the workers reported the negatives they mined
+        # about half the corpus (one slice) plus the served negatives of the other half
+        assert 0.4 * documents < refresh["documents"] < 0.6 * documents + partial["served_reembedded"]
+        manifest = read_manifest(index_uri, refresh["new_version"])
+        assert manifest.count == documents  # every document once, the newest vector of each
+        assert manifest.extra["step"] == refresh["step"] and manifest.extra["age"] == refresh["age"]
+        shares = refresh["age"]["share_by_step"]
+        assert abs(sum(shares.values()) - 1) < 1e-3 and refresh["age"]["newest_step"] == refresh["step"]
+    first_age = refreshes[0]["age"]
+    assert first_age["oldest_step"] == 0 and 0.3 < first_age["share_by_step"]["0"] < 0.6
+    if len(refreshes) == 2:  # both slices re-embedded: nothing left from the base model
+        assert refreshes[1]["age"]["oldest_step"] == refreshes[0]["step"]

@@ -70,7 +70,7 @@ class OptimConfig(StrictModel):
         None, ge=0, le=1, description="after training, interpolate the weights with the base model's: "
         "(1 - w) * trained + w * base (WiSE-FT, LM-Cocktail), e.g. 0.5; see benchmarks/contrastive_transfer.py "
         "for what it traded on scifact")
-    log_every: int = Field(1, ge=1)
+    log_every: int = Field(1, ge=1, description="print a progress line and report metrics to Ray Train every N steps")
     checkpoint_every: int | None = Field(
         None, ge=1, description="also checkpoint every N steps (refreshes checkpoint at their own steps); "
                                 "if_exists=resume continues from the newest complete checkpoint")
@@ -143,11 +143,21 @@ class RefreshConfig(StrictModel):
     doc_max_length: int | None = Field(None, ge=16, le=512,
                                        description="document length for refreshed indexes (None: eval's)")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="bfloat16: faster refreshes on CPU")
+    fraction: float = Field(
+        1.0, gt=0, le=1, description="share f of the corpus each refresh re-embeds: a rotating slice (every "
+        "document within ceil(1/f) refreshes) plus the documents most recently served as hard negatives "
+        "(up to served_share x f x N); the new vectors are layered on the previous version's (whetstone."
+        "train.partial_refresh). 1: every refresh re-embeds everything")
+    served_share: float = Field(0.5, ge=0, le=1, description="partial refresh: the served-negatives budget, as a "
+                                                             "share of f x N, on top of the slice")
     embed_gpus: float | None = Field(
         None, ge=0, description="GPUs each embedding actor asks Ray for (the base model's embedding before training "
         "too); None: 1 when optim.use_gpu, else 0 (CPU). 0.5 puts two actors on a GPU")
     gpu_dtype: Literal["float16", "bfloat16", "float32"] = Field(
         "float16", description="autocast dtype of embedding on GPUs (half precision; vectors stay float32)")
+    embed_nice: int = Field(
+        10, ge=0, le=19, description="CPU priority (nice) of the refresh's embedding actors: on CPUs shared with "
+        "training they take what the training workers leave (0: equal share)")
     coordinator_cpus: float = Field(
         0.5, ge=0, description="CPUs the refresher actor reserves: it drives the embedding pipeline, writes the "
         "vector chunks as they pass and evaluates each checkpoint")

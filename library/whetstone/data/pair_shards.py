@@ -24,15 +24,17 @@ if TYPE_CHECKING:
 _TOPICS: dict[str, dict[str, int]] = {}  # per worker process: the topics of the run that last used it
 
 
-# Streamed pairs: each shard is cut into slices (SLICE_ROWS rows, or more slices while the dataset
-# has fewer than MIN_SLICES of them, none under MIN_SLICE_ROWS rows); a read task takes SLICE_GROUP
-# consecutive slices of the epoch's seeded order, so which rows meet in a task changes every epoch.
-SLICE_ROWS, MIN_SLICES, MIN_SLICE_ROWS, SLICE_GROUP = 512, 32, 4, 4
+# Streamed pairs: a store with few shards has its shards cut into slices (until the dataset has
+# MIN_SLICES, at most MAX_SLICES per shard, none under MIN_SLICE_ROWS rows): a read task takes
+# SLICE_GROUP consecutive slices of the epoch's seeded order, so which rows meet in a task changes
+# every epoch. A shard is read once per slice (the sha256 check reads it whole), so a store of many
+# shards is not sliced at all: a task then reads SLICE_GROUP whole shards, different ones each epoch.
+MIN_SLICES, MAX_SLICES, MIN_SLICE_ROWS, SLICE_GROUP = 32, 4, 4, 4
 
 
 def _slices(rows: int, num_shards: int) -> int:
-    wanted = max(-(-rows // SLICE_ROWS), -(-MIN_SLICES // max(num_shards, 1)))
-    return max(1, min(wanted, rows // MIN_SLICE_ROWS))
+    wanted = -(-MIN_SLICES // max(num_shards, 1))
+    return max(1, min(wanted, MAX_SLICES, rows // MIN_SLICE_ROWS))
 
 
 def streamed_pairs(store_uri: str, name: str, storage: StorageConfig | None = None, seed: int | None = None,
@@ -47,7 +49,7 @@ def streamed_pairs(store_uri: str, name: str, storage: StorageConfig | None = No
     group's rows with a generator seeded by ``(seed, the slices' numbers)``: rows meet different
     rows every epoch, and the training loop's seeded local shuffle buffer mixes groups again. The
     driver holds the manifest only, so the pair set may be any size; a shard is read by at most as
-    many tasks as it has slices (two for 1,000-row shards).
+    many tasks as it has slices (one when the store has 32 shards or more, at most four).
     """
     import ray
     import ray.data

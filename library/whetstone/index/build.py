@@ -43,7 +43,12 @@ from whetstone.index.snapshot import (
     shard_of,
     snapshot_path,
 )
-from whetstone.index.vector_chunks import VectorChunksManifest, iter_vector_chunks, read_vector_chunks
+from whetstone.index.vector_chunks import (
+    VectorChunksManifest,
+    is_layered,
+    iter_vector_chunks,
+    read_vector_chunks,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,15 +69,16 @@ def _partitions_of(manifest: VectorChunksManifest, shard: int, num_shards: int) 
 
 
 def _shard_chunks(
-    vectors_uri: str, manifest: VectorChunksManifest, shard: int, num_shards: int, storage: StorageConfig | None
+    vectors_uri: str, manifest: VectorChunksManifest, shard: int, num_shards: int, storage: StorageConfig | None,
+    newest_first: bool = False,
 ) -> Iterator[tuple[list[str], np.ndarray]]:
     """The shard's rows, chunk by chunk: only its own partitions' chunks when the writer's
     partitioning lines up with S (:func:`_partitions_of`), else every chunk filtered by ``shard_of``."""
     partitions = _partitions_of(manifest, shard, num_shards)
     if partitions is not None:
-        yield from iter_vector_chunks(vectors_uri, storage, manifest, shard=partitions)
+        yield from iter_vector_chunks(vectors_uri, storage, manifest, shard=partitions, newest_first=newest_first)
         return
-    for ids, vectors in iter_vector_chunks(vectors_uri, storage, manifest):
+    for ids, vectors in iter_vector_chunks(vectors_uri, storage, manifest, newest_first=newest_first):
         rows = np.flatnonzero(shard_of(ids, num_shards) == shard)
         if rows.size:
             yield [ids[row] for row in rows.tolist()], vectors[rows]
@@ -184,7 +190,10 @@ def build_shard(
         trained = train_shared(vectors_uri, config, version, storage)
     index = _empty_shard_index(manifest.dim, config, trained)
     trained_at = time.perf_counter()
-    for shard_ids, rows in _shard_chunks(vectors_uri, manifest, shard, num_shards, storage):
+    layers = is_layered(manifest)  # a partial refresh: newest chunks first, an id's first vector wins
+    for shard_ids, rows in _shard_chunks(vectors_uri, manifest, shard, num_shards, storage, newest_first=layers):
+        if layers:
+            shard_ids, rows = _not_yet_held(index, shard_ids, rows)
         index.add(rows, shard_ids)
     added = time.perf_counter()
     entry = save_shard(index, index_root, version, shard, storage, chunk_bytes)
@@ -193,6 +202,21 @@ def build_shard(
                 config.kind, shard, num_shards, index.size, *timings.values(),
                 sum(f.bytes for f in entry.files.values()))
     return entry.model_copy(update={"build_s": {name: round(value, 3) for name, value in timings.items()}})
+
+
+def _not_yet_held(index: AnnIndex, ids: list[str], rows: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """The rows of ids the index does not hold yet (each id's last row in the chunk): read newest
+    chunk first, this keeps every id's newest vector without replacing anything in FAISS."""
+    held = index.idmap.labels_of(ids) >= 0
+    keep, seen = [], set()
+    for position in range(len(ids) - 1, -1, -1):
+        if not held[position] and ids[position] not in seen:
+            seen.add(ids[position])
+            keep.append(position)
+    keep.reverse()
+    if len(keep) == len(ids):
+        return ids, rows
+    return [ids[p] for p in keep], rows[np.asarray(keep, dtype=np.int64)]
 
 
 def _build_shard_task(storage_wire: dict, vectors_uri: str, shard: int, num_shards: int, config: AnnConfig,

@@ -16,6 +16,11 @@ and filters).
 
 Ids are not checked for uniqueness across chunks (that would need them all at once); a
 builder that meets an id twice keeps the later vector (upsert).
+
+A partial refresh writes a *layered* manifest (:func:`layered`): the chunks of earlier versions
+that still hold current vectors (named with their ``folder``), then its own new chunks. An id may
+then appear in several chunks; the last one listed is its vector (builders read a layered
+manifest newest first and skip ids they already hold; ``count`` counts rows, duplicates included).
 """
 
 from __future__ import annotations
@@ -48,6 +53,10 @@ class VectorChunk(BaseModel):
     bytes: int = Field(ge=0)
     sha256: str
     shard: int = Field(0, ge=0, description="the shard of every row in it (0 when not partitioned)")
+    folder: str | None = Field(None, description="a sibling vector folder holding the chunk (a layered "
+                                                 "manifest reuses an earlier version's chunks); None: this one")
+    step: int | None = Field(None, description="the training step whose checkpoint embedded these rows")
+    refresh: int | None = Field(None, description="the refresh that wrote it (0: the base embedding)")
 
 
 class VectorChunksManifest(BaseModel):
@@ -106,12 +115,13 @@ class VectorChunkWriter:
     """
 
     def __init__(self, uri: str, dim: int, storage: StorageConfig | None = None, rows_per_chunk: int = 65536,
-                 *, num_shards: int = 1) -> None:
+                 *, num_shards: int = 1, step: int | None = None, refresh: int | None = None) -> None:
         if dim < 1 or rows_per_chunk < 1 or num_shards < 1:
             raise AnnInputError(f"dim, rows_per_chunk and num_shards must be positive, "
                                 f"got {dim}, {rows_per_chunk}, {num_shards}")
         self.uri, self.dim, self.storage, self.rows_per_chunk = uri, dim, storage, rows_per_chunk
         self.num_shards = num_shards
+        self.step, self.refresh = step, refresh
         self._pending = [_Pending() for _ in range(num_shards)]
         self._chunks: list[VectorChunk] = []
         self._count = 0
@@ -158,7 +168,8 @@ class VectorChunkWriter:
         data = _encode_chunk(encoded, vectors)
         store.write_bytes(store.join(self.uri, name), data, self.storage)
         self._chunks.append(VectorChunk(name=name, rows=vectors.shape[0], bytes=len(data), shard=shard,
-                                        sha256=hashlib.sha256(data).hexdigest()))
+                                        sha256=hashlib.sha256(data).hexdigest(), step=self.step,
+                                        refresh=self.refresh))
         self._count += vectors.shape[0]
 
     def close(self) -> VectorChunksManifest:
@@ -194,28 +205,59 @@ def read_vector_chunks(uri: str, storage: StorageConfig | None = None) -> Vector
         raise SnapshotError(f"{manifest_uri}: invalid vector-chunk manifest: {err}") from None
 
 
+def chunk_uri(uri: str, chunk: VectorChunk) -> str:
+    """Where ``chunk`` of the folder ``uri`` lives (a sibling folder for a layered manifest's reused chunks)."""
+    if chunk.folder is None:
+        return store.join(uri, chunk.name)
+    return store.join(uri.rstrip("/").rsplit("/", 1)[0], chunk.folder, chunk.name)
+
+
+def is_layered(manifest: VectorChunksManifest) -> bool:
+    return any(chunk.folder is not None for chunk in manifest.chunks)
+
+
+def layered(new: VectorChunksManifest, uri: str, older: VectorChunksManifest, older_uri: str, keep_from: int,
+            storage: StorageConfig | None = None) -> VectorChunksManifest:
+    """``new`` (written at ``uri``) on top of the chunks of ``older`` (at the sibling ``older_uri``)
+    written by refresh ``keep_from`` or later: the manifest of a partial refresh, written to ``uri``.
+
+    Raises:
+        AnnInputError: the two differ in dimension or shard partitioning, or are not siblings.
+    """
+    parent, older_parent = (u.rstrip("/").rsplit("/", 1) for u in (uri, older_uri))
+    if parent[0] != older_parent[0] or new.dim != older.dim or new.num_shards != older.num_shards:
+        raise AnnInputError(f"{uri} cannot layer on {older_uri}: not sibling folders of the same dim and shards")
+    reused = [chunk.model_copy(update={"folder": chunk.folder or older_parent[1]}) for chunk in older.chunks
+              if (chunk.refresh or 0) >= keep_from]
+    manifest = new.model_copy(update={"chunks": reused + list(new.chunks),
+                                      "count": sum(chunk.rows for chunk in reused) + new.count})
+    store.write_bytes(store.join(uri, MANIFEST_FILE), manifest.model_dump_json(indent=1).encode(), storage)
+    return manifest
+
+
 def iter_vector_chunks(
     uri: str, storage: StorageConfig | None = None, manifest: VectorChunksManifest | None = None,
-    shard: int | Collection[int] | None = None,
+    shard: int | Collection[int] | None = None, newest_first: bool = False,
 ) -> Iterator[tuple[list[str], np.ndarray]]:
     """Yield ``(ids, vectors)`` chunk by chunk, each checked against its sha256 first.
 
     ``vectors`` is a read-only (rows, dim) float32 view of the downloaded chunk. ``shard``: only
     the chunks of that partition, or of those partitions (a writer with ``num_shards`` > 1
-    partitioned them).
+    partitioned them). ``newest_first``: the chunks in reverse manifest order (a layered manifest's
+    newest vectors first).
 
     Raises:
         SnapshotError: a chunk is missing or corrupt (its URI named).
     """
     manifest = manifest or read_vector_chunks(uri, storage)
     wanted = None if shard is None else {shard} if isinstance(shard, int) else set(shard)
-    for chunk in manifest.chunks:
+    for chunk in reversed(manifest.chunks) if newest_first else manifest.chunks:
         if wanted is not None and chunk.shard not in wanted:
             continue
-        chunk_uri = store.join(uri, chunk.name)
-        data = read_optional(chunk_uri, storage)
+        where = chunk_uri(uri, chunk)
+        data = read_optional(where, storage)
         if data is None:
-            raise SnapshotError(f"vector chunk {chunk_uri} is missing")
+            raise SnapshotError(f"vector chunk {where} is missing")
         if len(data) != chunk.bytes or hashlib.sha256(data).hexdigest() != chunk.sha256:
-            raise SnapshotError(f"checksum mismatch for {chunk_uri}: the chunk does not match its manifest")
-        yield _decode_chunk(data, manifest.dim, chunk_uri)
+            raise SnapshotError(f"checksum mismatch for {where}: the chunk does not match its manifest")
+        yield _decode_chunk(data, manifest.dim, where)

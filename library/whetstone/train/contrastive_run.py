@@ -227,7 +227,8 @@ def start_refresher(run: ContrastiveRun) -> Refresher:
     settings = {**config.refresh.model_dump(), "embed_gpus_resolved": config.embed_gpus,
                 "index": index_build_settings(config),
                 "index_max_length": config.refresh.doc_max_length or config.eval.doc_max_length,
-                "eval_split": config.eval.split, "query_max_length": config.encoder.query_max_length}
+                "eval_split": config.eval.split, "query_max_length": config.encoder.query_max_length,
+                "resumed": run.resume is not None}
     actor = IndexRefresher.options(name=name, num_cpus=config.refresh.coordinator_cpus).remote(config.store_uri, run.index_uri,
                                                      config.storage.resolved().to_wire(), settings)
     return Refresher(name, actor)

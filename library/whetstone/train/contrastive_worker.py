@@ -165,7 +165,7 @@ def _attach_extras(run: WorkerRun) -> None:
             config.optim.seed, run.rank, config.encoder.doc_max_length, config.negatives.search_timeout_s,
             config.staleness_bound, config.negatives.encode,
         )
-    if run.rank == 0 and plan.refresher:
+    if plan.refresher:  # rank 0 asks it for refreshes; every rank reports the negatives it mined
         run.refresher = ray.get_actor(plan.refresher)
     if plan.task_shares:  # Piccolo2: each step's task is a function of (seed, step), the same on every worker
         from whetstone.losses.multitask import TaskScheduler
@@ -337,8 +337,8 @@ class StepInputs:
 
 
 class CheckpointHook:
-    """After each step: report its metrics; checkpoint on refresh steps, every
-    ``optim.checkpoint_every`` steps and at the end (rank 0 writes); ask for a refresh."""
+    """After each step: report its metrics (every ``optim.log_every`` steps); checkpoint on refresh
+    steps, every ``optim.checkpoint_every`` steps and at the end (rank 0 writes); ask for a refresh."""
 
     def __init__(self, run: WorkerRun) -> None:
         self.run = run
@@ -352,7 +352,14 @@ class CheckpointHook:
         # Where the data stands for the next step: the same epoch, or the start of the next one.
         epoch = run.plan.epoch_of(step)
         state = TrainerState(step=step, epoch=epoch, epoch_batches=item.epoch_batches if epoch == item.epoch else 0)
-        report_step(metrics, rank=run.rank, checkpoint=save, save_model=run.save_model, optimizer=run.optimizer,
-                    scheduler=run.scheduler, state=state, name="final" if final else None)
-        if refresh and run.refresher is not None:
+        # ray.train.report waits until the controller has taken the previous report (about a second
+        # apart in Ray 2.60): a step of a few hundred ms waited on it every step. Metrics are reported
+        # every log_every steps and with every checkpoint; the per-step history is kept by run.log.
+        if save or step % run.config.optim.log_every == 0:
+            report_step(metrics, rank=run.rank, checkpoint=save, save_model=run.save_model,
+                        optimizer=run.optimizer, scheduler=run.scheduler, state=state,
+                        name="final" if final else None)
+        if run.refresher is not None and item.hard is not None and item.hard.ids and run.config.refresh.fraction < 1:
+            run.refresher.note_served.remote(item.hard.ids)  # a partial refresh re-embeds these first
+        if refresh and run.rank == 0 and run.refresher is not None:
             run.refresher.request.remote(f"{run.plan.checkpoint_root}/step-{step:06d}", step)

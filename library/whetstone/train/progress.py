@@ -84,6 +84,7 @@ class StepLog:
             "loss": loss,
             "lr": lr,
             "step_s": step_s,
+            "t": time.time(),  # when the step ended (wall clock: lines steps up with refreshes)
             "data_wait_s": self.step_wait_s,
             "data_wait_fraction": self.wait_s / max(self.busy_s, 1e-9),
             "pairs_per_s": self.global_batch / max(step_s, 1e-9),

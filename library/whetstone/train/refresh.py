@@ -35,9 +35,13 @@ class _EmbedBatch:
     """Ray Data UDF: load the encoder once per actor, embed a batch of corpus rows."""
 
     def __init__(self, model_uri: str, storage_wire: dict, max_length: int, batch_size: int,
-                 dtype: str = "float32", use_gpu: bool = False):
+                 dtype: str = "float32", use_gpu: bool = False, nice: int = 0):
+        import os
+
         from whetstone.models.encoder import Encoder
 
+        if nice:  # a refresh while training: the CPU goes to the training workers first
+            os.nice(nice)
         # A GPU only when Ray gave this actor one (it then sees just that one as cuda:0).
         self.encoder = Encoder.load(model_uri, device="cuda" if use_gpu else "cpu", storage=StorageConfig(**storage_wire))
         self.max_length = max_length
@@ -66,8 +70,15 @@ def embedded_batches(
     dtype: str = "float32",
     num_gpus: float = 0.0,
     gpu_dtype: str = "float16",
+    select: Any = None,
+    nice: int = 0,
+    map_batch_rows: int | None = None,
 ) -> Iterator[tuple[list[str], np.ndarray]]:
-    """Embed every corpus document with ``model_uri`` using Ray Data, streamed.
+    """Embed every corpus document (or those ``select`` picks) with ``model_uri`` using Ray Data, streamed.
+
+    ``select``: a :class:`whetstone.train.partial_refresh.RefreshPlan` (a partial refresh); its rows
+    are picked by a Ray Data task ahead of the embedding actors, so their batches stay full.
+    ``nice``: the embedding actors' CPU priority (``os.nice``), for refreshes beside training.
 
     With ``num_gpus`` > 0 every embedding actor asks Ray for that many GPUs and embeds on its GPU
     under ``gpu_dtype`` autocast (half precision by default; the vectors stay float32 unit-norm);
@@ -88,6 +99,9 @@ def embedded_batches(
         # A small corpus is read as one block, which one actor would embed alone; splitting it
         # (no shuffle) gives every embedding actor work. Large corpora have enough shards.
         dataset = dataset.repartition(4 * concurrency, shuffle=False)
+    if select is not None and not select.full:
+        dataset = dataset.map_batches(_selected_rows, fn_kwargs={"plan_ref": ray.put(select)}, batch_format="pyarrow",
+                                      num_cpus=0.25)
     embedded = dataset.map_batches(
         _EmbedBatch,
         fn_constructor_kwargs={
@@ -97,8 +111,9 @@ def embedded_batches(
             "batch_size": batch_size,
             "dtype": gpu_dtype if num_gpus else dtype,
             "use_gpu": bool(num_gpus),
+            "nice": nice,
         },
-        batch_size=128,
+        batch_size=map_batch_rows or max(128, 2 * batch_size),  # rows per actor call (encoded in batch_size)
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_cpus=num_cpus,
@@ -109,8 +124,22 @@ def embedded_batches(
         ids = [str(x) for x in batch["doc_id"]]
         rows += len(ids)
         yield ids, np.asarray(batch["vector"], dtype=np.float32)
-    if not rows:
+    if not rows and (select is None or select.full):
         raise ValueError(f"no corpus rows under {store.join(store_uri, 'corpus')}")
+
+
+_PLANS: dict[str, Any] = {}  # per worker process: the refresh plan it last filtered for
+
+
+def _selected_rows(batch: Any, plan_ref: Any) -> Any:
+    """``map_batches`` task: the rows of a corpus batch that the partial refresh's plan re-embeds."""
+    import pyarrow as pa
+
+    key = plan_ref.hex()
+    if key not in _PLANS:
+        _PLANS.clear()
+        _PLANS[key] = ray.get(plan_ref)
+    return batch.filter(pa.array(_PLANS[key].selects(batch.column("doc_id").to_pylist())))
 
 
 class CorpusVectors:
@@ -127,11 +156,13 @@ class CorpusVectors:
     """
 
     def __init__(self, batches: Iterator[tuple[list[str], np.ndarray]], vectors_uri: str | None = None,
-                 storage: StorageConfig | None = None, *, num_shards: int = 1) -> None:
+                 storage: StorageConfig | None = None, *, num_shards: int = 1, step: int | None = None,
+                 refresh: int | None = None) -> None:
         self.batches = batches
         self.vectors_uri = vectors_uri
         self.storage = storage
         self.num_shards = num_shards
+        self.step, self.refresh = step, refresh  # recorded on every chunk (the index's age)
         self.rows = 0
         self.dim: int | None = None
         self.manifest: Any = None  # the VectorChunksManifest once every batch is written
@@ -143,7 +174,7 @@ class CorpusVectors:
         for ids, vectors in self.batches:
             if writer is None and self.vectors_uri is not None:
                 writer = VectorChunkWriter(self.vectors_uri, int(vectors.shape[1]), storage=self.storage,
-                                           num_shards=self.num_shards)
+                                           num_shards=self.num_shards, step=self.step, refresh=self.refresh)
             if writer is not None:
                 writer.write(ids, vectors)
             self.rows += len(ids)
@@ -239,6 +270,7 @@ class IndexRefresher:
         self.errors: list[str] = []
         self.busy = False
         self._eval_split = None
+        self.policy = None  # PartialRefreshPolicy with refresh.fraction < 1 (built at the first refresh)
         self.lock = threading.Lock()
         self.wakeup = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -250,6 +282,22 @@ class IndexRefresher:
                 logger.info("refresh for step %d superseded by step %d", self.pending[1], step)
             self.pending = (checkpoint_uri, step)
         self.wakeup.set()
+
+    def note_served(self, ids: list[str]) -> None:
+        """Training workers report the negatives they mined (a partial refresh re-embeds them first)."""
+        if self.settings.get("fraction", 1.0) < 1.0:
+            self._partial().served.note(ids)
+
+    def _partial(self):
+        with self.lock:
+            if self.policy is None:
+                from whetstone.train.partial_refresh import PartialRefreshPolicy, count_slices
+
+                fraction = self.settings["fraction"]
+                sizes = count_slices(self.store_uri, self.storage, fraction)
+                self.policy = PartialRefreshPolicy(fraction, self.settings.get("served_share", 0.5), sum(sizes),
+                                                   sizes, resumed=bool(self.settings.get("resumed")))
+            return self.policy
 
     def status(self) -> dict:
         with self.lock:
@@ -309,12 +357,28 @@ class IndexRefresher:
         return {"ndcg@10_at_index_length": metrics["ndcg@10"], "recall@100_at_index_length": metrics["recall@100"]}
 
     def _refresh(self, checkpoint_uri: str, step: int) -> dict:
-        from whetstone.index.client import IndexClient
         from whetstone.index.snapshot import latest_version
 
         started = time.monotonic()
+        self._started_at = time.time()
         old_version = latest_version(self.index_uri, self.storage) or 0
         new_version = next_version(self.index_uri, self.storage)
+        policy = self._partial() if self.settings.get("fraction", 1.0) < 1.0 else None
+        plan = None
+        if policy is not None:  # a partial refresh layers on the served version's vector chunks: they must exist
+            previous = store.join(vectors_uri(self.index_uri, old_version), "manifest.json")
+            plan = policy.next_plan(full=not store.exists(previous, self.storage))
+        try:
+            return self._embed_and_publish(checkpoint_uri, step, started, old_version, new_version, policy, plan)
+        except BaseException:
+            if plan is not None:
+                policy.abandon(plan)  # the slice is re-embedded by the next refresh instead
+            raise
+
+    def _embed_and_publish(self, checkpoint_uri: str, step: int, started: float, old_version: int,
+                           new_version: int, policy, plan) -> dict:
+        from whetstone.index.client import IndexClient
+
         vectors_at = vectors_uri(self.index_uri, new_version)
         embedded = CorpusVectors(embedded_batches(
             self.store_uri,
@@ -327,13 +391,26 @@ class IndexRefresher:
             dtype=self.settings["dtype"],
             num_gpus=self.settings.get("embed_gpus_resolved", 0.0),
             gpu_dtype=self.settings.get("gpu_dtype", "float16"),
-        ), vectors_at, self.storage, num_shards=build_config(self.settings["index"]).num_shards).drain()
+            select=plan,
+            nice=self.settings.get("embed_nice", 0),
+        ), vectors_at, self.storage, num_shards=build_config(self.settings["index"]).num_shards, step=step,
+            refresh=plan.number if plan is not None else None).drain()
         embedded_s = time.monotonic() - started
+        embedded_at = time.time()
+        extra: dict = {"step": step}
+        if plan is not None:  # a partial refresh: the new vectors on top of the chunks still current
+            from whetstone.train.partial_refresh import layer_on_previous
+
+            extra.update(layer_on_previous(policy, plan, step, embedded, vectors_at,
+                                           vectors_uri(self.index_uri, old_version), self.storage))
         # The service's two-phase swap writes LATEST once every shard replica holds the new version.
         publish_index(vectors_at, self.index_uri, new_version, checkpoint_uri, self.settings["index"], self.storage,
-                      set_latest=False, extra={"step": step})
+                      set_latest=False, extra=extra)
         IndexClient.from_handle().swap(new_version)
-        quality = self._evaluate(checkpoint_uri, vectors_at)
+        if plan is not None:
+            policy.done(plan, step)
+        # (a partial version's chunks hold superseded rows too: evaluated with full refreshes only)
+        quality = self._evaluate(checkpoint_uri, vectors_at) if plan is None or plan.full else {}
         record = {
             "step": step,
             "checkpoint": checkpoint_uri,
@@ -341,7 +418,10 @@ class IndexRefresher:
             "new_version": new_version,
             "documents": embedded.rows,
             "embed_s": round(embedded_s, 2),
+            "embed_docs_per_s": round(embedded.rows / max(embedded_s, 1e-9), 1),
+            **{key: extra[key] for key in ("partial", "age") if key in extra},
             "total_s": round(time.monotonic() - started, 2),
+            "started_at": self._started_at, "embedded_at": embedded_at, "ended_at": time.time(),
             **quality,
         }
         print(f"[refresh] index v{old_version} -> v{new_version} from {checkpoint_uri} "
