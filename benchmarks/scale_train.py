@@ -105,7 +105,7 @@ def tiny_encoder(out: Path) -> str:
     return str(out)
 
 
-def job_config(store: str, model: str, out: str, args, epochs: int) -> dict:
+def job_config(store: str, model: str, out: str, args, epochs: int, kind: str) -> dict:
     return {
         "run_name": f"scale-{Path(out).name}", "store_uri": store, "output_uri": out, "if_exists": "overwrite",
         "encoder": {"base_model": model, "query_max_length": 16, "doc_max_length": 24, "forward_chunk": None},
@@ -115,7 +115,8 @@ def job_config(store: str, model: str, out: str, args, epochs: int) -> dict:
                       "mining": {"num_negatives": 1, "rank_start": 3, "rank_end": 30, "sampling": "random"}},
         "refresh": {"every_steps": args.every_steps, "fraction": args.fraction, "embed_batch_size": 512,
                     "embed_concurrency": 1, "embed_cpus": 1.0, "doc_max_length": 24},
-        "index": {"kind": "flat", "num_shards": 2, "initial_embed_concurrency": 2, "http_port": args.port},
+        "index": {"kind": kind, "nlist": 1024, "nprobe": 16, "num_shards": 2, "initial_embed_concurrency": 2,
+                  "http_port": args.port},
         "eval": {"split": None},
         "doc_text": {"partitions": 2},
         "ray_num_cpus": 8, "ray_object_store_mb": 1536,
@@ -155,7 +156,8 @@ def one_run(name: str, docs: int, pairs: int, args, run_dir: Path, model: str) -
     generate_s = time.monotonic() - started
     steps_per_epoch = max(pairs // (2 * args.batch), 1)
     config = ContrastiveJobConfig.model_validate(job_config(store, model, str(run_dir / name / "run"), args,
-                                                            epochs=math.ceil(args.steps / steps_per_epoch)))
+                                                            epochs=math.ceil(args.steps / steps_per_epoch),
+                                                            kind=args.index_kind if docs >= 100_000 else "flat"))
     sampler = RolePeakSampler(router="IndexService").start()
     try:
         report = run(config)
@@ -230,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=32, help="pairs per worker per step")
     parser.add_argument("--every-steps", type=int, default=150)
     parser.add_argument("--fraction", type=float, default=0.25)
+    parser.add_argument("--index-kind", default="ivf", help="ivf (default; flat search of 1M documents per step "
+                        "took most of 2 cores) or flat; the small run uses flat when it has fewer docs than nlist")
     parser.add_argument("--max-steps-behind", type=int, default=800)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=8431)

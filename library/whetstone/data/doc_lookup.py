@@ -193,7 +193,8 @@ def start_doc_lookup(store_uri: str, storage: StorageConfig | None, partitions: 
 
     started = time.monotonic()
     storage = storage or StorageConfig()
-    actor = ray.remote(DocTextPartition)
+    # A partition that dies (its node, say) is restarted and reloads its share; calls to it retry.
+    actor = ray.remote(max_restarts=3, max_task_retries=3)(DocTextPartition)
     handles = [actor.options(num_cpus=num_cpus, name=f"{name}-{p}" if name else None).remote(
         store_uri, storage.resolved().to_wire(), p, partitions) for p in range(partitions)]
     sizes = ray.get([h.count.remote() for h in handles])

@@ -95,13 +95,17 @@ def embedded_batches(
     corpus = store.resolve(store.join(store_uri, "corpus"), storage)
     shards = [uri for uri in store.list_dir(store.join(store_uri, "corpus"), storage) if uri.endswith(".parquet")]
     dataset = ray.data.read_parquet(corpus.path, filesystem=corpus.filesystem)
+    # Reads, row picks and the actors together take at most the actors' CPUs plus one: Ray Data would
+    # otherwise start a task per logical CPU (8 on a 2-core machine) beside training and the index.
+    dataset.context.execution_options.resource_limits = dataset.context.execution_options.resource_limits.copy(
+        cpu=concurrency * num_cpus + 1)
     if len(shards) < 4 * concurrency:
         # A small corpus is read as one block, which one actor would embed alone; splitting it
         # (no shuffle) gives every embedding actor work. Large corpora have enough shards.
         dataset = dataset.repartition(4 * concurrency, shuffle=False)
     if select is not None and not select.full:
         dataset = dataset.map_batches(_selected_rows, fn_kwargs={"plan_ref": ray.put(select)}, batch_format="pyarrow",
-                                      num_cpus=0.25)
+                                      num_cpus=0.25, compute=ray.data.TaskPoolStrategy(size=2))
     embedded = dataset.map_batches(
         _EmbedBatch,
         fn_constructor_kwargs={
