@@ -143,6 +143,14 @@ def throughput_ratio(history: list[dict], refreshes: list[dict], global_batch: i
                            "pairs_per_s_during_embedding": round(during, 1), "pairs_per_s_without_refresh": round(idle, 1)}
 
 
+def steady_data_wait(history: list[dict]) -> float | None:
+    """Share of step time spent waiting for data after the first step (whose wait is the pipeline's
+    start: reading the first shards, the first resolve and tokenise tasks)."""
+    rest = history[1:]
+    busy = sum(m["step_s"] for m in rest)
+    return sum(m["data_wait_s"] for m in rest) / busy if busy else None
+
+
 def one_run(name: str, docs: int, pairs: int, args, run_dir: Path, model: str) -> dict:
     import ray
     from ray import serve
@@ -178,6 +186,8 @@ def one_run(name: str, docs: int, pairs: int, args, run_dir: Path, model: str) -
         "fallback_steps": report["fallback_steps_rank0"], "fallback_by_reason": report["fallback_steps_by_reason_rank0"],
         "max_steps_behind": report["max_index_steps_behind_rank0"], "staleness_bound": report["staleness_bound_steps"],
         "data_wait_fraction": report["data_wait_fraction"],
+        "data_wait_fraction_after_first_step": steady_data_wait(history),
+        "first_step_data_wait_s": history[0]["data_wait_s"] if history else None,
         "index_negative_step_share": 1 - (report["fallback_steps_rank0"] or 0) / max(report["steps"], 1),
         "worker_peak_rss_gib": round(max(workers), 3) if workers else None,
         "max_process_peak_rss_gib": round(memory["processes"][0]["peak_gib"], 3),
@@ -198,7 +208,8 @@ def summarise(large: dict, small: dict) -> dict:
     if large["worker_peak_rss_gib"] is not None and small["worker_peak_rss_gib"] is not None:
         delta = round(large["worker_peak_rss_gib"] - small["worker_peak_rss_gib"], 3)
     summary = {key: large[key] for key in ("docs", "pairs", "fallback_steps", "max_steps_behind", "staleness_bound",
-                                           "data_wait_fraction", "max_process_peak_rss_gib", "refresh_docs_per_s",
+                                           "data_wait_fraction", "data_wait_fraction_after_first_step",
+                                           "first_step_data_wait_s", "max_process_peak_rss_gib", "refresh_docs_per_s",
                                            "full_refresh_s_estimate", "index_negative_step_share",
                                            "train_throughput_during_refresh_ratio", "worker_peak_rss_gib")}
     summary["worker_peak_rss_gib_small"] = small["worker_peak_rss_gib"]
