@@ -222,13 +222,23 @@ def test_killed_shard_replica_gives_503_naming_it_then_serves_the_current_versio
     body = search_until_503(http, query).json()  # once the ingress notices (at most the shard timeout)
     assert body["code"] == ErrorCode.SHARD_UNAVAILABLE.value, body
     assert "shard 1 of 3 (IndexService-shard-1)" in body["detail"], body
-    # While it is down: fast 503s, and the training client falls back (IndexUnavailable).
+    # While it is down the training client falls back (IndexUnavailable naming the shard), and 503s
+    # come fast. Serve replaces the replica within seconds, so either call may already find it back:
+    # then it must answer in full (checked by the next search), not fail some other way.
+    try:
+        answer = IndexClient.from_http(service["base"], timeout_s=10).search(np.ones((1, DIM), np.float32), 3)
+        client_saw_outage = False
+        assert answer.version == 3 and len(answer.ids[0]) == 3  # the replacement already served it whole
+    except IndexUnavailable as err:
+        assert "shard 1 of 3" in str(err)
+        client_saw_outage = True
     t0 = time.monotonic()
     r = http.post("/search", json=query)
     if r.status_code == 503:
         assert time.monotonic() - t0 < 1.0 and "shard 1 of 3" in r.json()["detail"]
-    with pytest.raises(IndexUnavailable, match="shard 1 of 3"):
-        IndexClient.from_http(service["base"], timeout_s=10).search(np.ones((1, DIM), np.float32), 3)
+    else:  # back already: a full answer, not another error
+        assert r.status_code == 200, r.text
+    print(f"training client saw the outage: {client_saw_outage}")
 
     def back():
         r = http.post("/search", json=query)
