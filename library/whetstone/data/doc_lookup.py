@@ -113,35 +113,32 @@ class DocLookup:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def texts(self, ids: Sequence[str]) -> list[str]:
-        """Texts of ``ids`` in order (one call per partition that holds some, in parallel)."""
+    def _ask(self, where: np.ndarray, call) -> list[str]:
+        """``call(partition, positions)`` for every partition in ``where`` (one per position), in
+        parallel; the answers put back in position order."""
         import ray
 
+        groups = {int(p): np.flatnonzero(where == p) for p in np.unique(where)}
+        refs = {p: call(self.partitions[p], p, rows) for p, rows in groups.items()}
+        out: list[str] = [""] * len(where)
+        for p, ref in refs.items():
+            for i, value in zip(groups[p], ray.get(ref, timeout=self.timeout_s), strict=True):
+                out[i] = value
+        return out
+
+    def texts(self, ids: Sequence[str]) -> list[str]:
+        """Texts of ``ids`` in order (one call per partition that holds some, in parallel)."""
         ids = list(ids)
         if not ids:
             return []
-        where = partition_of(ids, len(self.partitions))
-        groups = {int(p): np.flatnonzero(where == p) for p in np.unique(where)}
-        refs = {p: self.partitions[p].texts.remote([ids[i] for i in rows]) for p, rows in groups.items()}
-        out: list[str] = [""] * len(ids)
-        for p, ref in refs.items():
-            for i, text in zip(groups[p], ray.get(ref, timeout=self.timeout_s), strict=True):
-                out[i] = text
-        return out
+        return self._ask(partition_of(ids, len(self.partitions)),
+                         lambda actor, _, rows: actor.texts.remote([ids[i] for i in rows]))
 
     def ids_at(self, indexes: Sequence[int]) -> list[str]:
         """The ids at global positions ``indexes`` (one call per partition involved)."""
-        import ray
-
         indexes = np.asarray(indexes, dtype=np.int64)
-        parts = np.searchsorted(self.offsets, indexes, side="right") - 1
-        refs = {int(p): self.partitions[int(p)].ids_at.remote((indexes[parts == p] - self.offsets[p]).tolist())
-                for p in np.unique(parts)}
-        out: list[str] = [""] * len(indexes)
-        for p, ref in refs.items():
-            for i, doc_id in zip(np.flatnonzero(parts == p), ray.get(ref, timeout=self.timeout_s), strict=True):
-                out[i] = doc_id
-        return out
+        return self._ask(np.searchsorted(self.offsets, indexes, side="right") - 1,
+                         lambda actor, p, rows: actor.ids_at.remote((indexes[rows] - self.offsets[p]).tolist()))
 
     def sample_ids(self, n: int, rng: np.random.Generator, exclude: set[str] | frozenset[str] = frozenset()) -> list[str]:
         """``n`` distinct random ids, none in ``exclude`` (as ``DocStore.sample_ids``).

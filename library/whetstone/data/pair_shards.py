@@ -16,13 +16,11 @@ import pyarrow.compute as pc
 import whetstone.storage as wstorage
 from whetstone.config.base import StorageConfig
 from whetstone.data import schemas as S
+from whetstone.data.process_cache import cached
 from whetstone.data.store import read_manifest, read_shard
 
 if TYPE_CHECKING:
     import ray.data
-
-_TOPICS: dict[str, dict[str, int]] = {}  # per worker process: the topics of the run that last used it
-
 
 # Streamed pairs: a store with few shards has its shards cut into slices (until the dataset has
 # MIN_SLICES, at most MAX_SLICES per shard, none under MIN_SLICE_ROWS rows): a read task takes
@@ -96,20 +94,10 @@ def _read_pair_slices(group: pa.Table, storage_wire: dict | None, seed: int | No
     if positives == "all":
         table = explode_positives(table)
     if topics_ref is not None:
-        table = with_topics(table, _topics(topics_ref))
+        table = with_topics(table, cached(f"topics:{topics_ref.hex()}", lambda: ray.get(topics_ref)))
     numbers = group.column("item").to_pylist()
     rng = np.random.default_rng(None if seed is None else [seed, *numbers])
     return table.take(pa.array(rng.permutation(table.num_rows)))
-
-
-def _topics(ref: Any) -> dict[str, int]:
-    import ray
-
-    key = ref.hex()
-    if key not in _TOPICS:
-        _TOPICS.clear()
-        _TOPICS[key] = ray.get(ref)
-    return _TOPICS[key]
 
 
 def explode_positives(table: pa.Table) -> pa.Table:

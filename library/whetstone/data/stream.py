@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,7 @@ from whetstone.config.base import StorageConfig
 from whetstone.data import schemas as S
 from whetstone.data.collate import collate_pairs, pad_sequences
 from whetstone.data.pair_shards import explode_positives, streamed_pairs, with_topics
+from whetstone.data.process_cache import cached
 from whetstone.data.store import read_dataset_table, read_manifest, read_shard
 
 if TYPE_CHECKING:
@@ -160,23 +161,6 @@ def _in_memory_dataset(tables: list[pa.Table], seed: int | None = None) -> ray.d
 # Small blocks (many per resolve batch): the resolve step then groups different rows each epoch, so
 # its seeded choices (which positive of a multi-positive query, random negatives) vary by epoch.
 MIN_BLOCK_ROWS, MAX_BLOCKS, RESOLVE_BATCH = 8, 1024, 1024
-
-# Per worker process. Ray Data rebuilds an actor pool on every execution (every epoch), and an
-# actor that imports transformers and loads a tokenizer takes seconds to start on a busy host;
-# task worker processes are pooled and reused across epochs, so what the first task builds here
-# (a tokenizer, a DocStore) serves the later epochs' tasks too.
-_PROCESS_CACHE: dict[str, Any] = {}
-_PROCESS_CACHE_SIZE = 8
-
-
-def _cached(key: str, build: Callable[[], Any]) -> Any:
-    value = _PROCESS_CACHE.get(key)
-    if value is None:
-        if len(_PROCESS_CACHE) >= _PROCESS_CACHE_SIZE:
-            _PROCESS_CACHE.clear()  # a long-lived worker that served many runs: start over
-        value = _PROCESS_CACHE[key] = build()
-    return value
-
 
 def _docstore_from_ref(corpus_ref: Any) -> DocStore:
     import ray
@@ -308,7 +292,7 @@ def pairs_dataset(store_uri: str, split: str, storage: StorageConfig | None = No
         raise ValueError(f"positives must be 'sample' or 'all', got {positives!r}")
     corpus_ref = ray.put(DocStore.load(store_uri, storage).table) if docs is None else None
     ds = streamed_pairs(pairs_store_uri or store_uri, name, storage, seed, positives, topics)
-    # Tasks, not actors (see _PROCESS_CACHE): no per-epoch actor start-up before the first batch.
+    # Tasks, not actors (see whetstone.data.process_cache): no per-epoch actor start-up before the first batch.
     return ds.map_batches(
         _resolve_batch,
         fn_kwargs={"corpus_ref": corpus_ref, "corpus_key": corpus_ref.hex() if corpus_ref else None, "seed": seed,
@@ -324,7 +308,7 @@ def _resolve_batch(batch: pa.Table, corpus_ref: Any, corpus_key: str | None, see
                    negatives_per_query: int | None, docs: Any = None) -> pa.Table:
     """``map_batches`` task: :class:`_ResolvePairs` over the lookup, or a DocStore cached per process."""
     if docs is None:
-        docs = _cached(f"docs:{corpus_key}", lambda: _docstore_from_ref(corpus_ref))
+        docs = cached(f"docs:{corpus_key}", lambda: _docstore_from_ref(corpus_ref))
     return _ResolvePairs(docs, seed, negatives_per_query)(batch)
 
 
@@ -365,7 +349,7 @@ def _tokenize_batch(batch: pa.Table, tokenizer_path: str, query_max_length: int,
                     doc_max_length: int) -> pa.Table:
     """``map_batches`` task: :class:`_TokenizePairs` with the tokenizer cached per worker process."""
     key = f"tokenize:{tokenizer_path}:{query_max_length}:{doc_max_length}"
-    return _cached(key, lambda: _TokenizePairs(tokenizer_path, query_max_length, doc_max_length))(batch)
+    return cached(key, lambda: _TokenizePairs(tokenizer_path, query_max_length, doc_max_length))(batch)
 
 
 def tokenize_pairs(ds: ray.data.Dataset, tokenizer_path: str, query_max_length: int, doc_max_length: int,

@@ -132,18 +132,14 @@ def embedded_batches(
         raise ValueError(f"no corpus rows under {store.join(store_uri, 'corpus')}")
 
 
-_PLANS: dict[str, Any] = {}  # per worker process: the refresh plan it last filtered for
-
-
 def _selected_rows(batch: Any, plan_ref: Any) -> Any:
     """``map_batches`` task: the rows of a corpus batch that the partial refresh's plan re-embeds."""
     import pyarrow as pa
 
-    key = plan_ref.hex()
-    if key not in _PLANS:
-        _PLANS.clear()
-        _PLANS[key] = ray.get(plan_ref)
-    return batch.filter(pa.array(_PLANS[key].selects(batch.column("doc_id").to_pylist())))
+    from whetstone.data.process_cache import cached
+
+    plan = cached(f"refresh-plan:{plan_ref.hex()}", lambda: ray.get(plan_ref))
+    return batch.filter(pa.array(plan.selects(batch.column("doc_id").to_pylist())))
 
 
 class CorpusVectors:
