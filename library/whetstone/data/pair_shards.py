@@ -94,6 +94,8 @@ def _read_pair_slices(group: pa.Table, storage_wire: dict | None, seed: int | No
     if positives == "all":
         table = explode_positives(table)
     if topics_ref is not None:
+        import ray
+
         table = with_topics(table, cached(f"topics:{topics_ref.hex()}", lambda: ray.get(topics_ref)))
     numbers = group.column("item").to_pylist()
     rng = np.random.default_rng(None if seed is None else [seed, *numbers])
