@@ -161,6 +161,10 @@ def _in_memory_dataset(tables: list[pa.Table], seed: int | None = None) -> ray.d
 # Small blocks (many per resolve batch): the resolve step then groups different rows each epoch, so
 # its seeded choices (which positive of a multi-positive query, random negatives) vary by epoch.
 MIN_BLOCK_ROWS, MAX_BLOCKS, RESOLVE_BATCH = 8, 1024, 1024
+# The tokenised pairs' blocks: a map task hands a block on once it holds this many bytes (Ray
+# Data's default, 128 MiB, is ~380k short pairs: at 1M pairs the first batch waited 122 s for the
+# first block, and every training worker held blocks that size). 4 MiB: about 12k short pairs.
+PAIR_BLOCK_BYTES = 4 * 2**20
 
 def _docstore_from_ref(corpus_ref: Any) -> DocStore:
     import ray
@@ -369,7 +373,7 @@ def tokenize_pairs(ds: ray.data.Dataset, tokenizer_path: str, query_max_length: 
     """
     import ray.data
 
-    return ds.map_batches(
+    tokens = ds.map_batches(
         _tokenize_batch,
         fn_kwargs={"tokenizer_path": str(tokenizer_path), "query_max_length": query_max_length,
                    "doc_max_length": doc_max_length},
@@ -378,6 +382,8 @@ def tokenize_pairs(ds: ray.data.Dataset, tokenizer_path: str, query_max_length: 
         compute=ray.data.TaskPoolStrategy(size=concurrency),
         num_cpus=num_cpus,
     )
+    tokens.context.target_max_block_size = PAIR_BLOCK_BYTES  # see PAIR_BLOCK_BYTES; the dataset's own context
+    return tokens
 
 
 def preference_dataset(store_uri: str, split_or_name: str, storage: StorageConfig | None = None,
