@@ -51,3 +51,9 @@ def test_partitions_hold_the_corpus_once_and_answer_like_the_docstore(ray_cluste
     rng = np.random.default_rng(3)
     sample = lookup.sample_ids(20, rng, exclude=set(ids[:100]))
     assert len(set(sample)) == 20 and not set(sample) & set(ids[:100]) and set(sample) <= set(ids)
+    # Mining's random fill draws from the lookup in batches (sample_ids), not one actor call per id.
+    from whetstone.index.mining import _random_ids
+
+    banned = set(ids[:50])
+    fill = _random_ids(lookup, 7, np.random.default_rng(4), banned)
+    assert len(set(fill)) == 7 and not set(fill) & banned and set(fill) <= set(ids)

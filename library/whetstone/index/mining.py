@@ -113,6 +113,8 @@ def _random_ids(pool: Sequence[str], n: int, rng: np.random.Generator, banned: s
     """``n`` distinct ids from ``pool`` outside ``banned``: rejection sampling, then an exact pass."""
     if n <= 0:
         return []
+    if hasattr(pool, "ids_at"):  # a DocLookup: indexing is a call to a partition actor; draw in one batch
+        return pool.sample_ids(n, rng, banned)
     chosen: list[str] = []
     taken = set(banned)
     for _ in range(20 * n):
