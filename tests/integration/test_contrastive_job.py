@@ -17,17 +17,6 @@ from tests.conftest import free_port
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def scifact_store(tmp_path_factory) -> str:
-    from whetstone.data.ingest import ingest_beir
-    from whetstone.datasets import path
-
-    store = str(tmp_path_factory.mktemp("store") / "scifact")
-    report = ingest_beir(str(path("scifact-subset")), store, rows_per_shard=500)
-    assert report.datasets["pairs/train"].rows_written == 188
-    return store
-
-
 def scifact_train_counts(store: str) -> tuple[int, int]:
     """(queries, (query, positive) pairs) in the store's train split, read straight from the shards."""
     from whetstone.data.store import read_dataset_table
@@ -219,7 +208,102 @@ def _run_until_killed(args: list[str], checkpoint: Path, timeout_s: float = 600.
     raise AssertionError(f"processes of the killed job's group {proc.pid} are still alive")
 
 
-def test_a_killed_run_resumes_from_its_last_checkpoint(ray_cluster, scifact_store, tiny_encoder_dir, tmp_path):
+def _resume_args(store: str, encoder: Path) -> list[str]:
+    """8 steps, a checkpoint every 2, no refresh (the index stays at v1), a frozen query tower."""
+    return ["--config", "jobs/configs/train_contrastive/smoke.yaml", f"store_uri={store}",
+            f"encoder.base_model={encoder}", "refresh.every_steps=null", "optim.checkpoint_every=2",
+            "optim.max_steps=8", "eval.split=null", "encoder.query_tower=frozen"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster, scifact_store, tiny_encoder_dir, tmp_path_factory) -> tuple[dict, list[dict]]:
+    """The run the fault tests compare with: (report, per-step history), never interrupted."""
+    from ray import serve
+
+    from jobs.train_contrastive import main
+
+    out = tmp_path_factory.mktemp("whole")
+    report = main([*_resume_args(scifact_store, tiny_encoder_dir), f"output_uri={out}",
+                   f"index.http_port={free_port()}"])
+    serve.delete("whetstone-index")
+    return report, json.loads(Path(report["history_uri"]).read_text())
+
+
+def _train_worker_processes() -> list:
+    """The Ray Train worker processes of this test session's local Ray (Ray titles them
+    ``ray::RayTrainWorker...``; they descend from this process, which started the raylet), not
+    those of any other Ray on the machine."""
+    import os
+
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []) and \
+                    os.getpid() in {parent.pid for parent in proc.parents()}:
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def test_a_killed_training_worker_is_restarted_and_the_run_continues(ray_cluster, scifact_store, tiny_encoder_dir,
+                                                                     tmp_path, uninterrupted):
+    """kill -9 of one Ray Train worker mid-run, once the step-2 checkpoint is on disk: Ray Train
+    restarts the worker group by itself (max_failures) from the newest registered checkpoint, and
+    the job finishes with every step of the plan. The history holds each step once, and every
+    loss equals the uninterrupted run's to 1e-5 (the same reasoning as the resume test below: the
+    same float operations on the same data, so the tolerance only allows for thread scheduling)."""
+    import os
+    import threading
+    import time
+
+    import numpy as np
+    from ray import serve
+    from whetstone.train.checkpoint import read_trainer_state
+
+    from jobs.train_contrastive import main
+
+    whole, history = uninterrupted
+    run = tmp_path / "run"
+    result: dict = {}
+
+    def job() -> None:
+        try:
+            result["report"] = main([*_resume_args(scifact_store, tiny_encoder_dir), f"output_uri={run}",
+                                     f"index.http_port={free_port()}"])
+        except BaseException as err:  # noqa: BLE001 - handed to the test thread
+            result["error"] = err
+
+    thread = threading.Thread(target=job, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 600
+    while read_trainer_state(str(run / "train" / "step-000002")) is None:
+        assert thread.is_alive(), f"the job ended before its step-2 checkpoint: {result}"
+        assert time.monotonic() < deadline, "no step-2 checkpoint after 600 s"
+        time.sleep(0.02)
+    assert not (run / "train" / "final").exists(), "the run finished before the kill: nothing was tested"
+    workers = _train_worker_processes()
+    assert len(workers) == 2, f"expected this run's 2 training workers, found {workers}"
+    victim = min(workers, key=lambda p: p.pid)
+    os.kill(victim.pid, 9)
+    victim.wait(timeout=30)
+    thread.join(timeout=900)
+    serve.delete("whetstone-index")
+    assert not thread.is_alive(), "the job did not finish within 900 s of the kill"
+    assert "error" not in result, f"the job failed after the kill: {result.get('error')!r}"
+    report = result["report"]
+    assert report["worker_restarts"] == 1 and report["steps"] == 8
+    restored = json.loads(Path(report["history_uri"]).read_text())
+    assert [m["step"] for m in restored] == list(range(1, 9))  # each step once, across the restart
+    np.testing.assert_allclose([m["loss"] for m in restored], [m["loss"] for m in history], rtol=1e-5)
+    np.testing.assert_allclose([m["lr"] for m in restored], [m["lr"] for m in history], rtol=1e-9)
+    assert not Path(str(report["history_uri"]).removesuffix(".json") + ".parts").exists()
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(ray_cluster, scifact_store, tiny_encoder_dir, tmp_path,
+                                                        uninterrupted):
     """kill -9 of a whole run after its step-2 checkpoint; the resumed attempt continues it: its
     losses equal an uninterrupted run's step for step (weights, AdamW moments, the LR schedule
     and the epoch's data position all come back).
@@ -240,11 +324,8 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(ray_cluster, scifact_stor
 
     from jobs.train_contrastive import main
 
-    args = ["--config", "jobs/configs/train_contrastive/smoke.yaml", f"store_uri={scifact_store}",
-            f"encoder.base_model={tiny_encoder_dir}", "refresh.every_steps=null", "optim.checkpoint_every=2",
-            "optim.max_steps=8", "eval.split=null", "encoder.query_tower=frozen"]
-    whole = main([*args, f"output_uri={tmp_path / 'whole'}", f"index.http_port={free_port()}"])
-    serve.delete("whetstone-index")
+    args = _resume_args(scifact_store, tiny_encoder_dir)
+    whole, history = uninterrupted
     run = tmp_path / "run"
     _run_until_killed([*args, f"output_uri={run}", f"index.http_port={free_port()}"],
                       run / "train" / "step-000002")
@@ -256,7 +337,6 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(ray_cluster, scifact_stor
     assert resumed_at is not None and resumed_at % 2 == 0 and 2 <= resumed_at < 8
     assert second["steps"] == 8 and second["index_versions"][0] == 1
     attempt = run / f"train-from-{resumed_at:06d}"
-    history = json.loads((tmp_path / "whole" / "train-history.json").read_text())
     resumed = json.loads(Path(second["history_uri"]).read_text())
     assert [m["step"] for m in resumed] == list(range(resumed_at + 1, 9))
     np.testing.assert_allclose([m["loss"] for m in resumed], [m["loss"] for m in history[resumed_at:]], rtol=1e-5)

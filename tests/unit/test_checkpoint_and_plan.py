@@ -108,3 +108,64 @@ def test_the_plan_crosses_to_workers_as_json_and_names_a_missing_field():
         ContrastiveRunPlan.model_validate(broken)
     with pytest.raises(ValidationError, match="first_verison"):
         ContrastiveRunPlan.model_validate(_plan(first_verison=2))
+
+
+def test_a_restarted_worker_group_continues_the_history_from_the_registered_checkpoint(tmp_path):
+    """Rank 0 saves the steps since the last checkpoint beside each one; a restarted group restores
+    the steps up to the checkpoint Ray Train handed it, ignoring parts of later (unregistered)
+    checkpoints, and the finished history holds every step once."""
+    from whetstone.train.progress import StepLog, parts_uri
+
+    history_uri = str(tmp_path / "train-history.json")
+    first = StepLog(rank=0, total_steps=6, log_every=100, global_batch=4)
+    for step in range(1, 6):
+        first.history.append({"step": step, "loss": 1.0 / step})
+        first.totals["fallback_steps"] += step == 3
+        if step in (2, 4):  # checkpoints at 2 and 4; the one at 4 is then torn and never registered
+            first.save_part(step, history_uri, None)
+    assert sorted(p.name for p in (tmp_path / "train-history.parts").iterdir()) == \
+        ["upto-000000002.json", "upto-000000004.json"]
+    assert parts_uri(history_uri) == str(tmp_path / "train-history.parts")
+
+    restarted = StepLog(rank=0, total_steps=6, log_every=100, global_batch=4)
+    restarted.restore(2, history_uri, None)  # Ray Train restarts the group from step 2
+    assert [m["step"] for m in restarted.history] == [1, 2] and restarted.totals["fallback_steps"] == 0
+    for step in range(3, 7):
+        restarted.history.append({"step": step, "loss": 1.0 / step})
+    restarted.finish(history_uri, None)
+    assert [m["step"] for m in json.loads((tmp_path / "train-history.json").read_text())] == [1, 2, 3, 4, 5, 6]
+    assert not (tmp_path / "train-history.parts").exists()
+
+    other_rank = StepLog(rank=1, total_steps=6, log_every=100, global_batch=4)
+    first.save_part(4, history_uri, None)
+    other_rank.restore(4, history_uri, None)
+    assert other_rank.history == [] and other_rank.totals["fallback_steps"] == 1  # totals only; rank 0 keeps history
+
+
+def test_training_jobs_restart_failed_workers_by_default():
+    from whetstone.config.contrastive import ContrastiveJobConfig
+    from whetstone.config.preference import PreferenceJobConfig
+    from whetstone.train.runtime import train_run_config
+
+    assert ContrastiveJobConfig().max_failures > 0
+    assert PreferenceJobConfig.model_fields["max_failures"].default > 0
+    with pytest.raises(ValidationError, match="max_failures"):
+        ContrastiveJobConfig(max_failures=-2)
+    config = train_run_config("train", "/tmp/run", None, "WARNING", max_failures=3)
+    assert config.failure_config.max_failures == 3
+
+
+def test_worker_groups_are_counted_and_a_restart_finds_the_newest_complete_checkpoint(tmp_path):
+    """A group that died after writing step 4 but before Ray Train registered it: the restarted
+    group counts itself as restart 1 and finds step 4 (a torn step 6 is skipped)."""
+    from whetstone.train.checkpoint import count_worker_group, newest_complete_checkpoint
+
+    attempt = str(tmp_path / "train")
+    assert newest_complete_checkpoint(attempt) is None
+    assert count_worker_group(attempt) == 1 and count_worker_group(attempt) == 2
+    model, optimizer, scheduler = _trained(1)
+    for step in (2, 4, 6):
+        _save(tmp_path / "train" / f"step-{step:06d}", model, optimizer, scheduler, step)
+    (tmp_path / "train" / "step-000006" / "model.pt").write_bytes(b"torn")  # not the size listed
+    uri, state = newest_complete_checkpoint(attempt)
+    assert state.step == 4 and uri.endswith("step-000004")

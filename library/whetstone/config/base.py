@@ -21,6 +21,11 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 # step's whole metrics dict ("Reporting training result ..."), twice what the job's own step lines
 # say; Ray's log files on disk keep every level either way.
 RayTrainLogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+# Worker-group restarts a training run makes by itself (ray.train.FailureConfig.max_failures):
+# a killed or crashed worker restarts the group from the newest registered checkpoint.
+MAX_FAILURES = 3
+MAX_FAILURES_HELP = ("times the training workers are restarted after a worker dies or raises, each time "
+                     "from the newest complete checkpoint (-1: no limit, 0: the first failure ends the run)")
 
 
 class ConfigError(ValueError):

@@ -6,7 +6,14 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from whetstone.config.base import RayTrainLogLevel, StorageConfig, StrictModel, renamed_field
+from whetstone.config.base import (
+    MAX_FAILURES,
+    MAX_FAILURES_HELP,
+    RayTrainLogLevel,
+    StorageConfig,
+    StrictModel,
+    renamed_field,
+)
 from whetstone.index.ann import AnnConfig
 from whetstone.index.mining import MiningConfig
 
@@ -292,6 +299,7 @@ class ContrastiveJobConfig(StrictModel):
     storage: StorageConfig = StorageConfig()
     if_exists: Literal["error", "overwrite", "resume"] = Field(
         "error", description="what to do when the run's outputs already exist")
+    max_failures: int = Field(MAX_FAILURES, ge=-1, description=MAX_FAILURES_HELP)
     train_split: str = "train"
     encoder: EncoderConfig = EncoderConfig()
     optim: OptimConfig = OptimConfig()

@@ -6,7 +6,13 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from whetstone.config.base import RayTrainLogLevel, StorageConfig, StrictModel
+from whetstone.config.base import (
+    MAX_FAILURES,
+    MAX_FAILURES_HELP,
+    RayTrainLogLevel,
+    StorageConfig,
+    StrictModel,
+)
 
 PolicyLossName = Literal["dpo", "ipo", "hinge", "cdpo", "ns_dpo", "simpo", "orpo", "npo"]
 # Losses that never look at the reference model: no precompute, no second model.
@@ -134,6 +140,7 @@ class PreferenceJobConfig(StrictModel):
     output_uri: str | None = Field(None, description="run outputs; default <store_uri>/runs/<run_name>")
     storage: StorageConfig = StorageConfig()
     if_exists: Literal["error", "overwrite", "resume"] = "error"
+    max_failures: int = Field(MAX_FAILURES, ge=-1, description=MAX_FAILURES_HELP)
     policy: PolicyConfig | None = None
     loss: LossConfig = LossConfig()
     reference: ReferenceConfig = ReferenceConfig()

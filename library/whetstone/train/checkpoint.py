@@ -121,24 +121,50 @@ def _attempt_folders(run_uri: str, storage: StorageConfig | None) -> list[str]:
     return out
 
 
-def find_resume_checkpoint(run_uri: str, storage: StorageConfig | None = None) -> tuple[str, TrainerState] | None:
-    """The newest complete ``step-N`` checkpoint of any attempt of the run (None: start fresh).
+def newest_complete_checkpoint(attempt_uri: str, storage: StorageConfig | None = None
+                               ) -> tuple[str, TrainerState] | None:
+    """The newest complete ``step-N`` checkpoint in one attempt's folder (None: there is none).
 
-    Raises:
-        ConfigError: the run already finished (a ``final`` checkpoint exists).
-    """
-    found: list[tuple[int, str]] = []
-    for attempt in _attempt_folders(run_uri, storage):
-        for uri in store.list_dir(attempt, storage):
-            name = uri.rstrip("/").rsplit("/", 1)[-1]
-            if name == "final":
-                raise ConfigError(f"if_exists: {run_uri} already finished ({uri} exists); "
-                                  "use if_exists=overwrite or a new run_name")
-            if name.startswith("step-") and name[5:].isdigit():
-                found.append((int(name[5:]), uri))
+    A restarted worker group uses it when Ray Train registered no checkpoint: the group died
+    after a checkpoint was fully written but before the controller took the report."""
+    found = []
+    for uri in store.list_dir(attempt_uri, storage):
+        name = uri.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("step-") and name[5:].isdigit():
+            found.append((int(name[5:]), uri))
     for _, uri in sorted(found, reverse=True):
         state = read_trainer_state(uri, storage)
         if state is not None:
             return uri, state
         print(f"[run] skipping incomplete checkpoint {uri}", flush=True)
     return None
+
+
+def count_worker_group(attempt_uri: str, storage: StorageConfig | None = None) -> int:
+    """Rank 0 at setup: number this worker group within the attempt (1 for the first, 2 after the
+    first restart, ...), kept in ``<attempt>.groups``, so a restart is counted even when it found
+    no checkpoint to continue from."""
+    uri = f"{attempt_uri.rstrip('/')}.groups"
+    try:
+        groups = int(store.read_bytes(uri, storage)) + 1
+    except FileNotFoundError:
+        groups = 1
+    store.write_bytes(uri, str(groups).encode(), storage)
+    return groups
+
+
+def find_resume_checkpoint(run_uri: str, storage: StorageConfig | None = None) -> tuple[str, TrainerState] | None:
+    """The newest complete ``step-N`` checkpoint of any attempt of the run (None: start fresh).
+
+    Raises:
+        ConfigError: the run already finished (a ``final`` checkpoint exists).
+    """
+    newest: tuple[str, TrainerState] | None = None
+    for attempt in _attempt_folders(run_uri, storage):
+        if store.exists(store.join(attempt, "final"), storage):
+            raise ConfigError(f"if_exists: {run_uri} already finished ({store.join(attempt, 'final')} exists); "
+                              "use if_exists=overwrite or a new run_name")
+        found = newest_complete_checkpoint(attempt, storage)
+        if found is not None and (newest is None or found[1].step > newest[1].step):
+            newest = found
+    return newest

@@ -37,6 +37,7 @@ def write_report(run: ContrastiveRun, plan: ContrastiveRunPlan, base: Embedded, 
         "tasks": _task_report(run.task_data, plan.task_shares, train_metrics),
         "topic_pure_batch_share": train_metrics.get("topic_pure_batch_share"),
         "resumed_from_step": plan.resume_step if plan.resume_checkpoint else None,
+        "worker_restarts": int(train_metrics.get("total_worker_restarts") or 0),
         "negatives_source": config.negatives.source,
         "static_mining": mined.summary() if mined is not None else None,
         **_negatives_report(train_metrics, config.optim.num_workers, config.staleness_bound),
@@ -134,6 +135,9 @@ def _print_summary(report: dict, report_uri: str) -> None:
                  f"{report['negatives_served_all_workers']} (fallback steps on rank 0: {report['fallback_steps_rank0']}"
                  f"{_fallback_reasons(report)}); index at most {report['max_index_steps_behind_rank0']} steps behind "
                  f"(bound {report['staleness_bound_steps']})")
+    if report["worker_restarts"]:
+        lines.append(f"worker group restarted {report['worker_restarts']} time(s) after a failure; "
+                     "each restart continued from the newest registered checkpoint")
     for r in report["refreshes"]:
         lines.append(f"refresh at step {r['step']}: index v{r['old_version']} -> v{r['new_version']} "
                      f"({r['total_s']} s)")

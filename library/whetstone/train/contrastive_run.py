@@ -361,7 +361,8 @@ def fit(run: ContrastiveRun, plan: ContrastiveRunPlan, datasets: dict[str, Any],
                                      placement_strategy=config.optim.placement_strategy),
         datasets=datasets,
         dataset_config=ordered_data_config(),  # the same batches in the same order: a resume skips the right ones
-        run_config=train_run_config(run.attempt, config.run_uri, config.storage, config.ray_train_log_level),
+        run_config=train_run_config(run.attempt, config.run_uri, config.storage, config.ray_train_log_level,
+                                    config.max_failures),
     )
     result = trainer.fit()
     run.timer.mark("train_s", t)

@@ -75,23 +75,45 @@ class WorkerRun:
         self.encoder.save(folder, query_tower=self.query_tower)
 
 
-def _load_weights(config: ContrastiveJobConfig, plan: ContrastiveRunPlan
+def _load_weights(config: ContrastiveJobConfig, plan: ContrastiveRunPlan, restarted: bool
                   ) -> tuple[Encoder, Encoder | None, TrainerState, dict | None]:
     """(encoder, frozen query tower or None, start state, optimiser state or None) from, in order:
-    the checkpoint Ray Train restarts this attempt from, the checkpoint a new attempt resumes
-    (``if_exists=resume``), or the base model."""
+    a restarted worker group's checkpoint (the one Ray Train registered last or, if the group died
+    before Ray Train registered it, the newest complete one of this attempt), the checkpoint a new
+    attempt resumes (``if_exists=resume``), or the base model."""
     import ray.train
+
+    from whetstone.train.checkpoint import newest_complete_checkpoint
 
     frozen = config.encoder.query_tower == "frozen"
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             return _load_checkpoint(folder, None, frozen)
+    found = newest_complete_checkpoint(plan.checkpoint_root, config.storage) if restarted else None
+    if found is not None:
+        return _load_checkpoint(found[0], config.storage, frozen)
     if plan.resume_checkpoint:
         return _load_checkpoint(plan.resume_checkpoint, config.storage, frozen)
     encoder = Encoder.load(plan.base_model, device="cpu", storage=config.storage)
     tower = Encoder.load_query(plan.base_model, device="cpu", storage=config.storage) if frozen else None
     return encoder, tower, TrainerState(step=0), None
+
+
+def _count_restart(config: ContrastiveJobConfig, plan: ContrastiveRunPlan, rank: int) -> int:
+    """Restarts of this attempt's worker group so far (0: the first group). Rank 0 counts the
+    group; the others learn the count through a collective."""
+    import ray.train.torch
+    import torch.distributed as dist
+
+    from whetstone.train.checkpoint import count_worker_group
+
+    count = count_worker_group(plan.checkpoint_root, config.storage) - 1 if rank == 0 else 0
+    if dist.is_available() and dist.is_initialized():  # NCCL broadcasts from the GPU
+        tensor = torch.tensor([count], device=ray.train.torch.get_device())
+        dist.broadcast(tensor, src=0)
+        count = int(tensor.item())
+    return count
 
 
 def _load_checkpoint(uri: str, storage, frozen: bool) -> tuple[Encoder, Encoder | None, TrainerState, dict | None]:
@@ -115,7 +137,12 @@ def setup_worker(config: ContrastiveJobConfig, plan: ContrastiveRunPlan) -> Work
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(config.optim.seed)
-    encoder, tower, start, optimizer_state = _load_weights(config, plan)
+    restarts = _count_restart(config, plan, rank)
+    encoder, tower, start, optimizer_state = _load_weights(config, plan, restarts > 0)
+    if restarts and rank == 0:
+        limit = "unlimited" if config.max_failures < 0 else config.max_failures
+        print(f"[train] worker group restarted after a failure (restart {restarts}, at most {limit}): "
+              f"continuing from step {start.step}", flush=True)
     if config.encoder.gradient_checkpointing:
         # Non-reentrant checkpointing works with DDP and with inputs that need no grad.
         encoder.transformer.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -140,6 +167,9 @@ def setup_worker(config: ContrastiveJobConfig, plan: ContrastiveRunPlan) -> Work
             scheduler.step()
     log = StepLog(rank, plan.total_steps, config.optim.log_every, config.optim.batch_size * world)
     log.worker_nodes = _worker_nodes(world)
+    if restarts:  # the history and totals of the steps before the restart
+        log.restore(start.step, plan.history_uri, config.storage)
+        log.totals["worker_restarts"] = restarts
     run = WorkerRun(config, plan, rank, world, model, encoder, tower, optimizer, scheduler,
                     build_loss(config.loss, config.optim.temperature, config.optim.symmetric), log, start)
     _attach_extras(run)
@@ -352,6 +382,8 @@ class CheckpointHook:
         # Where the data stands for the next step: the same epoch, or the start of the next one.
         epoch = run.plan.epoch_of(step)
         state = TrainerState(step=step, epoch=epoch, epoch_batches=item.epoch_batches if epoch == item.epoch else 0)
+        if save and not final:  # the steps' metrics since the last checkpoint, for a restarted group
+            run.log.save_part(step, run.plan.history_uri, run.config.storage)
         # ray.train.report waits until the controller has taken the previous report (about a second
         # apart in Ray 2.60): a step of a few hundred ms waited on it every step. Metrics are reported
         # every log_every steps and with every checkpoint; the per-step history is kept by run.log.

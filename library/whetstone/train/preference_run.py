@@ -163,7 +163,8 @@ def fit(run: DriverRun, plan: PreferenceRunPlan, datasets: dict[str, Any],
         scaling_config=ScalingConfig(num_workers=config.optim.num_workers, use_gpu=config.optim.use_gpu,
                                      resources_per_worker={"CPU": config.optim.cpus_per_worker}),
         datasets=datasets, dataset_config=ordered_data_config(),
-        run_config=train_run_config(attempt, config.run_uri, config.storage, config.ray_train_log_level),
+        run_config=train_run_config(attempt, config.run_uri, config.storage, config.ray_train_log_level,
+                                    config.max_failures),
     ).fit()
     run.timer.mark("train_s", started)
     return dict(result.metrics or {})

@@ -47,6 +47,7 @@ class StepLog:
         self.worker_nodes: list[str] = []
         self.history: list[dict[str, float]] = []  # rank 0: the scalar metrics of every step
         self.multitask = False  # True: count steps per task (retrieval and the auxiliary ones)
+        self.saved = 0  # history entries already in a part (save_part)
 
     def start_wait(self) -> None:
         self.wait_started = time.monotonic()
@@ -143,6 +144,41 @@ class StepLog:
                   f"{step_s:.1f} s/step {extra}", flush=True)
         return metrics
 
+    def save_part(self, step: int, history_uri: str, storage=None) -> None:
+        """Rank 0, beside the checkpoint of ``step``: persist the steps since the last part and the
+        running totals, so a restarted worker group continues the history (:meth:`restore`)."""
+        if self.rank != 0:
+            return
+        import json
+
+        from whetstone import storage as store
+
+        part = {"history": self.history[self.saved:], "totals": self.totals,
+                "versions_seen": sorted(self.versions_seen)}
+        store.write_bytes(store.join(parts_uri(history_uri), f"upto-{step:09d}.json"), json.dumps(part).encode(),
+                          storage)
+        self.saved = len(self.history)
+
+    def restore(self, step: int, history_uri: str, storage=None) -> None:
+        """Rank 0 of a restarted worker group: the history and totals of steps 1..``step`` from the
+        parts the killed group saved (parts past ``step`` belong to checkpoints Ray Train never
+        registered and are ignored)."""
+        import json
+
+        from whetstone import storage as store
+
+        folder = parts_uri(history_uri)
+        names = sorted(uri.rstrip("/").rsplit("/", 1)[-1] for uri in store.list_dir(folder, storage))
+        parts = [name for name in names if name.startswith("upto-") and int(name[5:-5]) <= step]
+        history: list[dict[str, float]] = []
+        for name in parts:
+            part = json.loads(store.read_bytes(store.join(folder, name), storage))
+            history += [m for m in part["history"] if m.get("step", 0) <= step]
+            self.totals.update(part["totals"])
+            self.versions_seen.update(part["versions_seen"])
+        if self.rank == 0:
+            self.history, self.saved = history, len(history)
+
     def finish(self, history_uri: str | None = None, storage=None) -> None:
         """Rank 0 prints the closing line and writes the per-step history (the driver plots it)."""
         if self.rank == 0 and history_uri:
@@ -151,6 +187,7 @@ class StepLog:
             from whetstone import storage as store
 
             store.write_bytes(history_uri, json.dumps(self.history).encode(), storage)
+            store.delete_dir(parts_uri(history_uri), storage)  # the parts are in the history now
         if self.rank == 0:
             elapsed = time.monotonic() - self.started
             print(
@@ -160,3 +197,8 @@ class StepLog:
                 f"fallback steps {int(self.totals['fallback_steps'])}, index versions {sorted(self.versions_seen)}",
                 flush=True,
             )
+
+
+def parts_uri(history_uri: str) -> str:
+    """Where the history's parts wait until the run ends (``<history>.parts/upto-<step>.json``)."""
+    return f"{history_uri.removesuffix('.json')}.parts"

@@ -81,15 +81,18 @@ def quiet_state_api_warnings() -> None:
 
 
 
-def train_run_config(name: str, storage_uri: str, storage: StorageConfig | None, log_level: str) -> Any:
-    """``RunConfig`` for both training jobs: checkpoints under ``storage_uri``, Ray Train's console
-    logging at ``log_level``, and workers' ``print`` left alone. Ray Train otherwise patches
-    ``print`` into its logger, and every progress line reaches the console twice (once printed,
-    once logged)."""
-    from ray.train import LoggingConfig, RunConfig
+def train_run_config(name: str, storage_uri: str, storage: StorageConfig | None, log_level: str,
+                     max_failures: int = 0) -> Any:
+    """``RunConfig`` for both training jobs: checkpoints under ``storage_uri``, up to
+    ``max_failures`` worker-group restarts (each from the newest checkpoint Ray Train registered,
+    which it registers only once fully uploaded), Ray Train's console logging at ``log_level``,
+    and workers' ``print`` left alone. Ray Train otherwise patches ``print`` into its logger, and
+    every progress line reaches the console twice (once printed, once logged)."""
+    from ray.train import FailureConfig, LoggingConfig, RunConfig
 
     root = store.resolve(storage_uri, storage)
     return RunConfig(name=name, storage_path=root.path, storage_filesystem=root.filesystem,
+                     failure_config=FailureConfig(max_failures=max_failures),
                      logging_config=LoggingConfig(log_level=log_level),
                      worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
 
