@@ -13,7 +13,7 @@ from whetstone.config.base import StorageConfig, StrictModel, renamed_field
 from services.index.http import TOKEN_ENV
 
 # Settings `reconfigure` may change on a live deployment (user_config); the rest need a redeploy.
-LIVE_FIELDS = ("protect_reads", "max_k", "max_queries_per_request", "max_exclude_per_query",
+LIVE_FIELDS = ("protect_reads", "max_k", "max_queries_per_request", "max_exclude_per_query", "max_request_bytes",
                "batch_max_size", "batch_wait_timeout_s", "poll_interval_s", "shard_timeout_s", "swap_timeout_s")
 
 
@@ -50,6 +50,8 @@ class IndexServiceArgs(StrictModel):
     max_k: int = Field(1000, ge=1)
     max_queries_per_request: int = Field(1024, ge=1)
     max_exclude_per_query: int = Field(1000, ge=0)
+    max_request_bytes: int = Field(16 * 1024**2, ge=1024, description="largest request body; larger ones get "
+                                                                      "413 before they are parsed")
     batch_max_size: int = Field(32, ge=1, description="requests merged into one FAISS call (per shard replica)")
     batch_wait_timeout_s: float = Field(
         0.0, ge=0, description="how long a search waits for others to arrive before it starts (Serve's batch "

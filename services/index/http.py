@@ -10,8 +10,10 @@ Everything here finds the replica it runs in through Serve's replica context; th
 import hmac
 import json
 
+import pydantic_core
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
@@ -37,6 +39,7 @@ def build_fastapi() -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_middleware(_ErrorCounter)
     app.add_middleware(_SearchFastPath)  # added last: outermost, so its answers skip the counter
+    app.openapi = lambda: _openapi(app)
     return app
 
 
@@ -67,6 +70,13 @@ async def require_read_token(credentials: HTTPAuthorizationCredentials | None = 
         _check_token(credentials, service.token, "read")
 
 
+# Route options: ``@fastapi_app.post("/search", **READ)``. The access mark lets the OpenAPI
+# document say which routes the token guards on this deployment.
+_ACCESS = "x-whetstone-access"
+READ = {"dependencies": [Depends(require_read_token)], "openapi_extra": {_ACCESS: "read"}}
+WRITE = {"dependencies": [Depends(require_write_token)], "openapi_extra": {_ACCESS: "write"}}
+
+
 def bearer_matches(headers, expected: str | None) -> bool:
     """Whether raw ASGI ``headers`` carry ``Authorization: Bearer <expected>`` (the fast path's check)."""
     if expected is None:
@@ -88,12 +98,41 @@ def is_json(headers) -> bool:
     return False
 
 
+# ---------------------------------------------------------------- OpenAPI
+_OPENAPI: dict[bool, dict] = {}  # per protect_reads
+
+
+def _openapi(app: FastAPI) -> dict:
+    """The OpenAPI document as this deployment answers: read routes (``READ``) list the bearer
+    token only where ``protect_reads`` is on (FastAPI lists it on every route with the dependency)."""
+    protect = bool(_servable().args.protect_reads)
+    if protect not in _OPENAPI:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for item in schema.get("paths", {}).values():
+            for operation in item.values():
+                if operation.get(_ACCESS) == "read":
+                    operation["description"] = operation.get("description", "") + (
+                        "\n\nNeeds the bearer token: this service protects reads." if protect
+                        else "\n\nOpen: this service does not protect reads.")
+                    if not protect:
+                        operation.pop("security", None)
+        _OPENAPI[protect] = schema
+    return _OPENAPI[protect]
+
+
 # ---------------------------------------------------------------- error answers
 async def _service_error(request: Request, err: IndexServiceError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
 async def _framework_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    body = request.scope.get(BODY_SCOPE_KEY)
+    if err.status_code == 400 and body is not None:  # FastAPI's "error parsing the body" names nothing
+        try:
+            pydantic_core.from_json(body)
+        except ValueError as parse:  # e.g. "recursion limit exceeded at line 1 column 213"
+            return JSONResponse({"detail": [{"loc": ["body"], "msg": f"invalid JSON: {parse}", "type": "json_invalid"}],
+                                 "code": ErrorCode.BAD_INPUT.value}, status_code=422)
     code = _FRAMEWORK_CODES.get(err.status_code, ErrorCode.HTTP_ERROR)
     return JSONResponse({"detail": err.detail, "code": code.value}, status_code=err.status_code,
                         headers=getattr(err, "headers", None))
@@ -128,7 +167,9 @@ class _ErrorCounter:
 
 
 class _SearchFastPath:
-    """Pure ASGI fast path for the hot request: a valid ``POST /search`` with vectors.
+    """Pure ASGI: every request body is read here once, refused with 413 beyond
+    ``max_request_bytes`` (before it is parsed), kept in the scope for error answers, and replayed
+    to the app; and the fast path for the hot request, a valid ``POST /search`` with vectors.
 
     It parses the body with pydantic's JSON parser straight into ``SearchRequest``, runs the
     same checks and the same batched search as the FastAPI route, and writes the response with
@@ -143,16 +184,25 @@ class _SearchFastPath:
         self.app = app
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith("/search"):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
-        chunks, message = [], {"more_body": True}
+        servable = _servable()
+        limit = servable.args.max_request_bytes
+        declared = _content_length(scope["headers"])
+        if declared is not None and declared > limit:
+            return await _refuse_size(scope, send, servable, f"{declared} bytes (Content-Length)", limit)
+        chunks, size, message = [], 0, {"more_body": True}
         while message.get("more_body", False):
             message = await receive()
             if message["type"] != "http.request":  # the client went away: let the app see it
                 return await self.app(scope, _replay(b"".join(chunks), message, receive), send)
             chunks.append(message.get("body", b""))
-        body = b"".join(chunks)
-        servable = _servable()
+            size += len(chunks[-1])
+            if size > limit:
+                return await _refuse_size(scope, send, servable, f"more than {limit} bytes", limit)
+        body = scope[BODY_SCOPE_KEY] = b"".join(chunks)
+        if scope["method"] != "POST" or not scope["path"].endswith("/search"):
+            return await self.app(scope, _replay(body, None, receive), send)
         answer = await servable.fast_search(scope["headers"], body)
         if answer is None:
             return await self.app(scope, _replay(body, None, receive), send)
@@ -165,6 +215,30 @@ class _SearchFastPath:
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(answer)).encode())]})
         await send({"type": "http.response.body", "body": answer})
+
+
+BODY_SCOPE_KEY = "whetstone.body"  # the request body, read once by _SearchFastPath
+
+
+def _content_length(headers) -> int | None:
+    for name, value in headers:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _refuse_size(scope, send, servable, size: str, limit: int) -> None:
+    """413 with a code, before the body is parsed (or read further)."""
+    err = IndexServiceError(ErrorCode.REQUEST_TOO_LARGE, f"request body: {size} exceeds max_request_bytes={limit}")
+    servable.recorder.error(scope.get("path", ""), err.status)
+    answer = json.dumps(err.body()).encode()
+    await send({"type": "http.response.start", "status": err.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(answer)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": answer})
 
 
 def _replay(body: bytes, last: dict | None, receive):

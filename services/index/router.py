@@ -32,7 +32,6 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pydantic_core
-from fastapi import Depends
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import ValidationError
 from ray import serve
@@ -64,13 +63,7 @@ from whetstone.index.wire import (
 
 from services.index.args import IndexServiceArgs, live_update, resolve_token
 from services.index.fleet import ShardFleet
-from services.index.http import (
-    bearer_matches,
-    build_fastapi,
-    is_json,
-    require_read_token,
-    require_write_token,
-)
+from services.index.http import READ, WRITE, bearer_matches, build_fastapi, is_json
 from services.index.registry import registry_handle
 from services.index.replica import StatsRecorder, run_storage_op
 from services.index.routing import (
@@ -284,7 +277,7 @@ class IndexService:
             return None
         return await asyncio.to_thread(served.assigner.assign, vectors)
 
-    @fastapi_app.post("/search", dependencies=[Depends(require_read_token)])
+    @fastapi_app.post("/search", **READ)
     async def search(self, request: SearchRequest) -> SearchResponse:
         """Top-k ids and scores for each query vector (or text), with the version used."""
         served = self._current()
@@ -398,7 +391,7 @@ class IndexService:
         logger.info("ingress %s swapped v%s -> v%d (replica set %d)", self.replica_id, previous, version, target)
         return previous
 
-    @fastapi_app.post("/swap", dependencies=[Depends(require_write_token)])
+    @fastapi_app.post("/swap", **WRITE)
     async def swap(self, request: SwapRequest) -> SwapResponse:
         """Load ``version`` on every shard (beside the served one), then flip and publish it as LATEST."""
         started = time.perf_counter()
@@ -407,7 +400,7 @@ class IndexService:
         return SwapResponse(version=request.version, previous_version=previous,
                             replica_id=self.replica_id, load_ms=(time.perf_counter() - started) * 1000)
 
-    @fastapi_app.post("/upsert", dependencies=[Depends(require_write_token)])
+    @fastapi_app.post("/upsert", **WRITE)
     async def upsert(self, request: UpsertRequest) -> MutationResponse:
         """Add or replace documents; publishes a new version."""
         served = self._current()
@@ -417,7 +410,7 @@ class IndexService:
             vectors = self._as_matrix(served, request.vectors)
         return MutationResponse(**await self._mutate("upsert", request.ids, vectors))
 
-    @fastapi_app.post("/delete", dependencies=[Depends(require_write_token)])
+    @fastapi_app.post("/delete", **WRITE)
     async def delete(self, request: DeleteRequest) -> MutationResponse:
         """Remove documents by id (unknown ids are ignored); publishes a new version."""
         self._current()
@@ -454,7 +447,7 @@ class IndexService:
         return {"version": new_version, "previous_version": base.version, "changed": changed, "size": manifest.count}
 
     # ---------------------------------------------------------------- reads
-    @fastapi_app.get("/stats", dependencies=[Depends(require_read_token)])
+    @fastapi_app.get("/stats", **READ)
     async def stats_route(self) -> StatsResponse:
         return await self.stats_model()
 
@@ -493,7 +486,7 @@ class IndexService:
                                 status_code=503)
         return {"status": "ok", "version": self.version, "replica_id": self.replica_id}
 
-    @fastapi_app.get("/metrics", dependencies=[Depends(require_read_token)])
+    @fastapi_app.get("/metrics", **READ)
     async def metrics(self):
         served = self.served
         body, content_type = self.recorder.prometheus(self.version, 0 if served is None else served.manifest.count)

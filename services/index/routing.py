@@ -63,8 +63,15 @@ class ServedVersion:
         return self.manifest.kind
 
     def check_vectors(self, rows, name: str) -> np.ndarray:
-        """``rows`` as a (Q, D) float32 matrix of this index's dimension, finite."""
-        return check_vectors(rows, self.dim, name)
+        """``rows`` as a (Q, D) float32 matrix of this index's dimension, finite, and (a cosine
+        index: ``normalize``) no row all zeros: a zero vector has no direction to compare."""
+        array = check_vectors(rows, self.dim, name)
+        if self.manifest.config.get("normalize", True):
+            zero = np.flatnonzero(~array.any(axis=1))
+            if zero.size:
+                raise AnnInputError(f"{name}[{int(zero[0])}] is all zeros ({zero.size} such rows): index "
+                                    f"v{self.version} compares by cosine, and a zero vector has no direction")
+        return array
 
     def require_full_vectors(self, what: str) -> None:
         """Refuse ``what`` (e.g. ``score_excluded``) on kinds that keep no full vectors."""

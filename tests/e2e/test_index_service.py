@@ -112,7 +112,7 @@ def service(ray_cluster, index_root):
 
     root_url = serve_root_url(ray_cluster)
     args = IndexServiceArgs(index_uri=index_root, auth_token=TOKEN, num_replicas=2, num_cpus=0.1,
-                            poll_interval_s=0.5, max_k=50, max_queries_per_request=64)
+                            poll_interval_s=0.5, max_k=50, max_queries_per_request=64, max_request_bytes=1024**2)
     deploy(args, name=APP, route_prefix=PREFIX)
     base = root_url + PREFIX
     with httpx.Client(base_url=base, timeout=30) as http:
@@ -248,7 +248,7 @@ def test_swap_under_concurrent_searches_never_mixes(service):
 
 def test_bad_inputs_get_4xx_naming_the_field(service):
     http = service["http"]
-    good = np.zeros((2, DIM)).tolist()
+    good = np.full((2, DIM), 0.1).tolist()
     cases = [
         ({"vectors": np.zeros((2, DIM - 1)).tolist(), "k": 3}, 422, "dimension 31"),
         # NaN/Infinity literals are not JSON; as strings or overflowing numbers they parse to floats.
@@ -264,6 +264,16 @@ def test_bad_inputs_get_4xx_naming_the_field(service):
         ({"vectors": good, "k": 3, "colour": "red"}, 422, "colour"),
         ('{"vectors": [[0.1, ', 422, "JSON"),
         ({"vectors": [["a"] * DIM], "k": 3}, 422, "vectors"),
+        # strict types: nothing is coerced
+        ({"vectors": good, "k": "5"}, 422, '"k"'),
+        ({"vectors": good, "k": 5.0}, 422, '"k"'),
+        ({"vectors": [[True] + [0.1] * (DIM - 1)], "k": 3}, 422, '"vectors",0,0'),
+        # cosine of nothing
+        ({"vectors": [[0.1] * DIM, [0.0] * DIM], "k": 3}, 422, "vectors[1] is all zeros"),
+        # nesting too deep for any parser: the answer says where it gave up
+        ('{"vectors": ' + "[" * 5000 + "]" * 5000 + ', "k": 3}', 422, "recursion limit exceeded at line 1 column"),
+        # larger than max_request_bytes (1 MiB here): refused before it is parsed
+        ({"vectors": np.full((40, DIM), 0.123456789).tolist(), "texts": ["x" * 1024**2]}, 413, "max_request_bytes"),
     ]
     before = stats_per_replica(http)
     errors = 0  # error answers sent: each replica counts the ones it gave
@@ -274,7 +284,8 @@ def test_bad_inputs_get_4xx_naming_the_field(service):
             r = http.post("/search", json=body)
         assert r.status_code == status, (body if isinstance(body, str) else list(body), r.status_code, r.text)
         assert needle.lower().replace(" ", "") in r.text.lower().replace(" ", ""), (needle, r.text)
-        assert r.json()["code"] == ("too_many_queries" if status == 413 else "bad_input"), r.text
+        expected = {422: "bad_input", 413: "request_too_large" if "bytes" in needle else "too_many_queries"}
+        assert r.json()["code"] == expected[status], r.text
         errors += 1
     auth = {"Authorization": f"Bearer {TOKEN}"}
     r = http.post("/swap", json={"version": 99}, headers=auth)
@@ -286,7 +297,11 @@ def test_bad_inputs_get_4xx_naming_the_field(service):
     assert r.status_code == 422 and "2 ids for 1 rows" in r.text
     r = http.post("/upsert", json={"ids": ["a"], "vectors": [[0.0] * 3]}, headers=auth)
     assert r.status_code == 422 and "dimension 3" in r.text and r.json()["code"] == "bad_input"
-    errors += 4
+    r = http.post("/upsert", json={"ids": ["a"], "vectors": [[0.0] * DIM]}, headers=auth)
+    assert r.status_code == 422 and "vectors[0] is all zeros" in r.text and r.json()["code"] == "bad_input"
+    r = http.post("/upsert", json={"ids": ["a"], "texts": ["x" * 40_000]}, headers=auth)
+    assert r.status_code == 422 and "32768" in r.text and r.json()["code"] == "bad_input"
+    errors += 6
     after = stats_per_replica(http)
     assert set(after) == set(before), "the same replicas answered before and after"
     assert all(stats["version"] is not None for stats in after.values()) and http.get("/healthz").status_code == 200
@@ -324,6 +339,9 @@ def test_mutations_need_the_token_and_reads_can_be_protected(service, ray_cluste
         r = httpx.post(base + "/search", json=body, headers={"Authorization": "Bearer from-env"})
         assert r.status_code == 200 and r.json()["version"] == latest_version(index_root)
         assert httpx.get(base + "/healthz").status_code == 200  # liveness stays open
+        spec = httpx.get(base + "/openapi.json").json()  # here reads need the token, and the document says so
+        assert spec["paths"]["/search"]["post"]["security"] and spec["paths"]["/stats"]["get"]["security"]
+        assert "security" not in spec["paths"]["/healthz"]["get"]
     finally:
         del os.environ["WHETSTONE_INDEX_TOKEN"]
         serve.delete(APP + "-protected")
@@ -451,6 +469,10 @@ def test_health_metrics_and_openapi(service):
     assert "whetstone_index_search_latency_seconds_bucket" in metrics.text
     spec = http.get("/openapi.json").json()
     assert {"/search", "/swap", "/upsert", "/delete", "/stats", "/healthz"} <= set(spec["paths"])
+    # the document tells the truth about tokens: reads are open here, mutations are not
+    assert all("security" not in spec["paths"][path][method] for path, method in
+               (("/search", "post"), ("/stats", "get"), ("/metrics", "get"), ("/healthz", "get")))
+    assert all(spec["paths"][path]["post"]["security"] for path in ("/swap", "/upsert", "/delete"))
     for replica, stats in stats_per_replica(http).items():
         assert stats["kind"] == "flat" and stats["dim"] == DIM and stats["checkpoint"] == "no-encoder"
         assert stats["queries_total"] >= 1, (replica, stats)

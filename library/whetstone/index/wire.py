@@ -26,17 +26,29 @@ ROUTE_PREFIX = "/index"
 
 # JSON accepts NaN/Infinity literals through Python's parser; a finite float refuses them.
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+# One text to embed: the encoders truncate at a few hundred tokens, but tokenise the whole string
+# first (an 8 MB text took 10 s), so longer texts are refused.
+MAX_TEXT_CHARS = 32_768
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 
 
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class SearchRequest(_Wire):
+class _Request(_Wire):
+    """A request body: strict types, so ``"k": "5"``, ``true`` inside a vector or ``5.0`` for an
+    integer are refused with the field named, never coerced (an integer where a float is expected
+    is still a number)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class SearchRequest(_Request):
     """Query vectors (already embedded) or texts (embedded by the snapshot's encoder)."""
 
     vectors: list[list[FiniteFloat]] | None = Field(None, description="(Q, D) query vectors")
-    texts: list[str] | None = Field(None, description="Q query texts")
+    texts: list[Text] | None = Field(None, description=f"Q query texts (at most {MAX_TEXT_CHARS} characters each)")
     k: int = Field(10, ge=1, description="results per query")
     exclude_ids: list[list[str]] | None = Field(None, description="per query, ids never to return")
     score_excluded: bool = Field(
@@ -68,7 +80,7 @@ class SearchResponse(_Wire):
     excluded_scores: list[list[float | None]] | None = None
 
 
-class SwapRequest(_Wire):
+class SwapRequest(_Request):
     version: int = Field(ge=0, description="snapshot to load from storage; it becomes LATEST")
 
 
@@ -79,12 +91,12 @@ class SwapResponse(_Wire):
     load_ms: float
 
 
-class UpsertRequest(_Wire):
+class UpsertRequest(_Request):
     """Add or replace documents; the result is published as a new snapshot version."""
 
     ids: list[str] = Field(min_length=1)
     vectors: list[list[FiniteFloat]] | None = None
-    texts: list[str] | None = None
+    texts: list[Text] | None = None
 
     @model_validator(mode="after")
     def _one_input(self) -> "UpsertRequest":
@@ -96,7 +108,7 @@ class UpsertRequest(_Wire):
         return self
 
 
-class DeleteRequest(_Wire):
+class DeleteRequest(_Request):
     ids: list[str] = Field(min_length=1)
 
 
@@ -174,6 +186,7 @@ class ErrorCode(str, Enum):
 
     BAD_INPUT = "bad_input"  # 422: a field is invalid (shape, dimension, NaN, k, exclude lists)
     TOO_MANY_QUERIES = "too_many_queries"  # 413: more queries than max_queries_per_request
+    REQUEST_TOO_LARGE = "request_too_large"  # 413: the body is larger than max_request_bytes
     TEXTS_UNSUPPORTED = "texts_unsupported"  # 409: this version cannot embed texts (no usable encoder)
     NO_VERSION = "no_version"  # 503: no index version is loaded yet
     SNAPSHOT_NOT_FOUND = "snapshot_not_found"  # 404: the version asked for is not published
@@ -193,7 +206,7 @@ class ErrorCode(str, Enum):
 
 
 _STATUS: dict[ErrorCode, int | None] = {
-    ErrorCode.BAD_INPUT: 422, ErrorCode.TOO_MANY_QUERIES: 413, ErrorCode.TEXTS_UNSUPPORTED: 409,
+    ErrorCode.BAD_INPUT: 422, ErrorCode.TOO_MANY_QUERIES: 413, ErrorCode.REQUEST_TOO_LARGE: 413, ErrorCode.TEXTS_UNSUPPORTED: 409,
     ErrorCode.NO_VERSION: 503, ErrorCode.SNAPSHOT_NOT_FOUND: 404, ErrorCode.SNAPSHOT_CONFLICT: 409,
     ErrorCode.SNAPSHOT_INVALID: 409, ErrorCode.UNAUTHORIZED: 401, ErrorCode.FORBIDDEN: 403,
     ErrorCode.NOT_FOUND: 404, ErrorCode.SHARD_UNAVAILABLE: 503, ErrorCode.VERSION_UNAVAILABLE: 503,
