@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import Field
-from whetstone.config.base import StorageConfig, StrictModel
+from whetstone.config.base import KEEP_VERSIONS_HELP, StorageConfig, StrictModel
 from whetstone.config.contrastive import IndexBuildConfig
 
 
@@ -41,6 +41,7 @@ class RefreshIndexJobConfig(StrictModel):
     batch_size: int = Field(32, ge=1)
     embed_concurrency: int = Field(2, ge=1)
     swap: Literal["handle", "http", "none"] = Field("handle", description="how to tell the service")
+    keep_versions: int | None = Field(10, ge=1, description=KEEP_VERSIONS_HELP)
     service_url: str | None = Field(None, description="e.g. http://127.0.0.1:8000/index (swap=http)")
     ray_num_cpus: int = Field(8, ge=1)
     ray_object_store_mb: int = Field(512, ge=128)
@@ -93,6 +94,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     elif config.swap == "http":
         client = IndexClient.from_http(config.service_url, token=os.environ.get("WHETSTONE_INDEX_TOKEN"))
         swapped = client.swap(new)
+    if config.keep_versions:  # after the swap: the service has left the old version
+        from whetstone.index.retention import retain_versions
+
+        print(f"[refresh] retention: {retain_versions(config.index_uri, config.keep_versions, config.storage).line()}",
+              flush=True)
     path = snapshot_path(config.index_uri, new)
     result = {"old_version": old, "new_version": new, "snapshot": path, "vectors": vectors_at,
               "documents": corpus.rows, "kind": settings.kind, "num_shards": manifest.num_shards,

@@ -180,6 +180,19 @@ def list_dir(uri: str, storage: StorageConfig | None = None, recursive: bool = F
     return sorted(prefix + info.path for info in infos)
 
 
+def delete_file(uri: str, storage: StorageConfig | None = None) -> None:
+    """Remove one file (nothing to do when it is already gone)."""
+    loc = resolve(uri, storage)
+
+    def delete() -> None:
+        try:
+            loc.filesystem.delete_file(loc.path)
+        except FileNotFoundError:
+            pass
+
+    with_retries(uri, delete, storage, "delete")
+
+
 def delete_dir(uri: str, storage: StorageConfig | None = None) -> None:
     loc = resolve(uri, storage)
     info = loc.filesystem.get_file_info(loc.path)

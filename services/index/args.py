@@ -8,7 +8,7 @@ import os
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
-from whetstone.config.base import StorageConfig, StrictModel, renamed_field
+from whetstone.config.base import KEEP_VERSIONS_HELP, StorageConfig, StrictModel, renamed_field
 
 from services.index.http import TOKEN_ENV
 
@@ -50,6 +50,7 @@ class IndexServiceArgs(StrictModel):
     max_k: int = Field(1000, ge=1)
     max_queries_per_request: int = Field(1024, ge=1)
     max_exclude_per_query: int = Field(1000, ge=0)
+    keep_versions: int | None = Field(10, ge=1, description=KEEP_VERSIONS_HELP + "; applied after each mutation")
     max_request_bytes: int = Field(16 * 1024**2, ge=1024, description="largest request body; larger ones get "
                                                                       "413 before they are parsed")
     batch_max_size: int = Field(32, ge=1, description="requests merged into one FAISS call (per shard replica)")

@@ -37,6 +37,7 @@ from pydantic import ValidationError
 from ray import serve
 from whetstone.index.ann import AnnInputError
 from whetstone.index.coarse import Assignment
+from whetstone.index.retention import retain_versions
 from whetstone.index.snapshot import (
     SnapshotError,
     latest_version,
@@ -444,6 +445,8 @@ class IndexService:
                     built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     extra={**base.extra, "parent_version": base.version, "mutation": op}))
             await self._swap_locked(new_version, ServedVersion(manifest, self._encoders), in_place=True)
+            if self.args.keep_versions:  # every version a mutation publishes is a full manifest: keep N
+                await run_storage_op(retain_versions, self.args.index_uri, self.args.keep_versions, self.args.storage)
         return {"version": new_version, "previous_version": base.version, "changed": changed, "size": manifest.count}
 
     # ---------------------------------------------------------------- reads

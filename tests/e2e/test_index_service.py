@@ -502,3 +502,36 @@ def test_text_queries_use_the_snapshots_encoder(service, tiny_encoder_dir, tmp_p
     swap_everywhere(service, 1)
     r = service["http"].post("/search", json={"texts": queries, "k": 5})
     assert r.status_code == 409 and "no-encoder" in r.json()["detail"] and r.json()["code"] == "texts_unsupported"
+
+
+def test_mutations_keep_only_the_newest_versions_on_storage(service, tmp_path):
+    """keep_versions=2 on a deployment of its own: after five upserts the root holds the newest
+    two versions (plus the shard folders they reuse), searches answer from the newest, and the
+    space of the removed versions is freed."""
+    import shutil
+
+    from ray import serve
+    from whetstone.index.snapshot import list_versions
+
+    from services.index.app import IndexServiceArgs, deploy
+
+    root = str(tmp_path / "index")
+    shutil.copytree(service["root"], root)
+    before = sum(p.stat().st_size for p in (tmp_path / "index").rglob("*") if p.is_file())
+    args = IndexServiceArgs(index_uri=root, auth_token=TOKEN, num_cpus=0.1, poll_interval_s=0.5, keep_versions=2)
+    deploy(args, name=APP + "-retention", route_prefix=PREFIX + "-retention")
+    try:
+        base, auth = service["base"] + "-retention", {"Authorization": f"Bearer {TOKEN}"}
+        rng = np.random.default_rng(5)
+        for i in range(5):
+            vector = rng.standard_normal((1, DIM)).tolist()
+            r = httpx.post(base + "/upsert", json={"ids": [f"kept-{i}"], "vectors": vector}, headers=auth, timeout=60)
+            assert r.status_code == 200, r.text
+        newest = r.json()["version"]
+        assert list_versions(root) == [newest - 1, newest]
+        body = httpx.post(base + "/search", json={"vectors": vector, "k": 1}).json()
+        assert body["version"] == newest and body["ids"] == [["kept-4"]]
+        after = sum(p.stat().st_size for p in (tmp_path / "index").rglob("*") if p.is_file())
+        assert after < before, (before, after)  # five full snapshots were published, three-plus removed
+    finally:
+        serve.delete(APP + "-retention")

@@ -24,6 +24,9 @@ RayTrainLogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 # Worker-group restarts a training run makes by itself (ray.train.FailureConfig.max_failures):
 # a killed or crashed worker restarts the group from the newest registered checkpoint.
 MAX_FAILURES = 3
+KEEP_VERSIONS_HELP = ("index versions kept on storage after each publish: the newest N, plus any that LATEST, "
+                      "STAGED, a blue/green slot or a pin (whetstone.index.retention) names; older ones are "
+                      "removed (None: keep every version)")
 MAX_FAILURES_HELP = ("times the training workers are restarted after a worker dies or raises, each time "
                      "from the newest complete checkpoint (-1: no limit, 0: the first failure ends the run)")
 

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from whetstone.config.base import (
+    KEEP_VERSIONS_HELP,
     MAX_FAILURES,
     MAX_FAILURES_HELP,
     RayTrainLogLevel,
@@ -225,6 +226,7 @@ class IndexSection(IndexBuildConfig):
                               "replica (about 2x a shard per process for a moment), or blue_green (a second, idle "
                               "replica set per shard loads it: no process holds two versions; docs/scale.md)")
     initial_embed_concurrency: int = Field(2, ge=1, description="embedding actors before training")
+    keep_versions: int | None = Field(10, ge=1, description=KEEP_VERSIONS_HELP)
     http_host: str = Field("127.0.0.1", description="Serve HTTP proxy host (0.0.0.0 to expose it)")
     http_port: int = Field(8000, ge=1, le=65535, description="Serve HTTP port for /index/search etc.")
 

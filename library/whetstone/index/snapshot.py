@@ -311,15 +311,7 @@ def _write_pointer(index_root_uri: str, name: str, version: int | None, storage:
     if version is not None:
         store.write_bytes(uri, f"{check_version(version)}\n".encode(), storage)
         return
-    loc = store.resolve(uri, storage)
-
-    def delete() -> None:
-        try:
-            loc.filesystem.delete_file(loc.path)
-        except FileNotFoundError:
-            pass
-
-    store.with_retries(uri, delete, storage, "delete")
+    store.delete_file(uri, storage)
 
 
 def list_versions(index_root_uri: str, storage: StorageConfig | None = None) -> list[int]:

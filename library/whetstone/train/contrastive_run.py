@@ -225,7 +225,7 @@ def start_refresher(run: ContrastiveRun) -> Refresher:
     config = run.config
     name = f"whetstone-refresher-{config.run_name}-{uuid.uuid4().hex[:6]}"
     settings = {**config.refresh.model_dump(), "embed_gpus_resolved": config.embed_gpus,
-                "index": index_build_settings(config),
+                "index": index_build_settings(config), "keep_versions": config.index.keep_versions,
                 "index_max_length": config.refresh.doc_max_length or config.eval.doc_max_length,
                 "eval_split": config.eval.split, "query_max_length": config.encoder.query_max_length,
                 "resumed": run.resume is not None}

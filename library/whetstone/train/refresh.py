@@ -25,10 +25,9 @@ import ray
 from whetstone import storage as store
 from whetstone.config.base import StorageConfig
 from whetstone.data.schemas import document_text
+from whetstone.index.retention import VECTORS_DIR
 
 logger = logging.getLogger(__name__)
-
-VECTORS_DIR = "vectors"
 
 
 class _EmbedBatch:
@@ -409,6 +408,12 @@ class IndexRefresher:
         IndexClient.from_handle().swap(new_version)
         if plan is not None:
             policy.done(plan, step)
+        if self.settings.get("keep_versions"):
+            from whetstone.index.retention import retain_versions
+
+            retained = retain_versions(self.index_uri, self.settings["keep_versions"], self.storage)
+            if retained.removed or retained.removed_vectors:
+                print(f"[refresh] retention: {retained.line()}", flush=True)
         # (a partial version's chunks hold superseded rows too: evaluated with full refreshes only)
         quality = self._evaluate(checkpoint_uri, vectors_at) if plan is None or plan.full else {}
         record = {
