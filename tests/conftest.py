@@ -106,6 +106,9 @@ def gpt2_tokenizer_dir(tmp_path_factory) -> Path:
     return gpt2_tokenizer_dir(tmp_path_factory.mktemp("gpt2-tokenizer"))
 
 
+S3_SERVER_PIDS: dict[str, int] = {}  # endpoint -> pid of the moto server answering it
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's standalone S3 server in its own process on a loopback port.
@@ -132,6 +135,7 @@ def s3_server():
     else:
         proc.kill()
         raise RuntimeError("moto server did not start")
+    S3_SERVER_PIDS[endpoint] = proc.pid  # fault tests stall it (SIGSTOP / SIGCONT)
     yield endpoint
     proc.terminate()
     proc.wait(timeout=10)

@@ -5,13 +5,19 @@ goes through :func:`resolve`, so the same code runs on a laptop folder and on S3
 pyarrow's native S3 filesystem (which Ray Data reads without an fsspec shim) with the endpoint,
 region and credentials from :class:`~whetstone.config.StorageConfig`; transient errors are
 retried with exponential backoff, permanent ones raise ``StorageError`` naming the URI.
+
+One retry layer: pyarrow's own S3 retries are off (they nested inside ours: 5 x 5 attempts, yet
+only about 18 s of a stall covered), and every operation retries until
+``StorageConfig.retry_budget_s`` is spent, so a stall shorter than the budget is ridden out and a
+longer one fails with a message naming the object and the budget. Streamed reads
+(:func:`read_chunks`) resume at the byte they stopped at.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -69,7 +75,7 @@ def absolute_local(uri: str | None, must_exist: bool = False) -> str | None:
 def _s3_filesystem(config: StorageConfig) -> pafs.S3FileSystem:
     cfg = config.resolved()
     kwargs: dict = {
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=max(cfg.retries, 1)),
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=1),  # with_retries is the one layer
     }
     if cfg.anonymous:
         kwargs["anonymous"] = True
@@ -115,23 +121,79 @@ def _is_transient(err: BaseException) -> bool:
     return not any(word in text for word in permanent)
 
 
+class _Backoff:
+    """Attempts of one operation: exponential backoff (capped at ``MAX_BACKOFF_S``) while the error
+    is transient, the attempts last and the time budget holds."""
+
+    MAX_BACKOFF_S = 5.0
+
+    def __init__(self, uri: str, storage: StorageConfig | None, what: str) -> None:
+        self.config = storage or StorageConfig()
+        self.uri, self.what = uri, what or "storage operation"
+        self.started = time.monotonic()
+        self.delay = self.config.retry_backoff_s
+        self.attempt = 0
+
+    def failed(self, err: OSError, where: str = "") -> None:
+        """Sleep before the next attempt, or raise ``StorageError`` (permanent error, spent budget)."""
+        self.attempt += 1
+        elapsed = time.monotonic() - self.started
+        if not _is_transient(err):
+            raise StorageError(f"{self.what} failed for {self.uri}{where}: {err}") from err
+        if self.attempt > self.config.retries or elapsed + self.delay > self.config.retry_budget_s:
+            raise StorageError(
+                f"{self.what} failed for {self.uri}{where} after {self.attempt} attempts over {elapsed:.1f} s "
+                f"(storage.retries={self.config.retries}, storage.retry_budget_s={self.config.retry_budget_s}): "
+                f"{err}") from err
+        logger.warning("transient storage error on %s%s (attempt %d, %.1f s of %.0f s): %s", self.uri, where,
+                       self.attempt, elapsed, self.config.retry_budget_s, err)
+        time.sleep(self.delay)
+        self.delay = min(self.delay * 2, self.MAX_BACKOFF_S)
+
+
 def with_retries(uri: str, op: Callable[[], T], storage: StorageConfig | None = None, what: str = "") -> T:
     """Run ``op`` retrying transient errors with exponential backoff; raise ``StorageError``."""
-    storage = storage or StorageConfig()
-    delay = storage.retry_backoff_s
-    attempts = max(storage.retries, 0) + 1
-    for attempt in range(1, attempts + 1):
+    backoff = _Backoff(uri, storage, what)
+    while True:
         try:
             return op()
         except FileNotFoundError:
             raise
         except OSError as err:
-            if attempt == attempts or not _is_transient(err):
-                raise StorageError(f"{what or 'storage operation'} failed for {uri}: {err}") from err
-            logger.warning("transient storage error on %s (attempt %d/%d): %s", uri, attempt, attempts, err)
-            time.sleep(delay)
-            delay *= 2
-    raise AssertionError("unreachable")
+            backoff.failed(err)
+
+
+def read_chunks(uri: str, storage: StorageConfig | None = None, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+    """The object's raw bytes in chunks. A transient error mid-read (a stalled or dropped
+    connection) reopens the object at the byte it stopped at, within the same retry budget.
+
+    Raises:
+        FileNotFoundError: the object does not exist.
+        StorageError: a permanent error, or the budget was spent (the message names the offset).
+    """
+    loc = resolve(uri, storage)
+    backoff = _Backoff(uri, storage, "read")
+    offset, stream = 0, None
+    while True:
+        try:
+            if stream is None:  # random access: a retry resumes where the last attempt stopped
+                stream = loc.filesystem.open_input_file(loc.path)
+                if offset:
+                    stream.seek(offset)
+            chunk = stream.read(chunk_bytes)
+        except FileNotFoundError:
+            raise
+        except OSError as err:
+            if stream is not None:
+                stream.close()
+            stream = None
+            backoff.failed(err, f" at byte {offset}")
+            continue
+        if not chunk:
+            stream.close()
+            return
+        offset += len(chunk)
+        yield chunk
 
 
 def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:

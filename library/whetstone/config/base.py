@@ -56,8 +56,10 @@ class StorageConfig(StrictModel):
     secret_access_key: SecretStr | None = None
     session_token: SecretStr | None = None
     anonymous: bool = False
-    retries: int = Field(5, ge=0, le=20, description="attempts for transient errors")
-    retry_backoff_s: float = Field(0.2, gt=0, description="first backoff; doubles each retry")
+    retries: int = Field(20, ge=0, le=100, description="retries of one operation after transient errors")
+    retry_backoff_s: float = Field(0.2, gt=0, description="first backoff; doubles each retry, up to 5 s")
+    retry_budget_s: float = Field(120.0, gt=0, description="how long one operation keeps retrying transient "
+                                                           "errors (e.g. a stalled server) before it fails")
 
     def resolved(self) -> StorageConfig:
         """Fill empty fields from the environment (so workers on other nodes see the same values)."""

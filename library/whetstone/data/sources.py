@@ -9,8 +9,6 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterator
 
-import pyarrow as pa
-
 from whetstone import storage
 from whetstone.config.base import StorageConfig
 
@@ -54,11 +52,16 @@ def list_qrels_splits(folder_uri: str, storage_config: StorageConfig | None = No
     return splits
 
 
-def _open(uri: str, storage_config: StorageConfig | None) -> pa.NativeFile:
-    loc = storage.resolve(uri, storage_config)
+def _raw_chunks(uri: str, storage_config: StorageConfig | None) -> Iterator[bytes]:
+    """The object's bytes as stored; reads resume after a transient failure (storage.read_chunks).
+
+    Raises:
+        SourceError: the object does not exist.
+        StorageError: storage failed for good (permanent error, or the retry budget was spent): the
+            run fails, rather than recording the rest of the file as damaged.
+    """
     try:
-        return storage.with_retries(uri, lambda: loc.filesystem.open_input_stream(loc.path, compression=None),
-                                     storage_config, "open")
+        yield from storage.read_chunks(uri, storage_config, READ_CHUNK_BYTES)
     except FileNotFoundError:
         raise SourceError(f"{uri} does not exist") from None
 
@@ -71,29 +74,20 @@ def _chunks(uri: str, storage_config: StorageConfig | None) -> Iterator[bytes]:
     """
     gzipped = uri.endswith(COMPRESSED_SUFFIXES)
     decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS) if gzipped else None
-    with _open(uri, storage_config) as stream:
-        while True:
+    for chunk in _raw_chunks(uri, storage_config):
+        if decompressor is None:
+            yield chunk
+            continue
+        while chunk:
             try:
-                chunk = stream.read(READ_CHUNK_BYTES)
-            except OSError as err:
-                raise SourceError(f"{uri}: read failed: {err}") from None
-            if decompressor is None:
-                if not chunk:
-                    return
-                yield chunk
-                continue
-            if not chunk:
-                if not decompressor.eof:
-                    raise SourceError(f"{uri}: gzip stream ends early (truncated file?)")
-                return
-            while chunk:
-                try:
-                    yield decompressor.decompress(chunk)
-                except zlib.error as err:
-                    raise SourceError(f"{uri}: not a valid gzip stream: {err}") from None
-                chunk = decompressor.unused_data if decompressor.eof else b""
-                if chunk:  # concatenated gzip members: start the next one
-                    decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+                yield decompressor.decompress(chunk)
+            except zlib.error as err:
+                raise SourceError(f"{uri}: not a valid gzip stream: {err}") from None
+            chunk = decompressor.unused_data if decompressor.eof else b""
+            if chunk:  # concatenated gzip members: start the next one
+                decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    if decompressor is not None and not decompressor.eof:
+        raise SourceError(f"{uri}: gzip stream ends early (truncated file?)")
 
 
 def iter_lines(uri: str, storage_config: StorageConfig | None = None) -> Iterator[tuple[int, bytes]]:
