@@ -151,8 +151,18 @@ class _Backoff:
         self.delay = min(self.delay * 2, self.MAX_BACKOFF_S)
 
 
-def with_retries(uri: str, op: Callable[[], T], storage: StorageConfig | None = None, what: str = "") -> T:
-    """Run ``op`` retrying transient errors with exponential backoff; raise ``StorageError``."""
+def is_network_error(err: BaseException) -> bool:
+    """A failed or stalled connection (as opposed to bad data or a refusal)."""
+    text = str(err)
+    return any(mark in text for mark in ("NETWORK_CONNECTION", "curlCode", "Connection reset", "Connection refused",
+                                         "timed out", "Timeout was reached"))
+
+
+def with_retries(uri: str, op: Callable[[], T], storage: StorageConfig | None = None, what: str = "",
+                 only: Callable[[BaseException], bool] | None = None) -> T:
+    """Run ``op`` retrying transient errors with exponential backoff; raise ``StorageError``.
+    ``only``: retry just the errors it accepts and re-raise any other unchanged (a reader that
+    tells damaged data from a failed connection)."""
     backoff = _Backoff(uri, storage, what)
     while True:
         try:
@@ -160,6 +170,8 @@ def with_retries(uri: str, op: Callable[[], T], storage: StorageConfig | None = 
         except FileNotFoundError:
             raise
         except OSError as err:
+            if only is not None and not only(err):
+                raise
             backoff.failed(err)
 
 

@@ -99,6 +99,34 @@ def test_truncated_gzip_keeps_lines_before_the_break_and_counts_it(tmp_path):
     assert record["file"] == str(source) and record["line"] == counts.rows_written + 1
     assert "gzip stream ends early" in record["reason"]
     assert f"line {record['line']} is incomplete" in record["reason"]
+    (damaged,) = report.damaged_files["corpus"]  # listed as damaged: what was read, and that the rest is lost
+    assert damaged.file == str(source) and damaged.rows_read == counts.rows_written and damaged.rows_lost is None
+    assert "DAMAGED" in report.summary() and "an unknown number of rows lost" in report.summary()
+
+
+def test_a_corrupt_row_group_loses_only_its_rows_and_every_row_is_counted(tmp_path):
+    """A 200-row Parquet file in four row groups of 50 whose third group's data is overwritten:
+    the other 150 rows are written, the 50 of the broken group (their count from the footer) are
+    quarantined as one record that says so, and the file is listed as damaged."""
+    table = pa.table({"_id": [f"d{i}" for i in range(200)], "text": [f"document number {i} " * 20 for i in range(200)]})
+    source = tmp_path / "docs.parquet"
+    pq.write_table(table, source, row_group_size=50, compression="none")
+    meta = pq.ParquetFile(source).metadata.row_group(2)
+    start = meta.column(1).data_page_offset
+    data = bytearray(source.read_bytes())
+    data[start:start + 400] = b"\xff" * 400  # the third group's text page header and data
+    source.write_bytes(bytes(data))
+
+    report = ingest(str(source), str(tmp_path / "store"), "corpus", engine="local")
+    counts = report.datasets["corpus"]
+    assert (counts.rows_in, counts.rows_written, counts.rows_quarantined) == (200, 150, 50)
+    written = read_dataset_table(str(tmp_path / "store"), "corpus").column(S.DOC_ID).to_pylist()
+    assert written == [f"d{i}" for i in range(200) if not 100 <= i < 150]
+    (record,) = _quarantine(tmp_path / "store", "corpus")
+    assert record["row"] == 101 and record["rows_lost"] == 50 and "row group 2 (rows 101 to 150" in record["reason"]
+    (damaged,) = report.damaged_files["corpus"]
+    assert (damaged.file, damaged.rows_read, damaged.rows_lost) == (str(source), 150, 50)
+    assert report.failed_files == {}  # read in part, not rejected whole
 
 
 def test_pairs_checked_against_the_store_corpus_and_other_datasets_kept(corpus_source, tmp_path):

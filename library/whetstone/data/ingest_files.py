@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,10 +35,11 @@ import pyarrow.compute as pc
 import whetstone.storage as wstorage
 from whetstone.config.base import StorageConfig
 from whetstone.data import schemas as S
-from whetstone.data.ingest_sink import DatasetSink, IngestError, IngestReport
+from whetstone.data.ingest_sink import DamagedFile, DatasetSink, IngestError, IngestReport
 from whetstone.data.records import (
     FILE,
     ID_COLUMN,
+    LOST,
     POS,
     RAW,
     REASON,
@@ -82,29 +84,49 @@ class _StagedConsumer:
         self.corpus_ids = corpus_ids if kind == "pairs" else None
         self.seen: dict[str, tuple[str, int]] = {}
         self.failed_files: list[str] = []
+        self.rows_read: Counter[str] = Counter()  # per file: rows read one by one
+        self.damage: dict[str, tuple[int | None, list[str]]] = {}  # per file: (rows lost or None, what)
 
     def consume(self, table: pa.Table) -> None:
-        self.sink.rows_in += table.num_rows
         reasons = table.column(REASON).to_pylist()
         ids = table.column(self.id_column).to_pylist()
         files, positions = table.column(FILE).to_pylist(), table.column(POS).to_pylist()
+        lost = table.column(LOST).to_pylist()
         references = self._references(table)
         keep = [False] * table.num_rows
         for i, reason in enumerate(reasons):
+            if lost[i] is not None:  # a part of the file that could not be read: it stands for its rows
+                self._damaged(files[i], positions[i], reason, lost[i])
+                continue
+            self.sink.rows_in += 1
+            self.rows_read[files[i]] += 1
             if reason is None:
                 reason = self._cross_row_reason(ids[i], files[i], references[i] if references else ())
             if reason is None:
                 self.seen[ids[i]] = (files[i], positions[i])
                 keep[i] = True
                 continue
-            if positions[i] == 0:
-                self.failed_files.append(files[i])
             raw = table.column(RAW)[i].as_py()
             if raw is None:  # a cross-row reject: the record itself was valid, keep what was read
                 raw = json.dumps(table.slice(i, 1).select(self.schema.names).to_pylist()[0],
                                  ensure_ascii=False, default=str)
             self.sink.reject(reason, files[i], positions[i], raw, position_unit(files[i]))
         self.sink.accept_table(table.filter(pa.array(keep, pa.bool_())))
+
+    def _damaged(self, file: str, position: int, reason: str, lost: int) -> None:
+        """Count the rows a damage record stands for (at least the record itself) as read and
+        quarantined, and list the file as damaged."""
+        rows = max(lost, 1)
+        self.sink.rows_in += rows
+        self.sink.reject(reason, file, position, "", position_unit(file), rows=rows)
+        if position == 0:
+            self.failed_files.append(file)
+        known, what = self.damage.get(file, (0, []))
+        self.damage[file] = (None if known is None or lost == 0 else known + lost, what + [reason])
+
+    def damaged_files(self) -> list[DamagedFile]:
+        return [DamagedFile(file=file, rows_read=self.rows_read[file], rows_lost=lost, damage=what)
+                for file, (lost, what) in sorted(self.damage.items())]
 
     def _references(self, table: pa.Table) -> list[list[str]] | None:
         if self.corpus_ids is None:
@@ -262,6 +284,7 @@ def ingest_records(source: str, dest_uri: str, kind: str, dataset_name: str | No
         source=source, store_uri=dest_uri, manifest_uri=manifest_uri, datasets={dataset: counts},
         quarantine_files={dataset: [wstorage.join(dest_uri, f) for f in quarantined.files]} if quarantined.rows else {},
         failed_files={dataset: consumer.failed_files} if consumer.failed_files else {},
+        damaged_files={dataset: consumer.damaged_files()} if consumer.damage else {},
         engine=chosen, seconds=round(time.monotonic() - started, 3),
     )
     logger.info("%s", report.summary())

@@ -40,6 +40,17 @@ class DatasetCounts(BaseModel):
         return self
 
 
+class DamagedFile(BaseModel):
+    """A source file that could be read only in part (or not at all)."""
+
+    model_config = ConfigDict(extra="forbid")
+    file: str
+    rows_read: int = Field(ge=0, description="rows read from it (written or quarantined one by one)")
+    rows_lost: int | None = Field(description="rows that could not be read: counted from a Parquet footer; None "
+                                              "where the file breaks off (truncated gzip/JSONL: unknowable)")
+    damage: list[str] = Field(description="what could not be read, where")
+
+
 class IngestReport(BaseModel):
     """What an ingest did; JSON-serialisable (``report.model_dump_json()``)."""
 
@@ -51,6 +62,9 @@ class IngestReport(BaseModel):
     quarantine_files: dict[str, list[str]] = Field(default_factory=dict)
     failed_files: dict[str, list[str]] = Field(
         default_factory=dict, description="per dataset, files rejected whole (e.g. corrupt Parquet)")
+    damaged_files: dict[str, list[DamagedFile]] = Field(
+        default_factory=dict, description="per dataset, files read in part: what was read, what was lost and where "
+                                          "(each lost part is also a quarantine record)")
     engine: str = "local"
     seconds: float = 0.0
 
@@ -66,6 +80,10 @@ class IngestReport(BaseModel):
                          f"quarantined {c.rows_quarantined:>7}")
         for name, files in sorted(self.failed_files.items()):
             lines.extend(f"  {name:<20} whole file rejected: {file}" for file in files)
+        for name, damaged in sorted(self.damaged_files.items()):
+            lines.extend(f"  {name:<20} DAMAGED {d.file}: {d.rows_read} rows read, "
+                         f"{'an unknown number of' if d.rows_lost is None else d.rows_lost} rows lost ({d.damage[0]}"
+                         f"{f' and {len(d.damage) - 1} more' if len(d.damage) > 1 else ''})" for d in damaged)
         return "\n".join(lines)
 
 
@@ -85,9 +103,9 @@ class DatasetSink:
     def accept_table(self, table: pa.Table) -> None:
         self.shards.add_table(table)
 
-    def reject(self, reason: str, file: str, line: int, raw: bytes | str, unit: str = "line") -> None:
+    def reject(self, reason: str, file: str, line: int, raw: bytes | str, unit: str = "line", rows: int = 1) -> None:
         logger.debug("quarantined %s %s %d: %s", file, unit, line, reason)
-        self.quarantine.add(reason, file, line, raw, unit)
+        self.quarantine.add(reason, file, line, raw, unit, rows)
 
     def close(self) -> tuple[DatasetEntry, QuarantineEntry, DatasetCounts]:
         entry = self.shards.close()

@@ -45,6 +45,18 @@ RECORD_KINDS: tuple[str, ...] = ("corpus", "pairs", "preference", "hh-rlhf")
 SOURCE_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 
 FILE, POS, REASON, RAW = "_file", "_pos", "_reason", "_raw"
+# A damage record (a part of the file that cannot be read) carries how many source rows it stands
+# for: the rows of an unreadable Parquet row group (from the footer), or 0 where that cannot be
+# known (a truncated or corrupt gzip/JSONL stream: whatever came after the break). Null otherwise.
+LOST = "_lost"
+
+
+class FileDamaged(RowRejected):
+    """Part of a source file cannot be read; ``lost`` rows of it (0: unknown how many) are gone."""
+
+    def __init__(self, message: str, lost: int) -> None:
+        super().__init__(message)
+        self.lost = lost
 
 # The store dataset kind each source kind is written as (hh-rlhf becomes ordinary preference rows).
 STORE_KIND: dict[str, str] = {"corpus": "corpus", "pairs": "pairs", "preference": "preference",
@@ -72,10 +84,11 @@ def target_schema(kind: str) -> pa.Schema:
 
 
 def staged_schema(kind: str) -> pa.Schema:
-    """:func:`target_schema` with every field nullable, plus ``_file``, ``_pos``, ``_reason``, ``_raw``."""
+    """:func:`target_schema` with every field nullable, plus ``_file``, ``_pos``, ``_reason``, ``_raw``
+    and ``_lost`` (see :data:`LOST`)."""
     fields = [field.with_nullable(True) for field in target_schema(kind)]
     fields += [pa.field(FILE, pa.string()), pa.field(POS, pa.int64()), pa.field(REASON, pa.string()),
-               pa.field(RAW, pa.string())]
+               pa.field(RAW, pa.string()), pa.field(LOST, pa.int64())]
     return pa.schema(fields)
 
 
@@ -138,29 +151,76 @@ def _jsonl_records(uri: str, storage_config: StorageConfig | None) -> Iterator[t
             except RowRejected as err:
                 yield last, err, raw.decode("utf-8", errors="replace")
     except SourceError as err:  # the data is damaged (a storage outage raises StorageError: the run fails)
-        yield last + 1, RowRejected(f"file breaks at line {last + 1}: {err}"), ""
+        yield last + 1, FileDamaged(f"file breaks at line {last + 1}: {err}", lost=0), ""
 
 
 def _parquet_records(uri: str, storage_config: StorageConfig | None,
                      chunk_rows: int) -> Iterator[tuple[int, Any, str | None]]:
-    """``(row, record dict or RowRejected, None)``; an unreadable file is one record at row 0."""
-    loc = storage.resolve(uri, storage_config)
+    """``(row, record dict or RowRejected, None)``, row group by row group: a row group that
+    cannot be read is one damage record standing for its rows (their count is in the footer) and
+    the next group is read; a file whose footer cannot be read is one damage record at row 0."""
+    reader = _ParquetGroups(uri, storage_config)
     try:
-        handle = storage.with_retries(uri, lambda: loc.filesystem.open_input_file(loc.path), storage_config, "open")
-        parquet = pq.ParquetFile(handle)
+        groups = reader.sizes()
     except (pa.ArrowException, OSError) as err:
-        yield 0, RowRejected(f"whole file rejected: not a readable Parquet file: {err}"), ""
+        if isinstance(err, storage.StorageError):
+            raise
+        yield 0, FileDamaged(f"whole file rejected: not a readable Parquet file: {err}", lost=0), ""
         return
     row = 0
     try:
-        for batch in parquet.iter_batches(batch_size=chunk_rows):
-            for record in batch.to_pylist():
-                row += 1
-                yield row, record, None
-    except (pa.ArrowException, OSError) as err:
-        yield row + 1, RowRejected(f"file unreadable from row {row + 1} on (corrupt row group?): {err}"), ""
+        for group, size in enumerate(groups):
+            try:
+                table = reader.read(group)
+            except (pa.ArrowException, OSError) as err:
+                if isinstance(err, storage.StorageError):
+                    raise
+                yield row + 1, FileDamaged(f"row group {group} (rows {row + 1} to {row + size}, {size} rows) "
+                                           f"unreadable: {err}", lost=size), ""
+                row += size
+                continue
+            for batch in table.to_batches(max_chunksize=chunk_rows):
+                for record in batch.to_pylist():
+                    row += 1
+                    yield row, record, None
     finally:
-        handle.close()
+        reader.close()
+
+
+class _ParquetGroups:
+    """A Parquet source read one row group at a time; a network failure (a stalled or dropped
+    connection) reopens the file and reads the group again, within the storage retry budget."""
+
+    def __init__(self, uri: str, storage_config: StorageConfig | None) -> None:
+        self.uri, self.storage_config = uri, storage_config
+        self.loc = storage.resolve(uri, storage_config)
+        self.file: pq.ParquetFile | None = None
+
+    def _open(self) -> pq.ParquetFile:
+        if self.file is None:
+            self.file = pq.ParquetFile(self.loc.filesystem.open_input_file(self.loc.path))
+        return self.file
+
+    def _retrying(self, op: Callable[[pq.ParquetFile], Any], what: str) -> Any:
+        def attempt() -> Any:
+            try:
+                return op(self._open())
+            except OSError:
+                self.close()  # a retry starts from a fresh handle
+                raise
+        return storage.with_retries(self.uri, attempt, self.storage_config, what, only=storage.is_network_error)
+
+    def sizes(self) -> list[int]:
+        return self._retrying(lambda f: [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)],
+                              "read footer")
+
+    def read(self, group: int) -> pa.Table:
+        return self._retrying(lambda f: f.read_row_group(group), f"read row group {group}")
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 def _raw_text(record: Any, raw: str | None) -> str:
@@ -196,10 +256,11 @@ def stage_file(file_uri: str, kind: str, id_prefix: str, storage_config: Storage
             if isinstance(record, RowRejected):
                 raise record
             row = validate(record, f"{id_prefix}:{position}")
-            row.update({FILE: file_uri, POS: position, REASON: None, RAW: None})
+            row.update({FILE: file_uri, POS: position, REASON: None, RAW: None, LOST: None})
         except RowRejected as err:
             row = dict.fromkeys(columns)
-            row.update({FILE: file_uri, POS: position, REASON: str(err), RAW: _raw_text(record, raw)})
+            row.update({FILE: file_uri, POS: position, REASON: str(err), RAW: _raw_text(record, raw),
+                        LOST: err.lost if isinstance(err, FileDamaged) else None})
         rows.append(row)
         if len(rows) >= chunk_rows:
             yield pa.Table.from_pylist(rows, schema=schema)

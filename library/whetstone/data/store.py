@@ -253,14 +253,19 @@ class QuarantineWriter:
         self.rows = 0
         self.files: list[str] = []
 
-    def add(self, reason: str, file: str, line: int, raw: bytes | str, unit: str = "line") -> None:
-        """Record one rejected row; ``unit`` names what ``line`` counts (``"row"`` for Parquet)."""
+    def add(self, reason: str, file: str, line: int, raw: bytes | str, unit: str = "line",
+            rows: int = 1) -> None:
+        """Record one rejected row; ``unit`` names what ``line`` counts (``"row"`` for Parquet).
+        ``rows`` > 1: the record stands for that many source rows (an unreadable row group); they
+        count as quarantined and the record says so (``rows_lost``)."""
         if isinstance(raw, bytes):
             raw = raw.decode("utf-8", errors="replace")
         record = {"reason": reason, "file": file, unit: line, "raw": raw}
+        if rows != 1:
+            record["rows_lost"] = rows
         self._buffer.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._buffered += 1
-        self.rows += 1
+        self.rows += rows
         if self._buffered >= self.rows_per_part:
             self._flush()
 
