@@ -169,9 +169,10 @@ def test_malformed_rows_land_in_quarantine_with_file_and_line(malformed_source, 
 def test_reingest_replaces_the_store_and_refuses_foreign_folders(malformed_source, tmp_path):
     dest = tmp_path / "store"
     ingest_beir(str(malformed_source), str(dest), rows_per_shard=1)
-    assert len(list((dest / "corpus").iterdir())) == 3
+    assert len(list((dest / "corpus").rglob("*.parquet"))) == 3
     ingest_beir(str(malformed_source), str(dest), rows_per_shard=100)
-    assert len(list((dest / "corpus").iterdir())) == 1  # no stale shards survive
+    assert len(list((dest / "corpus").rglob("*.parquet"))) == 1  # no stale shards survive
+    assert not (dest / "INGESTING").exists()
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
@@ -197,11 +198,11 @@ def test_tampered_shard_is_detected(scifact_store, tmp_path):
     dest, _ = scifact_store
     copy = tmp_path / "copy"
     shutil.copytree(dest, copy)
-    shard = copy / "queries" / "part-00000.parquet"
+    (shard,) = (copy / "queries").rglob("part-00000.parquet")
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(DataIntegrityError, match="queries/part-00000.parquet: sha256"):
+    with pytest.raises(DataIntegrityError, match="queries/.*part-00000.parquet: sha256"):
         read_dataset_table(str(copy), "queries")
     with pytest.raises(DataIntegrityError, match="manifest.json does not exist"):
         read_dataset_table(str(tmp_path / "nowhere"), "queries")
@@ -224,3 +225,59 @@ def test_docstore_resolves_ids_to_document_text(scifact, scifact_store):
     assert sampled == docs.sample_ids(50, np.random.default_rng(0), exclude)
     with pytest.raises(ValueError, match="only 101 remain"):
         docs.sample_ids(102, np.random.default_rng(0), exclude)
+
+
+def _kill_when(args: list[str], ready, timeout_s: float = 120.0) -> None:
+    """Run ``python -c <args>`` as its own process and kill -9 it once ``ready()`` holds."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ready():
+            assert proc.poll() is None, f"the ingest ended ({proc.returncode}) before the kill"
+            assert time.monotonic() < deadline, "the kill point never came"
+            time.sleep(0.01)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_a_killed_reingest_leaves_the_old_store_readable_and_a_rerun_completes(tmp_path):
+    """kill -9 of an ingest once it has written new shards over an existing store: the old
+    manifest and every shard it names are intact (checksums verified on read); the rerun
+    completes and removes the dead ingest's files. A killed first ingest is resumed by a rerun
+    (the INGESTING marker), not refused as a foreign folder."""
+    import json
+
+    rows = 150_000
+    source = tmp_path / "corpus.jsonl"
+    source.write_text("".join(json.dumps({"_id": f"d{i}", "text": f"text of document {i} " * 6}) + "\n"
+                              for i in range(rows)))
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps({"_id": f"s{i}", "text": f"old document {i}"}) + "\n" for i in range(50)))
+    store = tmp_path / "store"
+    code = ("from whetstone.data.ingest_files import ingest_records; "
+            "ingest_records({src!r}, {dest!r}, 'corpus', rows_per_shard=5000, engine='local', chunk_rows=2000)")
+
+    # a first ingest killed mid-way, then rerun: no refusal, a complete store
+    _kill_when([code.format(src=str(source), dest=str(store))], lambda: len(list(store.rglob("*.parquet"))) >= 2)
+    assert (store / "INGESTING").exists() and not (store / "manifest.json").exists()
+    from whetstone.data.ingest_files import ingest_records
+
+    ingest_records(str(small), str(store), "corpus", engine="local")
+    assert read_dataset_table(str(store), "corpus").column(S.DOC_ID).to_pylist() == [f"s{i}" for i in range(50)]
+    assert len(list(store.rglob("*.parquet"))) == 1 and not (store / "INGESTING").exists()
+
+    # a re-ingest over that store killed once it has written new shards: the old dataset stays readable
+    _kill_when([code.format(src=str(source), dest=str(store))], lambda: len(list(store.rglob("*.parquet"))) >= 3)
+    assert read_dataset_table(str(store), "corpus").column(S.DOC_ID).to_pylist() == [f"s{i}" for i in range(50)]
+    report = ingest_records(str(source), str(store), "corpus", rows_per_shard=50_000, engine="local")
+    assert report.datasets["corpus"].rows_written == rows
+    table = read_dataset_table(str(store), "corpus")
+    assert table.num_rows == rows and table.column(S.DOC_ID).to_pylist()[-1] == f"d{rows - 1}"
+    assert len(list(store.rglob("*.parquet"))) == 3  # the dead ingest's shards and the old ones are gone

@@ -22,7 +22,7 @@ from whetstone.data.store import ShardWriter, read_dataset_table, read_manifest
 
 
 def _quarantine(store: Path, dataset: str) -> list[dict]:
-    return [json.loads(line) for part in sorted((store / "quarantine" / dataset).glob("*.jsonl"))
+    return [json.loads(line) for part in sorted((store / "quarantine" / dataset).rglob("*.jsonl"))
             for line in part.read_text().splitlines()]
 
 

@@ -22,14 +22,21 @@ import whetstone.storage as wstorage
 from whetstone.config.base import StorageConfig
 from whetstone.data import schemas as S
 from whetstone.data.ingest_files import ingest_records
-from whetstone.data.ingest_sink import DatasetCounts, DatasetSink, IngestError, IngestReport
+from whetstone.data.ingest_sink import (
+    DatasetCounts,
+    DatasetSink,
+    IngestError,
+    IngestReport,
+    new_generation,
+    open_store,
+    remove_superseded,
+)
 from whetstone.data.sources import SourceError, find_source_file, iter_lines, list_qrels_splits
 from whetstone.data.store import (
-    MANIFEST_NAME,
     DatasetEntry,
+    Manifest,
     QuarantineEntry,
     new_manifest,
-    read_manifest,
     write_manifest,
 )
 from whetstone.data.validate import (
@@ -114,20 +121,6 @@ def _ingest_qrels(file_uri: str, sink: DatasetSink, doc_ids: dict[str, int], que
     return positives
 
 
-def _prepare_destination(dest_uri: str, storage_config: StorageConfig | None) -> None:
-    """Refuse to write into a non-empty folder that is not a store; clear an old store's datasets."""
-    if wstorage.exists(wstorage.join(dest_uri, MANIFEST_NAME), storage_config):
-        old = read_manifest(dest_uri, storage_config)
-        # Remove what the old manifest owns so no stale shard or quarantine part survives a re-ingest.
-        for name in sorted(old.datasets):
-            wstorage.delete_dir(wstorage.join(dest_uri, name), storage_config)
-        wstorage.delete_dir(wstorage.join(dest_uri, "quarantine"), storage_config)
-        return
-    if wstorage.list_dir(dest_uri, storage_config):
-        raise IngestError(f"{dest_uri} is not empty and holds no {MANIFEST_NAME}; "
-                          "refusing to write a store into it")
-
-
 def ingest_beir(source: str, dest_uri: str, storage: StorageConfig | None = None,
                 rows_per_shard: int = 50_000, splits: Sequence[str] | None = None) -> IngestReport:
     """Ingest a BEIR folder into a store.
@@ -161,10 +154,11 @@ def ingest_beir(source: str, dest_uri: str, storage: StorageConfig | None = None
     if missing:
         raise IngestError(f"no qrels for split(s) {missing} under {wstorage.join(source, 'qrels')}; "
                           f"found {sorted(available)}")
-    _prepare_destination(dest_uri, storage_config)
+    old = open_store(dest_uri, storage_config)  # the old store stays readable until the new manifest replaces it
+    generation = new_generation()
 
     def sink(name: str, schema: pa.Schema) -> DatasetSink:
-        return DatasetSink(dest_uri, name, schema, rows_per_shard, storage_config)
+        return DatasetSink(dest_uri, name, schema, rows_per_shard, storage_config, generation)
 
     sinks: list[DatasetSink] = []
     doc_ids: dict[str, int] = {}
@@ -189,12 +183,13 @@ def ingest_beir(source: str, dest_uri: str, storage: StorageConfig | None = None
             pairs.accept({S.QUERY_ID: query_id, S.QUERY: query_texts[query_id], S.POSITIVE_IDS: positive_ids,
                           S.NEGATIVE_IDS: [], S.SCORE: None})
         sinks.append(pairs)
-    return _finish(source, dest_uri, sinks, storage_config, started)
+    return _finish(source, dest_uri, sinks, storage_config, started, old)
 
 
 def _finish(source: str, dest_uri: str, sinks: list[DatasetSink], storage_config: StorageConfig | None,
-            started: float) -> IngestReport:
-    """Close every sink, write the manifest (last: its presence marks a complete store), report."""
+            started: float, old: Manifest | None) -> IngestReport:
+    """Close every sink, write the manifest (last: it flips the store to the new datasets), remove
+    what the old store held, report."""
     datasets: dict[str, DatasetEntry] = {}
     quarantine: dict[str, QuarantineEntry] = {}
     counts: dict[str, DatasetCounts] = {}
@@ -204,7 +199,9 @@ def _finish(source: str, dest_uri: str, sinks: list[DatasetSink], storage_config
         counts[item.dataset] = item_counts
         if quarantined.rows:
             quarantine[item.dataset] = quarantined
-    manifest_uri = write_manifest(dest_uri, new_manifest(source, datasets, quarantine), storage_config)
+    manifest = new_manifest(source, datasets, quarantine)
+    manifest_uri = write_manifest(dest_uri, manifest, storage_config)
+    remove_superseded(dest_uri, manifest, sorted(set(datasets) | set(old.datasets if old else ())), storage_config)
     report = IngestReport(
         source=source,
         store_uri=dest_uri,

@@ -35,7 +35,15 @@ import pyarrow.compute as pc
 import whetstone.storage as wstorage
 from whetstone.config.base import StorageConfig
 from whetstone.data import schemas as S
-from whetstone.data.ingest_sink import DamagedFile, DatasetSink, IngestError, IngestReport
+from whetstone.data.ingest_sink import (
+    DamagedFile,
+    DatasetSink,
+    IngestError,
+    IngestReport,
+    new_generation,
+    open_store,
+    remove_superseded,
+)
 from whetstone.data.records import (
     FILE,
     ID_COLUMN,
@@ -51,11 +59,9 @@ from whetstone.data.records import (
     target_schema,
 )
 from whetstone.data.store import (
-    MANIFEST_NAME,
     Manifest,
     new_manifest,
     read_dataset_table,
-    read_manifest,
     write_manifest,
 )
 
@@ -204,19 +210,6 @@ def _check_dataset_name(kind: str, dataset_name: str) -> None:
         raise IngestError(f"dataset_name for kind {kind!r} must be '{store_kind}/<split>', got {dataset_name!r}")
 
 
-def _prepare_dataset(dest_uri: str, dataset: str, storage_config: StorageConfig | None) -> Manifest | None:
-    """Open ``dest_uri`` for (re)writing one dataset; returns the existing manifest, if any."""
-    if wstorage.exists(wstorage.join(dest_uri, MANIFEST_NAME), storage_config):
-        old = read_manifest(dest_uri, storage_config)
-        # Remove what a previous ingest of this dataset left, so no stale shard survives.
-        wstorage.delete_dir(wstorage.join(dest_uri, dataset), storage_config)
-        wstorage.delete_dir(wstorage.join(dest_uri, "quarantine", dataset), storage_config)
-        return old
-    if wstorage.list_dir(dest_uri, storage_config):
-        raise IngestError(f"{dest_uri} is not empty and holds no {MANIFEST_NAME}; refusing to write a store into it")
-    return None
-
-
 def _corpus_ids(kind: str, dest_uri: str, old: Manifest | None,
                 storage_config: StorageConfig | None) -> set[str] | None:
     if kind != "pairs" or old is None or "corpus" not in old.datasets:
@@ -264,8 +257,8 @@ def ingest_records(source: str, dest_uri: str, kind: str, dataset_name: str | No
     _check_dataset_name(kind, dataset)
     files = list_source_files(source, storage)
     chosen = _choose_engine(engine, files, ray_min_bytes)
-    old = _prepare_dataset(dest_uri, dataset, storage)
-    sink = DatasetSink(dest_uri, dataset, target_schema(kind), rows_per_shard, storage)
+    old = open_store(dest_uri, storage)  # the old manifest (and what it names) stays until ours replaces it
+    sink = DatasetSink(dest_uri, dataset, target_schema(kind), rows_per_shard, storage, new_generation())
     consumer = _StagedConsumer(sink, kind, _corpus_ids(kind, dest_uri, old, storage))
     uris = [uri for uri, _ in files]
     staged = (_staged_ray(uris, source, kind, storage, chunk_rows, num_cpus) if chosen == "ray"
@@ -279,7 +272,8 @@ def ingest_records(source: str, dest_uri: str, kind: str, dataset_name: str | No
     if quarantined.rows:
         quarantine[dataset] = quarantined
     manifest = new_manifest(old.source if old else source, datasets, quarantine)
-    manifest_uri = write_manifest(dest_uri, manifest, storage)
+    manifest_uri = write_manifest(dest_uri, manifest, storage)  # the flip: readers see the new dataset
+    remove_superseded(dest_uri, manifest, [dataset], storage)
     report = IngestReport(
         source=source, store_uri=dest_uri, manifest_uri=manifest_uri, datasets={dataset: counts},
         quarantine_files={dataset: [wstorage.join(dest_uri, f) for f in quarantined.files]} if quarantined.rows else {},

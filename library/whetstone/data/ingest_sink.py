@@ -1,5 +1,14 @@
 """What every ingest writes through and reports: one dataset's sink (shards + quarantine + the
-rows-in counter), the per-dataset row accounting and the report.
+rows-in counter), the per-dataset row accounting and the report; and how a store changes
+atomically.
+
+Atomic per dataset version ("write new objects, then flip one pointer"): an ingest writes its
+shards and quarantine parts to a new generation folder (``<dataset>/<generation>/``) beside the
+ones the manifest names, writes ``manifest.json`` last (the one pointer), and only then removes
+what the manifest no longer names. A re-ingest killed at any point leaves the previous manifest
+and every file it names in place: the store stays readable, and the next ingest removes the
+leftovers. A first ingest marks the folder ``INGESTING`` until its manifest exists, so a rerun
+after a kill knows the leftovers are its own and removes them instead of refusing the folder.
 
 Both ingest paths use these: :mod:`whetstone.data.ingest` (BEIR folders, the one entry point) and
 :mod:`whetstone.data.ingest_files` (declared-format records). They live below both so that the
@@ -8,14 +17,30 @@ imports go one way: ``ingest -> ingest_files -> ingest_sink``.
 
 from __future__ import annotations
 
+import json
 import logging
+import time
+import uuid
+from collections.abc import Iterable
+from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from whetstone import storage as store
 from whetstone.config.base import StorageConfig
-from whetstone.data.store import DatasetEntry, QuarantineEntry, QuarantineWriter, ShardWriter
+from whetstone.data.store import (
+    MANIFEST_NAME,
+    DatasetEntry,
+    Manifest,
+    QuarantineEntry,
+    QuarantineWriter,
+    ShardWriter,
+    read_manifest,
+)
+
+INGESTING_MARKER = "INGESTING"
 
 logger = logging.getLogger(__name__)
 
@@ -91,11 +116,11 @@ class DatasetSink:
     """One dataset's shard writer + quarantine writer + its rows-in counter."""
 
     def __init__(self, store_uri: str, dataset: str, schema: pa.Schema, rows_per_shard: int,
-                 storage_config: StorageConfig | None) -> None:
+                 storage_config: StorageConfig | None, generation: str | None = None) -> None:
         self.dataset = dataset
         self.rows_in = 0
-        self.shards = ShardWriter(store_uri, dataset, schema, rows_per_shard, storage_config)
-        self.quarantine = QuarantineWriter(store_uri, dataset, storage_config)
+        self.shards = ShardWriter(store_uri, dataset, schema, rows_per_shard, storage_config, generation)
+        self.quarantine = QuarantineWriter(store_uri, dataset, storage_config, generation=generation)
 
     def accept(self, row: dict[str, Any]) -> None:
         self.shards.add(row)
@@ -113,3 +138,54 @@ class DatasetSink:
         counts = DatasetCounts(rows_in=self.rows_in, rows_written=entry.rows,
                                rows_quarantined=quarantined.rows)
         return entry, quarantined, counts
+
+
+def new_generation() -> str:
+    """A fresh, sortable folder name for one ingest's files (``20261205T213000-1a2b3c``)."""
+    return f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def open_store(dest_uri: str, storage_config: StorageConfig | None) -> Manifest | None:
+    """Before an ingest writes: the store's manifest (a re-ingest; what it names stays readable
+    until the new manifest replaces it), or None for a new store, which gets the ``INGESTING``
+    marker. A folder with files but no manifest is refused, unless the marker says a first ingest
+    was cut off there: then what it wrote is removed.
+
+    Raises:
+        IngestError: ``dest_uri`` holds files but no manifest and no marker (not a store).
+    """
+    if store.exists(store.join(dest_uri, MANIFEST_NAME), storage_config):
+        return read_manifest(dest_uri, storage_config)
+    marker = store.join(dest_uri, INGESTING_MARKER)
+    entries = store.list_dir(dest_uri, storage_config)
+    if entries:
+        if not store.exists(marker, storage_config):
+            raise IngestError(f"{dest_uri} is not empty and holds no {MANIFEST_NAME}; "
+                              "refusing to write a store into it")
+        logger.warning("%s: a first ingest there did not finish (%s); removing what it wrote", dest_uri,
+                       INGESTING_MARKER)
+        for entry in entries:
+            store.delete_dir(entry, storage_config)
+            store.delete_file(entry, storage_config)
+    store.write_bytes(marker, json.dumps({"started_at": time.time()}).encode(), storage_config)
+    return None
+
+
+def remove_superseded(dest_uri: str, manifest: Manifest, datasets: Iterable[str],
+                      storage_config: StorageConfig | None) -> None:
+    """After ``manifest`` is written: remove every file under each of ``datasets`` (its shard and
+    quarantine folders) that the manifest does not name: the previous generation, an interrupted
+    ingest's leftovers, a dataset the manifest dropped. Then the ``INGESTING`` marker."""
+    named = {shard.path for entry in manifest.datasets.values() for shard in entry.shards}
+    named |= {part for entry in manifest.quarantine.values() for part in entry.files}
+    for name in datasets:
+        for folder in (name, f"quarantine/{name}"):
+            for entry in store.list_dir(store.join(dest_uri, folder), storage_config):
+                rel = f"{folder}/{entry.rstrip('/').rsplit('/', 1)[-1]}"
+                if rel in named or any(path.startswith(f"{rel}/") for path in named):
+                    continue
+                store.delete_dir(entry, storage_config)
+                store.delete_file(entry, storage_config)
+            if not store.list_dir(store.join(dest_uri, folder), storage_config):  # nothing of it is named
+                store.delete_dir(store.join(dest_uri, folder), storage_config)
+    store.delete_file(store.join(dest_uri, INGESTING_MARKER), storage_config)

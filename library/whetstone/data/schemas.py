@@ -2,13 +2,17 @@
 
 A *store* is a folder (local or ``s3://``) written by :mod:`whetstone.data.ingest`::
 
-    corpus/part-00000.parquet ...        CORPUS_SCHEMA
-    queries/part-*.parquet               QUERIES_SCHEMA
-    qrels/<split>/part-*.parquet         QRELS_SCHEMA
-    pairs/<split>/part-*.parquet         PAIRS_SCHEMA  (one row per query; ids only, no texts)
-    preference/<split>/part-*.parquet    PREFERENCE_SCHEMA
-    quarantine/<dataset>/part-*.jsonl    rows that failed validation
-    manifest.json                        shard list, row counts, schema, sha256 per shard
+    corpus/<gen>/part-00000.parquet ...      CORPUS_SCHEMA
+    queries/<gen>/part-*.parquet             QUERIES_SCHEMA
+    qrels/<split>/<gen>/part-*.parquet       QRELS_SCHEMA
+    pairs/<split>/<gen>/part-*.parquet       PAIRS_SCHEMA  (one row per query; ids only, no texts)
+    preference/<split>/<gen>/part-*.parquet  PREFERENCE_SCHEMA
+    quarantine/<dataset>/<gen>/part-*.jsonl  rows that failed validation
+    manifest.json                            shard list, row counts, schema, sha256 per shard
+
+``<gen>`` is the ingest that wrote the dataset (a sortable timestamp and a random tag): a re-ingest
+writes a new one beside it and the manifest, written last, names the shards readers use
+(:mod:`whetstone.data.ingest_sink`). Readers follow the manifest, never the folder listing.
 
 Pairs carry document *ids*; texts are resolved inside the Ray Data pipeline
 (:mod:`whetstone.data.stream`), so hard negatives mined later never rewrite the pair files.

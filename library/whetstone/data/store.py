@@ -154,11 +154,13 @@ class ShardWriter:
     """
 
     def __init__(self, store_uri: str, dataset: str, schema: pa.Schema, rows_per_shard: int,
-                 storage_config: StorageConfig | None = None) -> None:
+                 storage_config: StorageConfig | None = None, generation: str | None = None) -> None:
         if rows_per_shard < 1:
             raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
         self.store_uri = store_uri
         self.dataset = dataset
+        # generation: shards go to <dataset>/<generation>/, beside (not over) what the manifest names now
+        self.folder = f"{dataset}/{generation}" if generation else dataset
         self.schema = schema
         self.rows_per_shard = rows_per_shard
         self.storage_config = storage_config
@@ -209,7 +211,7 @@ class ShardWriter:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
         data = sink.getvalue().to_pybytes()
-        rel = f"{self.dataset}/part-{len(self.shards):05d}.parquet"
+        rel = f"{self.folder}/part-{len(self.shards):05d}.parquet"
         storage.write_bytes(storage.join(self.store_uri, rel), data, self.storage_config)
         self.shards.append(ShardEntry(path=rel, rows=table.num_rows, bytes=len(data),
                                       sha256=hashlib.sha256(data).hexdigest()))
@@ -230,7 +232,7 @@ class ShardWriter:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         data = sink.getvalue().to_pybytes()
-        rel = f"{self.dataset}/part-00000.parquet"
+        rel = f"{self.folder}/part-00000.parquet"
         storage.write_bytes(storage.join(self.store_uri, rel), data, self.storage_config)
         self.shards.append(ShardEntry(path=rel, rows=0, bytes=len(data), sha256=hashlib.sha256(data).hexdigest()))
 
@@ -243,9 +245,10 @@ class QuarantineWriter:
     """
 
     def __init__(self, store_uri: str, dataset: str, storage_config: StorageConfig | None = None,
-                 rows_per_part: int = 50_000) -> None:
+                 rows_per_part: int = 50_000, generation: str | None = None) -> None:
         self.store_uri = store_uri
         self.dataset = dataset
+        self.folder = f"{dataset}/{generation}" if generation else dataset
         self.storage_config = storage_config
         self.rows_per_part = rows_per_part
         self._buffer = io.StringIO()
@@ -272,7 +275,7 @@ class QuarantineWriter:
     def _flush(self) -> None:
         if not self._buffered:
             return
-        rel = f"quarantine/{self.dataset}/part-{len(self.files):05d}.jsonl"
+        rel = f"quarantine/{self.folder}/part-{len(self.files):05d}.jsonl"
         storage.write_bytes(storage.join(self.store_uri, rel), self._buffer.getvalue().encode("utf-8"),
                             self.storage_config)
         self.files.append(rel)
