@@ -116,7 +116,7 @@ def run(config: ContrastiveJobConfig) -> dict:
 
     run = stage.start_run(config)  # paths, Ray, run folder, task data, resume point
     # corpus vectors streamed to storage (index v1's chunks) through the exact evaluation: nDCG before training
-    base = stage.embed_and_evaluate(run, run.base_model, "base", stage.first_vectors_uri(run))
+    base = stage.embed_base(run)  # a resumed run reuses its first attempt's evaluation
     version, refresher, mined = 1, None, None
     stage.start_docs(run)  # document texts in partition actors: resolved by id, never loaded per worker
     if config.negatives.source != "none":

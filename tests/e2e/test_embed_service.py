@@ -89,3 +89,12 @@ def test_an_asymmetric_model_embeds_queries_with_its_query_tower(embed_url, tiny
     assert not np.allclose(np.array(queries["vectors"]), np.array(body["vectors"]), atol=1e-3)
     bad = httpx.post(f"{url}/", json={"texts": texts, "kind": "passage"}, timeout=30)
     assert bad.status_code == 422 and "kind" in bad.text
+
+
+def test_fuzzed_requests_get_no_server_errors(embed_url):
+    """A bounded schemathesis run against the embedding endpoint's OpenAPI document: no 5xx."""
+    from tests.fuzz_http import fuzz_openapi
+
+    url, _ = embed_url
+    result = fuzz_openapi(url, examples=25)
+    assert result.cases >= 50 and not result.server_errors, (result.cases, result.server_errors[:5])

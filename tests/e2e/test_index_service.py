@@ -535,3 +535,30 @@ def test_mutations_keep_only_the_newest_versions_on_storage(service, tmp_path):
         assert after < before, (before, after)  # five full snapshots were published, three-plus removed
     finally:
         serve.delete(APP + "-retention")
+
+
+def test_fuzzed_requests_get_no_server_errors(service, tmp_path):
+    """A bounded schemathesis run (positive and negative cases for every operation of the
+    service's own OpenAPI document, with the write token, so mutations and swaps are exercised)
+    on a deployment of its own: no 5xx, and the service still answers a plain search after it."""
+    import shutil
+
+    from ray import serve
+
+    from services.index.app import IndexServiceArgs, deploy
+    from tests.fuzz_http import fuzz_openapi
+
+    root = str(tmp_path / "index")
+    shutil.copytree(service["root"], root)
+    args = IndexServiceArgs(index_uri=root, auth_token=TOKEN, num_cpus=0.1, poll_interval_s=0.5, max_k=50,
+                            max_queries_per_request=64, keep_versions=3)
+    deploy(args, name=APP + "-fuzz", route_prefix=PREFIX + "-fuzz")
+    try:
+        base = service["base"] + "-fuzz"
+        result = fuzz_openapi(base, examples=25, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert result.cases >= 200 and not result.server_errors, (result.cases, result.server_errors[:5])
+        assert sum(n for status, n in result.statuses.items() if 400 <= status < 500) > 0  # refusals were sent
+        r = httpx.post(base + "/search", json={"vectors": [[0.1] * DIM], "k": 3}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["ids"][0]) == 3
+    finally:
+        serve.delete(APP + "-fuzz")

@@ -336,6 +336,8 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(ray_cluster, scifact_stor
     resumed_at = second["resumed_from_step"]
     assert resumed_at is not None and resumed_at % 2 == 0 and 2 <= resumed_at < 8
     assert second["steps"] == 8 and second["index_versions"][0] == 1
+    # the resumed attempt serves the index it had and reuses the first attempt's base evaluation
+    assert "embed_base_s" not in second["timings_s"] and second["before"] == whole["before"]
     attempt = run / f"train-from-{resumed_at:06d}"
     resumed = json.loads(Path(second["history_uri"]).read_text())
     assert [m["step"] for m in resumed] == list(range(resumed_at + 1, 9))

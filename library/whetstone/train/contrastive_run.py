@@ -3,7 +3,7 @@
 ``jobs/train_contrastive.py:run`` reads as::
 
     run = start_run(config)                          # paths, Ray, run folder, task data, resume point
-    base = embed_and_evaluate(run, run.base_model, "base", first_vectors_uri(run))  # vectors to storage + nDCG
+    base = embed_base(run)                           # vectors to storage + nDCG (a resume reuses its first attempt's)
     version = publish_first_version(run, base)       # index v1 from those vectors (a resumed run keeps its newest)
     ... the job deploys the index service (Serve is the job's business, not the library's) ...
     refresher = start_refresher(run)                 # background re-embedding + swaps
@@ -19,6 +19,7 @@ from there by Ray tasks.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
@@ -181,6 +182,28 @@ def embed_and_evaluate(run: ContrastiveRun, model_uri: str, name: str = "base",
     if split is not None:
         print(f"[eval] {name}: nDCG@10 {metrics['ndcg@10']:.4f} Recall@100 {metrics['recall@100']:.4f}", flush=True)
     return Embedded(model_uri, vectors_uri, corpus.rows, metrics)
+
+
+BASE_EVAL_FILE = "base-eval.json"
+
+
+def embed_base(run: ContrastiveRun) -> Embedded:
+    """The base model's corpus vectors (index v1's chunks) and its nDCG before training. A resumed
+    run whose newest index version is already served reuses the first attempt's evaluation
+    (``<run>/base-eval.json``) instead of embedding the corpus again."""
+    config = run.config
+    uri = store.join(config.run_uri, BASE_EVAL_FILE)
+    key = {"model": run.base_model, "split": config.eval.split, "dims": list(config.loss.matryoshka_dims or ())}
+    if run.resumed_version and store.exists(uri, config.storage):
+        saved = json.loads(store.read_bytes(uri, config.storage))
+        if saved["key"] == key:
+            print(f"[eval] base: the first attempt's evaluation ({uri}), nDCG@10 "
+                  f"{saved['metrics'].get('ndcg@10', float('nan')):.4f}; the corpus is not embedded again", flush=True)
+            return Embedded(run.base_model, None, saved["count"], saved["metrics"])
+    base = embed_and_evaluate(run, run.base_model, "base", first_vectors_uri(run))
+    store.write_bytes(uri, json.dumps({"key": key, "count": base.count, "metrics": base.metrics}).encode(),
+                      config.storage)
+    return base
 
 
 def first_vectors_uri(run: ContrastiveRun) -> str | None:
