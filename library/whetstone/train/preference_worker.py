@@ -115,12 +115,17 @@ class RewardRun(WorkerRun):
 
 
 @contextlib.contextmanager
-def resume_folder(plan: PreferenceRunPlan) -> Iterator[str | None]:
-    """The checkpoint this worker starts from: a restarted worker group's own (Ray Train hands it
-    over), else the plan's ``resume_checkpoint`` (a folder or storage URI), else None (fresh)."""
+def resume_folder(plan: PreferenceRunPlan, storage: StorageConfig | None) -> Iterator[str | None]:
+    """The checkpoint this worker starts from: a restarted worker group's own (the one Ray Train
+    registered last, or, if the group died before Ray Train registered a fully written one, the
+    newest complete checkpoint of this attempt), else the plan's ``resume_checkpoint`` (a folder
+    or storage URI), else None (fresh)."""
+    from whetstone.train.checkpoint import newest_complete_checkpoint
+
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        yield plan.resume_checkpoint
+        found = newest_complete_checkpoint(plan.checkpoint_root, storage)  # none before this attempt's first
+        yield found[0] if found else plan.resume_checkpoint
         return
     with checkpoint.as_directory() as folder:
         yield folder
@@ -170,7 +175,7 @@ def setup_policy_run(config: PreferenceJobConfig, plan: PreferenceRunPlan) -> Po
     """The policy worker's training state, in dependency order (see the comments)."""
     rank, world = _rank_world()
     torch.manual_seed(config.optim.seed)
-    with resume_folder(plan) as folder:
+    with resume_folder(plan, config.storage) as folder:
         # Policy first (a checkpoint replaces the weights; LoRA wraps them), then DDP, then the
         # optimiser over DDP's parameters and its schedule, then their saved state.
         policy = config.policy if folder is None else config.policy.model_copy(
@@ -200,7 +205,7 @@ def setup_reward_run(config: PreferenceJobConfig, plan: PreferenceRunPlan) -> Re
     rank, world = _rank_world()
     torch.manual_seed(config.optim.seed)  # the head's initial weights
     section = config.reward_model
-    with resume_folder(plan) as folder:
+    with resume_folder(plan, config.storage) as folder:
         reward = (RewardModel.load(folder, config.storage) if folder is not None else
                   RewardModel.from_encoder(section.encoder, section.max_length, section.max_prompt_length,
                                            config.storage, section.pooling))
