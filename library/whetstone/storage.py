@@ -267,6 +267,12 @@ def delete_file(uri: str, storage: StorageConfig | None = None) -> None:
     with_retries(uri, delete, storage, "delete")
 
 
+def delete_path(uri: str, storage: StorageConfig | None = None) -> None:
+    """Remove whatever is at ``uri``: a folder with everything under it, or one file."""
+    delete_dir(uri, storage)
+    delete_file(uri, storage)
+
+
 def delete_dir(uri: str, storage: StorageConfig | None = None) -> None:
     loc = resolve(uri, storage)
     info = loc.filesystem.get_file_info(loc.path)

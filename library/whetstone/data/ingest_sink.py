@@ -165,8 +165,7 @@ def open_store(dest_uri: str, storage_config: StorageConfig | None) -> Manifest 
         logger.warning("%s: a first ingest there did not finish (%s); removing what it wrote", dest_uri,
                        INGESTING_MARKER)
         for entry in entries:
-            store.delete_dir(entry, storage_config)
-            store.delete_file(entry, storage_config)
+            store.delete_path(entry, storage_config)
     store.write_bytes(marker, json.dumps({"started_at": time.time()}).encode(), storage_config)
     return None
 
@@ -184,8 +183,7 @@ def remove_superseded(dest_uri: str, manifest: Manifest, datasets: Iterable[str]
                 rel = f"{folder}/{entry.rstrip('/').rsplit('/', 1)[-1]}"
                 if rel in named or any(path.startswith(f"{rel}/") for path in named):
                     continue
-                store.delete_dir(entry, storage_config)
-                store.delete_file(entry, storage_config)
+                store.delete_path(entry, storage_config)
             if not store.list_dir(store.join(dest_uri, folder), storage_config):  # nothing of it is named
                 store.delete_dir(store.join(dest_uri, folder), storage_config)
     store.delete_file(store.join(dest_uri, INGESTING_MARKER), storage_config)

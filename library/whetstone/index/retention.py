@@ -123,8 +123,7 @@ def _remove_snapshot(root: str, version: int, used: set[str], storage: StorageCo
         if f"v{version}/{name}" in used:
             continue
         freed += sum(size for path, size in sizes.items() if path == name or path.startswith(f"{name}/"))
-        store.delete_dir(uri, storage)
-        store.delete_file(uri, storage)  # a plain file beside the shard folders
+        store.delete_path(uri, storage)  # a shard folder, or a plain file beside them
     if not store.list_dir(folder, storage):
         store.delete_dir(folder, storage)
     return freed
