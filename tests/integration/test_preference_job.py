@@ -181,3 +181,33 @@ def test_reward_model_mode(ray_cluster, hh_store, tiny_encoder_dir, tmp_path):
     model = RewardModel.load(report["model_uri"])
     scores = model.score(["\n\nHuman: hi\n\nAssistant:"] * 2, ["Hello! How can I help?", "Go away."])
     assert scores.shape == (2,) and np.isfinite(scores).all()
+
+
+def test_a_killed_training_worker_is_restarted_and_the_dpo_run_continues(dpo_report, hh_store, tiny_gpt2_dir,
+                                                                         tiny_encoder_dir, tmp_path):
+    """kill -9 of one Ray Train worker of the DPO job once its step-6 checkpoint is complete: the
+    worker group restarts by itself (max_failures, default 3) from the newest complete checkpoint,
+    the run ends with all 20 steps, one history of each step once, and the losses of the uninterrupted
+    run (to 1e-4, as the resume test above: the same float arithmetic on the same batches)."""
+    import os
+    import signal
+
+    from whetstone.train.checkpoint import read_trainer_state
+
+    from jobs.train_preference import main
+    from tests.faults import JobThread, train_worker_processes
+
+    run = tmp_path / "run"
+    job = JobThread(main, ["--config", "jobs/configs/train_preference/smoke.yaml", "optim.checkpoint_every=6",
+                           f"store_uri={hh_store}", f"policy.path={tiny_gpt2_dir}",
+                           f"leakage.encoder={tiny_encoder_dir}", f"output_uri={run}"])
+    job.wait_for(lambda: read_trainer_state(str(run / "train" / "step-000006")) is not None, "its step-6 checkpoint")
+    assert not (run / "train" / "final").exists(), "the run finished before the kill: nothing was tested"
+    workers = train_worker_processes()
+    assert len(workers) == 2, f"expected this run's 2 training workers, found {workers}"
+    os.kill(max(workers, key=lambda p: p.pid).pid, signal.SIGKILL)
+    report = job.finished_report()
+    assert report["worker_restarts"] == 1 and report["steps"] == 20
+    whole, restarted = _history(dpo_report), _history(report)
+    assert [m["step"] for m in restarted] == list(range(1, 21))
+    np.testing.assert_allclose([m["loss"] for m in restarted], [m["loss"] for m in whole], rtol=0, atol=1e-4)

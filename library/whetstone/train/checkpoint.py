@@ -153,6 +153,14 @@ def count_worker_group(attempt_uri: str, storage: StorageConfig | None = None) -
     return groups
 
 
+def worker_restarts(attempt_uri: str, storage: StorageConfig | None = None) -> int:
+    """The driver, after the attempt: how many times its worker group was restarted (0: never)."""
+    try:
+        return max(0, int(store.read_bytes(f"{attempt_uri.rstrip('/')}.groups", storage)) - 1)
+    except FileNotFoundError:
+        return 0
+
+
 def find_resume_checkpoint(run_uri: str, storage: StorageConfig | None = None) -> tuple[str, TrainerState] | None:
     """The newest complete ``step-N`` checkpoint of any attempt of the run (None: start fresh).
 

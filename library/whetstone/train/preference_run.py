@@ -27,7 +27,7 @@ import pyarrow as pa
 from whetstone import storage as store
 from whetstone.config.base import ConfigError, dump_config
 from whetstone.config.preference import PreferenceJobConfig
-from whetstone.train.checkpoint import TrainerState, find_resume_checkpoint
+from whetstone.train.checkpoint import TrainerState, find_resume_checkpoint, worker_restarts
 from whetstone.train.memory import MemorySampler
 from whetstone.train.plan import PreferenceRunPlan
 from whetstone.train.preference import PAIR_METRICS
@@ -199,6 +199,7 @@ def finish_run(run: DriverRun, selection: PairSelection, leakage: dict, referenc
         "reference": {"mode": config.reference.mode if config.needs_reference else "none", "uri": reference_uri},
         "leakage": leakage,
         "resumed_from_step": plan.resume_step if plan.resume_checkpoint else None,
+        "worker_restarts": worker_restarts(plan.checkpoint_root, config.storage),
         "first_loss_mean": float(np.mean([m["loss"] for m in history[:k]])),
         "last_loss_mean": float(np.mean([m["loss"] for m in history[-k:]])),
         "final_train": {key: metrics.get(key) for key in PAIR_METRICS},
@@ -220,6 +221,8 @@ def print_summary(report: dict, report_uri: str) -> None:
     lines.append(f"pairs: train {report['train_pairs']}, eval {report['eval_pairs']}; kept aside at ingest "
                  f"{report['kept_aside_at_ingest']}")
     resumed = f" (resumed at step {report['resumed_from_step']})" if report["resumed_from_step"] is not None else ""
+    if report["worker_restarts"]:
+        resumed += f" ({report['worker_restarts']} worker-group restart(s) after failures)"
     lines.append(f"loss: first steps {report['first_loss_mean']:.4f} -> last steps {report['last_loss_mean']:.4f} "
                  f"over {report['steps']} steps{resumed}; {report['pairs_per_s']:.1f} pairs/s")
     if report["eval"]:

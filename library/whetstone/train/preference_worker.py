@@ -131,6 +131,17 @@ def resume_folder(plan: PreferenceRunPlan, storage: StorageConfig | None) -> Ite
         yield folder
 
 
+def _count_worker_group(plan: PreferenceRunPlan, storage: StorageConfig | None, rank: int) -> None:
+    """Rank 0 numbers this worker group within the attempt; the report's ``worker_restarts``."""
+    from whetstone.train.checkpoint import count_worker_group
+
+    if rank == 0:
+        groups = count_worker_group(plan.checkpoint_root, storage)
+        if groups > 1:
+            print(f"[train] worker group restarted after a failure (restart {groups - 1}); continuing from the "
+                  "newest complete checkpoint", flush=True)
+
+
 def lr_schedule(optimizer: torch.optim.Optimizer, config: PreferenceJobConfig,
                 plan: PreferenceRunPlan) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over ``optim.warmup_ratio`` of the run, then linear decay to 0."""
@@ -174,6 +185,7 @@ def _rank_world() -> tuple[int, int]:
 def setup_policy_run(config: PreferenceJobConfig, plan: PreferenceRunPlan) -> PolicyRun:
     """The policy worker's training state, in dependency order (see the comments)."""
     rank, world = _rank_world()
+    _count_worker_group(plan, config.storage, rank)
     torch.manual_seed(config.optim.seed)
     with resume_folder(plan, config.storage) as folder:
         # Policy first (a checkpoint replaces the weights; LoRA wraps them), then DDP, then the
@@ -203,6 +215,7 @@ def setup_reward_run(config: PreferenceJobConfig, plan: PreferenceRunPlan) -> Re
     from whetstone.models.reward import RewardModel, reward_optimizer
 
     rank, world = _rank_world()
+    _count_worker_group(plan, config.storage, rank)
     torch.manual_seed(config.optim.seed)  # the head's initial weights
     section = config.reward_model
     with resume_folder(plan, config.storage) as folder:
