@@ -1,4 +1,4 @@
-"""Embedding endpoint: ``POST /embed`` served from the newest promoted checkpoint.
+"""Embedding endpoint: ``POST /embed/`` served from the newest promoted checkpoint.
 
 "Promoted" means the checkpoint that the newest index version was built from: the contrastive
 job promotes its final model by publishing an index version built with it. Given ``index_uri``
@@ -6,8 +6,18 @@ the service follows the index's ``LATEST`` pointer (polling every ``poll_interva
 reloads the encoder when it changes, so queries embedded here match the served index. Given
 ``model_uri`` instead it serves that fixed model.
 
-  serve run services.embed.app:build_app index_uri=.whetstone/store/scifact-subset/runs/quickstart/index
-  curl -X POST localhost:8000/embed/ -H 'content-type: application/json' -d '{"texts": ["a claim"]}'
+Auth. ``POST /embed/`` needs ``Authorization: Bearer <token>`` whenever a token is configured:
+``auth_token``, else ``$WHETSTONE_EMBED_TOKEN``, else ``$WHETSTONE_INDEX_TOKEN`` (one Secret serves
+both apps of the RayService; a separate embed token lets clients embed without being able to
+mutate the index). Missing token: 401; wrong token: 403. With no token configured the route is
+open (logged at start), as the index service's reads are, unless ``protect_embed=true``: then every
+request is refused with 403 naming the variables, as the index refuses mutations without a token.
+``protect_embed=false`` keeps it open even with a token. ``/healthz`` is always open. Error answers
+carry a ``code`` (the index service's codes, ``whetstone.index.wire``).
+
+  export WHETSTONE_EMBED_TOKEN=secret
+  serve run services.embed.app:build_app index_uri=.whetstone/store/scifact-subset/runs/quickstart/index --route-prefix /embed
+  curl -X POST localhost:8000/embed/ -H 'content-type: application/json' -H "Authorization: Bearer $WHETSTONE_EMBED_TOKEN" -d '{"texts": ["a claim"]}'
 """
 
 # No `from __future__ import annotations`: FastAPI must see the request model as a class.
@@ -15,16 +25,35 @@ import asyncio
 import logging
 import threading
 
-from fastapi import FastAPI, HTTPException
-from pydantic import Field, model_validator
+from fastapi import Depends, FastAPI
+from fastapi.security import HTTPAuthorizationCredentials
+from pydantic import Field, SecretStr, model_validator
 from ray import serve
 from ray.serve import Application
 from whetstone.config.base import StorageConfig, StrictModel
+from whetstone.index.wire import ErrorCode, IndexServiceError
 
 from services.embed.schemas import DEPLOYMENT_NAME, EmbedRequest, EmbedResponse
+from services.http_common import (
+    EMBED_TOKEN_ENV,
+    INDEX_TOKEN_ENV,
+    access,
+    add_error_handlers,
+    bearer,
+    check_token,
+    openapi_document,
+    resolve_token,
+    servable,
+    token_sources,
+)
 
 logger = logging.getLogger(__name__)
-app = FastAPI(title="Whetstone embedding service")
+TOKEN_ENVS = (EMBED_TOKEN_ENV, INDEX_TOKEN_ENV)  # read in this order, after the auth_token argument
+TOKEN_SOURCES = token_sources(*TOKEN_ENVS)
+app = FastAPI(title="Whetstone embedding service",
+              description="Embeds texts with the model the served index was built from. Every error answer "
+                          "carries a `code` beside its `detail`.")
+add_error_handlers(app)
 
 
 class EmbedServiceArgs(StrictModel):
@@ -36,6 +65,11 @@ class EmbedServiceArgs(StrictModel):
     max_texts: int = Field(256, ge=1, description="texts per request")
     max_length: int = Field(256, ge=8, le=512)
     poll_interval_s: float = Field(5.0, gt=0)
+    auth_token: SecretStr | None = Field(None, description=f"bearer token; falls back to ${EMBED_TOKEN_ENV}, then "
+                                                            f"${INDEX_TOKEN_ENV}")
+    protect_embed: bool | None = Field(
+        None, description="None: POST /embed/ needs the bearer token whenever one is configured (open when "
+                          "none is); true: always (with none configured every request gets 403); false: open")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -44,11 +78,48 @@ class EmbedServiceArgs(StrictModel):
         return self
 
 
+def token_required(token: str | None, protect_embed: bool | None) -> bool:
+    """Whether ``POST /embed/`` asks for the bearer token: ``protect_embed`` when set, else whether
+    a token is configured."""
+    return token is not None if protect_embed is None else protect_embed
+
+
+async def require_embed_token(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    service = servable()
+    if service.protected:
+        check_token(credentials, service.token, "embedding", TOKEN_SOURCES)
+
+
+EMBED = access("embed", require_embed_token)
+_OPENAPI: dict[bool, dict] = {}  # per token_required
+_NOTES = {("embed", True): f"Needs the bearer token: {TOKEN_SOURCES} on the service.",
+          ("embed", False): "Open: this deployment asks for no token."}
+
+
+def _openapi() -> dict:
+    """The OpenAPI document as this deployment answers: the bearer scheme only where it is asked for."""
+    protected = bool(servable().protected)
+    if protected not in _OPENAPI:
+        _OPENAPI[protected] = openapi_document(app, {"embed": protected}, _NOTES)
+    return _OPENAPI[protected]
+
+
+app.openapi = _openapi
+
+
 @serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress(app)
 class EmbedService:
     def __init__(self, args: dict):
         self.args = EmbedServiceArgs.model_validate(args)
+        self.token = resolve_token(self.args.auth_token, *TOKEN_ENVS)
+        self.protected = token_required(self.token, self.args.protect_embed)
+        if not self.protected:
+            logger.warning("POST /embed/ is open to anyone who reaches it: %s", "protect_embed=false"
+                           if self.args.protect_embed is False else f"no token is configured ({TOKEN_SOURCES})")
+        elif self.token is None:
+            logger.warning("POST /embed/ refuses every request: protect_embed=true and no token is configured "
+                           "(set %s)", TOKEN_SOURCES)
         self.lock = threading.Lock()
         self.encoder = self.query_encoder = None
         self.checkpoint: str | None = None
@@ -86,15 +157,17 @@ class EmbedService:
             except Exception:  # noqa: BLE001 - keep serving the model we have
                 logger.exception("could not load the newest promoted checkpoint")
 
-    @app.post("/", response_model=EmbedResponse)
+    @app.post("/", response_model=EmbedResponse, **EMBED)
     async def embed(self, request: EmbedRequest) -> EmbedResponse:
+        """The texts' embeddings, from the model the newest index version was built from."""
         if len(request.texts) > self.args.max_texts:
-            raise HTTPException(413, f"texts: {len(request.texts)} texts exceed max_texts={self.args.max_texts}")
+            raise IndexServiceError(ErrorCode.TOO_MANY_QUERIES,
+                                    f"texts: {len(request.texts)} texts exceed max_texts={self.args.max_texts}")
         with self.lock:
             encoder = self.query_encoder if request.kind == "query" else self.encoder
             checkpoint, version = self.checkpoint, self.version
         if request.dim is not None and request.dim > encoder.dim:
-            raise HTTPException(422, f"dim: {request.dim} exceeds the model's {encoder.dim}")
+            raise IndexServiceError(ErrorCode.BAD_INPUT, f"dim: {request.dim} exceeds the model's {encoder.dim}")
         vectors = await asyncio.to_thread(encoder.encode, request.texts, 64, self.args.max_length, request.dim)
         return EmbedResponse(checkpoint=checkpoint, index_version=version, dim=vectors.shape[1],
                              vectors=vectors.tolist())
@@ -107,7 +180,15 @@ class EmbedService:
 def build_app(args: EmbedServiceArgs | dict) -> Application:
     """Typed app builder: ``serve run services.embed.app:build_app model_uri=all-MiniLM-L6-v2``."""
     args = EmbedServiceArgs.model_validate(args) if isinstance(args, dict) else args
+    return EmbedService.options(num_replicas=args.num_replicas,
+                                ray_actor_options={"num_cpus": args.num_cpus}).bind(wire_args(args))
+
+
+def wire_args(args: EmbedServiceArgs) -> dict:
+    """The replica's init argument: plain JSON, S3 settings filled from this (the deploying)
+    process's environment, the token's value kept (a JSON dump masks it). Secrets travel in the
+    init args, never in logs."""
     wire = args.model_dump(mode="json")
     wire["storage"] = args.storage.resolved().to_wire()
-    return EmbedService.options(num_replicas=args.num_replicas,
-                                ray_actor_options={"num_cpus": args.num_cpus}).bind(wire)
+    wire["auth_token"] = args.auth_token.get_secret_value() if args.auth_token is not None else None
+    return wire

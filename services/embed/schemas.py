@@ -17,7 +17,7 @@ class EmbedRequest(BaseModel):
     dim: int | None = Field(None, ge=1, description="Matryoshka truncation (then re-normalised)")
     kind: Literal["document", "query"] = Field(
         "document", description="which tower embeds the texts; differs only for an asymmetric model (one "
-        "trained with encoder.query_tower=frozen), whose queries go through its query_encoder/")
+        "trained with encoder.query_tower=frozen), whose queries go through its query tower")
 
 
 class EmbedResponse(BaseModel):

@@ -3,8 +3,13 @@ HTTP users.
 
 Routes (under the route prefix, ``/index`` by default, so an ``/embed`` app can sit beside it):
 ``POST /search``, ``POST /upsert``, ``POST /delete``, ``POST /swap``, ``GET /stats``,
-``GET /healthz``, ``GET /metrics`` (Prometheus text) and the usual ``/docs`` + ``/openapi.json``.
-Training workers call the same methods through a Serve handle (see ``whetstone.index.client``).
+``GET /healthz`` and the usual ``/docs`` + ``/openapi.json``. Training workers call the same
+methods through a Serve handle (see ``whetstone.index.client``).
+
+Metrics. Every replica records Prometheus metrics through Ray Serve's metrics API; Ray's metrics
+agent exports them on each node's metrics port (KubeRay: 8080 on every Ray pod) as
+``ray_whetstone_index_*`` with ``application``/``deployment``/``replica`` labels
+(``services.index.metrics``). ``GET /metrics`` answers 410 naming those addresses.
 
 Shape. The application is one ingress deployment, ``IndexService`` (``services.index.router``:
 routes, fan-out, merge; it holds no vectors) and ``num_shards`` shard deployments,
@@ -37,7 +42,7 @@ carrying it (handle callers). The HTTP layer is ``services.index.http``.
 Run::
 
     serve run services.index.app:build_app index_uri=.whetstone/store/index --route-prefix /index
-    serve run services.index.app:build_app index_uri=s3://bucket/index num_shards=4 replicas_per_shard=2
+    serve run services.index.app:build_app index_uri=s3://bucket/index num_shards=4 replicas_per_shard=2 --route-prefix /index
     serve deploy services/index/serve_config.yaml
 """
 

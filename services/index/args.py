@@ -4,13 +4,13 @@ One model for the whole application: the router (``IndexService``, the ingress) 
 deployment (``IndexService-shard-{s}``) get the same validated copy.
 """
 
-import os
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from whetstone.config.base import KEEP_VERSIONS_HELP, StorageConfig, StrictModel, renamed_field
 
-from services.index.http import TOKEN_ENV
+from services.http_common import INDEX_TOKEN_ENV as TOKEN_ENV
+from services.http_common import resolve_token as _resolve_token
 
 # Settings `reconfigure` may change on a live deployment (user_config); the rest need a redeploy.
 LIVE_FIELDS = ("protect_reads", "max_k", "max_queries_per_request", "max_exclude_per_query", "max_request_bytes",
@@ -98,9 +98,7 @@ def num_slots(args: IndexServiceArgs) -> int:
 
 def resolve_token(args: IndexServiceArgs) -> str | None:
     """The configured bearer token, else ``$WHETSTONE_INDEX_TOKEN``, else None."""
-    if args.auth_token is not None and args.auth_token.get_secret_value():
-        return args.auth_token.get_secret_value()
-    return os.environ.get(TOKEN_ENV) or None
+    return _resolve_token(args.auth_token, TOKEN_ENV)
 
 
 def live_update(args: IndexServiceArgs, user_config: dict) -> IndexServiceArgs:

@@ -1,30 +1,36 @@
-"""The index service's HTTP layer around the replica: the FastAPI app, bearer-token checks, error
-answers (every one carries a ``code``, see ``whetstone.index.wire``), the error counter and the
-``/search`` fast path.
+"""The index service's HTTP layer around the replica: the FastAPI app, its bearer-token checks,
+the error counter and the ``/search`` fast path. Token checks, error answers (every one carries a
+``code``, see ``whetstone.index.wire``) and the OpenAPI document's security marks are shared with
+the embedding service (``services.http_common``).
 
 Everything here finds the replica it runs in through Serve's replica context; the replica (see
 ``services.index.router.IndexService``) provides ``args.protect_reads``, ``token``, ``recorder`` and
 ``fast_search(headers, body)`` (JSON bytes, an ``IndexServiceError`` to answer, or None).
 """
 
-import hmac
 import json
 
-import pydantic_core
-from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import Depends, FastAPI
+from fastapi.security import HTTPAuthorizationCredentials
 from whetstone.index.wire import ErrorCode, IndexServiceError
 
-TOKEN_ENV = "WHETSTONE_INDEX_TOKEN"
+from services.http_common import (
+    BODY_SCOPE_KEY,
+    INDEX_TOKEN_ENV,
+    access,
+    add_error_handlers,
+    bearer,
+    bearer_matches,
+    check_token,
+    openapi_document,
+    token_sources,
+)
+from services.http_common import servable as _servable
 
-_bearer = HTTPBearer(auto_error=False)
-# Refusals raised by the web framework itself (an unknown path, a wrong method), by status.
-_FRAMEWORK_CODES = {401: ErrorCode.UNAUTHORIZED, 403: ErrorCode.FORBIDDEN, 404: ErrorCode.NOT_FOUND}
+TOKEN_ENV = INDEX_TOKEN_ENV
+TOKEN_SOURCES = token_sources(INDEX_TOKEN_ENV)
+
+__all__ = ["READ", "TOKEN_ENV", "WRITE", "bearer_matches", "build_fastapi", "is_json", "route_label"]
 
 
 def build_fastapi() -> FastAPI:
@@ -34,59 +40,28 @@ def build_fastapi() -> FastAPI:
         description="A live, versioned FAISS index. Every search response names the index version; "
                     "every error answer carries a `code` beside its `detail`.",
     )
-    app.add_exception_handler(IndexServiceError, _service_error)
-    app.add_exception_handler(StarletteHTTPException, _framework_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_middleware(_ErrorCounter)
-    app.add_middleware(_SearchFastPath)  # added last: outermost, so its answers skip the counter
+    add_error_handlers(app)
+    app.add_middleware(_ErrorCounter, service_app=app)
+    app.add_middleware(_SearchFastPath, service_app=app)  # added last: outermost, so its answers skip the counter
     app.openapi = lambda: _openapi(app)
     return app
 
 
-def _servable():
-    return serve.get_replica_context().servable_object
-
-
 # ---------------------------------------------------------------- auth
-def _check_token(credentials: HTTPAuthorizationCredentials | None, expected: str | None, what: str) -> None:
-    if expected is None:
-        raise IndexServiceError(ErrorCode.FORBIDDEN, f"{what} refused: no auth token is configured on the "
-                                                     f"service (set auth_token or ${TOKEN_ENV})")
-    if credentials is None:
-        raise IndexServiceError(ErrorCode.UNAUTHORIZED, f"{what} needs an `Authorization: Bearer <token>` header",
-                                headers={"WWW-Authenticate": "Bearer"})
-    if not hmac.compare_digest(credentials.credentials.encode(), expected.encode()):
-        raise IndexServiceError(ErrorCode.FORBIDDEN, f"{what} refused: the bearer token is not valid")
-
-
-async def require_write_token(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+async def require_write_token(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
     """HTTP-only dependency (handle callers skip it): mutations always need the token."""
-    _check_token(credentials, _servable().token, "mutation")
+    check_token(credentials, _servable().token, "mutation", TOKEN_SOURCES)
 
 
-async def require_read_token(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+async def require_read_token(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
     service = _servable()
     if service.args.protect_reads:
-        _check_token(credentials, service.token, "read")
+        check_token(credentials, service.token, "read", TOKEN_SOURCES)
 
 
-# Route options: ``@fastapi_app.post("/search", **READ)``. The access mark lets the OpenAPI
-# document say which routes the token guards on this deployment.
-_ACCESS = "x-whetstone-access"
-READ = {"dependencies": [Depends(require_read_token)], "openapi_extra": {_ACCESS: "read"}}
-WRITE = {"dependencies": [Depends(require_write_token)], "openapi_extra": {_ACCESS: "write"}}
-
-
-def bearer_matches(headers, expected: str | None) -> bool:
-    """Whether raw ASGI ``headers`` carry ``Authorization: Bearer <expected>`` (the fast path's check)."""
-    if expected is None:
-        return False
-    for name, value in headers:
-        if name == b"authorization":
-            scheme, _, credentials = value.decode("latin-1").partition(" ")
-            return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(),
-                                                                      expected.encode())
-    return False
+# Route options: ``@fastapi_app.post("/search", **READ)``.
+READ = access("read", require_read_token)
+WRITE = access("write", require_write_token)
 
 
 def is_json(headers) -> bool:
@@ -100,6 +75,8 @@ def is_json(headers) -> bool:
 
 # ---------------------------------------------------------------- OpenAPI
 _OPENAPI: dict[bool, dict] = {}  # per protect_reads
+_READ_NOTES = {("read", True): "Needs the bearer token: this service protects reads.",
+               ("read", False): "Open: this service does not protect reads."}
 
 
 def _openapi(app: FastAPI) -> dict:
@@ -107,52 +84,30 @@ def _openapi(app: FastAPI) -> dict:
     token only where ``protect_reads`` is on (FastAPI lists it on every route with the dependency)."""
     protect = bool(_servable().args.protect_reads)
     if protect not in _OPENAPI:
-        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-        for item in schema.get("paths", {}).values():
-            for operation in item.values():
-                if operation.get(_ACCESS) == "read":
-                    operation["description"] = operation.get("description", "") + (
-                        "\n\nNeeds the bearer token: this service protects reads." if protect
-                        else "\n\nOpen: this service does not protect reads.")
-                    if not protect:
-                        operation.pop("security", None)
-        _OPENAPI[protect] = schema
+        _OPENAPI[protect] = openapi_document(app, {"read": protect}, _READ_NOTES)
     return _OPENAPI[protect]
 
 
-# ---------------------------------------------------------------- error answers
-async def _service_error(request: Request, err: IndexServiceError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+# ---------------------------------------------------------------- the error counter
+def route_label(scope, app: FastAPI) -> str:
+    """The ``path`` label of a response: the app's route (``/search``, without the route prefix),
+    or ``other`` for a path the app does not serve, so scanners cannot grow the metric's series."""
+    route = scope.get("route")
+    if route is not None and hasattr(route, "path"):
+        return route.path
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):]
+    return path if any(getattr(r, "path", None) == path for r in app.routes) else "other"
 
 
-async def _framework_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-    body = request.scope.get(BODY_SCOPE_KEY)
-    if err.status_code == 400 and body is not None:  # FastAPI's "error parsing the body" names nothing
-        try:
-            pydantic_core.from_json(body)
-        except ValueError as parse:  # e.g. "recursion limit exceeded at line 1 column 213"
-            return JSONResponse({"detail": [{"loc": ["body"], "msg": f"invalid JSON: {parse}", "type": "json_invalid"}],
-                                 "code": ErrorCode.BAD_INPUT.value}, status_code=422)
-    code = _FRAMEWORK_CODES.get(err.status_code, ErrorCode.HTTP_ERROR)
-    return JSONResponse({"detail": err.detail, "code": code.value}, status_code=err.status_code,
-                        headers=getattr(err, "headers", None))
-
-
-async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
-    """422 naming each bad field, without echoing the input: it can be a large matrix, and a NaN
-    in it would make the default handler's JSON encoding fail (a 500)."""
-    detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-              for e in err.errors()]
-    return JSONResponse({"detail": detail, "code": ErrorCode.BAD_INPUT.value}, status_code=422)
-
-
-# ---------------------------------------------------------------- ASGI middleware
 class _ErrorCounter:
-    """Pure ASGI middleware counting responses >= 400 per path (Starlette's @middleware("http")
+    """Pure ASGI middleware counting responses >= 400 per route (Starlette's @middleware("http")
     costs a task and a stream copy per request; this only peeks at the status line)."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, service_app: FastAPI) -> None:
         self.app = app
+        self.service_app = service_app
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -160,7 +115,7 @@ class _ErrorCounter:
 
         async def send_counting(message) -> None:
             if message["type"] == "http.response.start" and message["status"] >= 400:
-                _servable().recorder.error(scope.get("path", ""), message["status"])
+                _servable().recorder.error(route_label(scope, self.service_app), message["status"])
             await send(message)
 
         await self.app(scope, receive, send_counting)
@@ -180,17 +135,18 @@ class _SearchFastPath:
     FastAPI's request machinery and stdlib JSON were a third of the replica's event loop.
     """
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, service_app: FastAPI) -> None:
         self.app = app
+        self.service_app = service_app
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
-        servable = _servable()
-        limit = servable.args.max_request_bytes
+        service = _servable()
+        limit = service.args.max_request_bytes
         declared = _content_length(scope["headers"])
         if declared is not None and declared > limit:
-            return await _refuse_size(scope, send, servable, f"{declared} bytes (Content-Length)", limit)
+            return await self._refuse_size(scope, send, service, f"{declared} bytes (Content-Length)", limit)
         chunks, size, message = [], 0, {"more_body": True}
         while message.get("more_body", False):
             message = await receive()
@@ -199,25 +155,33 @@ class _SearchFastPath:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > limit:
-                return await _refuse_size(scope, send, servable, f"more than {limit} bytes", limit)
+                return await self._refuse_size(scope, send, service, f"more than {limit} bytes", limit)
         body = scope[BODY_SCOPE_KEY] = b"".join(chunks)
         if scope["method"] != "POST" or not scope["path"].endswith("/search"):
             return await self.app(scope, _replay(body, None, receive), send)
-        answer = await servable.fast_search(scope["headers"], body)
+        answer = await service.fast_search(scope["headers"], body)
         if answer is None:
             return await self.app(scope, _replay(body, None, receive), send)
         status = 200
         if isinstance(answer, IndexServiceError):  # the search ran and failed (e.g. a shard is down)
             status = answer.status
-            servable.recorder.error(scope.get("path", ""), status)
+            service.recorder.error("/search", status)
             answer = json.dumps(answer.body()).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(answer)).encode())]})
         await send({"type": "http.response.body", "body": answer})
 
-
-BODY_SCOPE_KEY = "whetstone.body"  # the request body, read once by _SearchFastPath
+    async def _refuse_size(self, scope, send, service, size: str, limit: int) -> None:
+        """413 with a code, before the body is parsed (or read further)."""
+        err = IndexServiceError(ErrorCode.REQUEST_TOO_LARGE,
+                                f"request body: {size} exceeds max_request_bytes={limit}")
+        service.recorder.error(route_label(scope, self.service_app), err.status)
+        answer = json.dumps(err.body()).encode()
+        await send({"type": "http.response.start", "status": err.status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(answer)).encode()), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": answer})
 
 
 def _content_length(headers) -> int | None:
@@ -228,17 +192,6 @@ def _content_length(headers) -> int | None:
             except ValueError:
                 return None
     return None
-
-
-async def _refuse_size(scope, send, servable, size: str, limit: int) -> None:
-    """413 with a code, before the body is parsed (or read further)."""
-    err = IndexServiceError(ErrorCode.REQUEST_TOO_LARGE, f"request body: {size} exceeds max_request_bytes={limit}")
-    servable.recorder.error(scope.get("path", ""), err.status)
-    answer = json.dumps(err.body()).encode()
-    await send({"type": "http.response.start", "status": err.status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(answer)).encode()),
-                            (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": answer})
 
 
 def _replay(body: bytes, last: dict | None, receive):

@@ -1,5 +1,6 @@
 """A shard replica's search machinery apart from Serve: batched FAISS calls over pinned versions,
-the coalescer that merges queued searches, and the counters every replica keeps.
+the coalescer that merges queued searches, and the counters every replica keeps (exported to
+Prometheus through ``services.index.metrics``).
 
 No Ray imports: the grouping and coalescing rules are testable on their own. What a shard
 replica holds lives in ``services.index.shard_state``; the ingress's logic in ``services.index.routing``.
@@ -13,14 +14,6 @@ import threading
 from collections.abc import Callable
 
 import numpy as np
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
 from whetstone.index.coarse import Assignment
 
 logger = logging.getLogger(__name__)
@@ -149,9 +142,12 @@ class SearchCoalescer:
 
 
 class StatsRecorder:
-    """Query counts and recent search latencies of one replica, plus its Prometheus registry."""
+    """Query counts and recent search latencies of one replica (what ``/stats`` shows), each also
+    recorded in ``metrics`` when given (``services.index.metrics.IndexMetrics``: Ray's metrics agent
+    exports them for every replica)."""
 
-    def __init__(self, replica_id: str, window: int = 4096) -> None:
+    def __init__(self, metrics=None, window: int = 4096) -> None:
+        self.metrics = metrics
         self.requests_total = 0
         self.queries_total = 0
         self.errors_total = 0
@@ -160,31 +156,13 @@ class StatsRecorder:
         self._batch_requests_total = 0
         self._batch_lock = threading.Lock()  # batched() runs on several search threads
         self._faiss_ms: collections.deque[float] = collections.deque(maxlen=window)
-        self.registry = CollectorRegistry()
-        labels = {"replica": replica_id}
-        self._requests = Counter("whetstone_index_search_requests", "search requests", registry=self.registry)
-        self._queries = Counter("whetstone_index_search_queries", "query vectors searched", registry=self.registry)
-        self._errors = Counter("whetstone_index_http_errors", "HTTP responses >= 400", ["path", "status"],
-                               registry=self.registry)
-        self._latency = Histogram("whetstone_index_search_latency_seconds", "search latency in the replica",
-                                  buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
-                                  registry=self.registry)
-        self._faiss_calls = Counter("whetstone_index_faiss_calls", "FAISS searches (one per batch of requests)",
-                                    registry=self.registry)
-        self._batch = Histogram("whetstone_index_batch_requests", "search requests merged into one FAISS call",
-                                buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
-        self._version = Gauge("whetstone_index_version", "loaded index version", list(labels),
-                              registry=self.registry).labels(**labels)
-        self._size = Gauge("whetstone_index_size", "documents in the loaded index", list(labels),
-                           registry=self.registry).labels(**labels)
 
     def searched(self, queries: int, latency_ms: float) -> None:
         self.requests_total += 1
         self.queries_total += queries
         self._latencies_ms.append(latency_ms)
-        self._requests.inc()
-        self._queries.inc(queries)
-        self._latency.observe(latency_ms / 1000)
+        if self.metrics is not None:
+            self.metrics.searched(queries, latency_ms / 1000)
 
     def batched(self, requests: int, seconds: float) -> None:
         """One FAISS call served ``requests`` batched requests in ``seconds`` (search thread)."""
@@ -192,12 +170,19 @@ class StatsRecorder:
             self.faiss_calls_total += 1
             self._batch_requests_total += requests
             self._faiss_ms.append(seconds * 1000)
-        self._faiss_calls.inc()
-        self._batch.observe(requests)
+        if self.metrics is not None:
+            self.metrics.batched(requests)
 
     def error(self, path: str, status: int) -> None:
+        """An HTTP answer >= 400 on route ``path`` (``/search``; ``other`` for unknown paths)."""
         self.errors_total += 1
-        self._errors.labels(path=path, status=str(status)).inc()
+        if self.metrics is not None:
+            self.metrics.error(path, status)
+
+    def served(self, version: int | None, size: int) -> None:
+        """The version the replica serves (or, a shard, holds as LATEST) and its document count."""
+        if self.metrics is not None:
+            self.metrics.served(version, size)
 
     def summary(self) -> dict:
         latencies = np.asarray(self._latencies_ms, dtype=np.float64)
@@ -208,11 +193,6 @@ class StatsRecorder:
                 "requests_per_faiss_call": (self._batch_requests_total / self.faiss_calls_total
                                             if self.faiss_calls_total else None),
                 "faiss_ms_p50": float(np.median(self._faiss_ms)) if self._faiss_ms else None}
-
-    def prometheus(self, version: int | None, size: int) -> tuple[bytes, str]:
-        self._version.set(-1 if version is None else version)
-        self._size.set(size)
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
 def storage_error(err: Exception) -> Exception:

@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pydantic_core
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
 from whetstone.index.ann import AnnInputError
@@ -65,6 +65,7 @@ from whetstone.index.wire import (
 from services.index.args import IndexServiceArgs, live_update, resolve_token
 from services.index.fleet import ShardFleet
 from services.index.http import READ, WRITE, bearer_matches, build_fastapi, is_json
+from services.index.metrics import IndexMetrics, metrics_moved
 from services.index.registry import registry_handle
 from services.index.replica import StatsRecorder, run_storage_op
 from services.index.routing import (
@@ -98,7 +99,7 @@ class IndexService:
         self.token = resolve_token(self.args)
         logger.info("index service args (secrets masked): %s", self.args.model_dump_json())
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self.recorder = StatsRecorder(self.replica_id)
+        self.recorder = StatsRecorder(IndexMetrics())
         # one fleet per replica set: [shards] or, blue/green, [shards, their second set]
         self.fleets = [ShardFleet(handles, DEPLOYMENT_NAME, self.args.shard_timeout_s, slot)
                        for slot, handles in enumerate([shards] + ([spare_shards] if spare_shards else []))]
@@ -191,6 +192,7 @@ class IndexService:
             task.cancel()
 
     def _report(self) -> None:
+        self.recorder.served(self.version, self._replica_info()["size"])  # the Prometheus gauges
         if self._registry is None:
             return
         try:
@@ -489,8 +491,6 @@ class IndexService:
                                 status_code=503)
         return {"status": "ok", "version": self.version, "replica_id": self.replica_id}
 
-    @fastapi_app.get("/metrics", **READ)
+    @fastapi_app.get("/metrics", include_in_schema=False, **READ)  # 410: see services.index.metrics
     async def metrics(self):
-        served = self.served
-        body, content_type = self.recorder.prometheus(self.version, 0 if served is None else served.manifest.count)
-        return PlainTextResponse(body, media_type=content_type)
+        raise await metrics_moved()

@@ -25,6 +25,7 @@ from whetstone.index.coarse import Assignment
 from whetstone.index.wire import ErrorCode, IndexServiceError, StoredVectors
 
 from services.index.args import IndexServiceArgs, live_update, num_slots
+from services.index.metrics import IndexMetrics
 from services.index.registry import registry_handle
 from services.index.replica import SearchCoalescer, StatsRecorder, run_storage_op, search_grouped
 from services.index.shard_state import ShardHolder, ShardVersion
@@ -42,7 +43,7 @@ class IndexShard:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         blue_green = num_slots(self.args) > 1
         self.name = f"shard {self.shard} of {self.args.num_shards}" + (f" (replica set {slot})" if blue_green else "")
-        self.recorder = StatsRecorder(self.replica_id)
+        self.recorder = StatsRecorder(IndexMetrics())
         # FAISS runs on `search_workers` threads, each with `search_threads` OpenMP threads set in it.
         self._coalescer = SearchCoalescer(self._search_timed, self.args.batch_max_size, self.args.search_threads,
                                           self.args.search_workers)
@@ -112,6 +113,7 @@ class IndexShard:
                 "faiss_ms_p50": self.recorder.summary()["faiss_ms_p50"]}
 
     def _report(self) -> None:
+        self.recorder.served(self.holder.latest, self.holder.size)
         if self._registry is None:
             self._registry = self._registry_handle()
             if self._registry is None:

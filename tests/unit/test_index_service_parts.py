@@ -205,8 +205,10 @@ def test_holder_reuses_an_unchanged_shard_and_mutates_only_its_own(tmp_path):
     assert deleted["changed"] == 1 and deleted["count"] == base.shards[0].count
 
 
-def test_stats_recorder_percentiles_and_prometheus():
-    recorder = StatsRecorder("r1")
+def test_stats_recorder_percentiles_and_metrics():
+    from services.index.metrics import IndexMetrics
+
+    recorder = StatsRecorder(IndexMetrics())  # Ray's metrics record outside a replica too (no Serve labels)
     for latency in range(1, 101):
         recorder.searched(2, float(latency))
     recorder.error("/index/search", 422)
@@ -218,9 +220,9 @@ def test_stats_recorder_percentiles_and_prometheus():
     summary = recorder.summary()
     assert summary["faiss_calls_total"] == 2 and summary["requests_per_faiss_call"] == 2.0
     assert summary["faiss_ms_p50"] == pytest.approx(20.0)
-    body, _ = recorder.prometheus(7, 123)
-    assert b'whetstone_index_version{replica="r1"} 7.0' in body and b'status="422"' in body
-    assert b"whetstone_index_batch_requests_sum 4.0" in body
+    recorder.served(None, 0)
+    recorder.served(7, 123)
+    assert StatsRecorder().summary()["requests_total"] == 0  # without metrics: the counts only
 
 
 def test_typed_app_builder_validates_key_value_args():

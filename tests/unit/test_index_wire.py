@@ -154,6 +154,17 @@ def test_handle_client_classifies_the_replicas_error_by_code():
 
 
 # ---------------------------------------------------------------- the service's HTTP layer
+class _ErrorLabels:
+    """Where the replica's recorder sends its error counts (services.index.metrics.IndexMetrics in a
+    replica): kept here as ``(path, status)`` labels."""
+
+    def __init__(self) -> None:
+        self.labels: list[tuple[str, int]] = []
+
+    def error(self, path: str, status: int) -> None:
+        self.labels.append((path, status))
+
+
 class _Replica:
     """What the HTTP layer asks of the replica it runs in (see services.index.http)."""
 
@@ -163,7 +174,7 @@ class _Replica:
 
         self.args = IndexServiceArgs(index_uri="unused")
         self.token = token
-        self.recorder = StatsRecorder("r1")
+        self.recorder = StatsRecorder(_ErrorLabels())
 
     async def fast_search(self, headers, body: bytes):
         if b"shard-down" in body:  # searched, and a shard did not answer: the fast path answers it
@@ -217,3 +228,7 @@ def test_every_error_answer_carries_a_code_beside_its_detail(layer):
     assert answers["bad_input"].json()["detail"][0]["loc"] == ["body", "k"]
     assert client.post("/swap", headers={"Authorization": "Bearer secret"}).status_code == 200
     assert replica.recorder.errors_total == len(answers)  # every error answer counted, once
+    # labelled by the app's route, never by the raw path (a scanner cannot grow the series)
+    assert sorted(replica.recorder.metrics.labels) == sorted([
+        ("/search", 503), ("/search", 422), ("/swap", 401), ("/swap", 403), ("other", 404), ("/swap", 405),
+        ("/search", 503)])

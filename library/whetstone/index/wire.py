@@ -185,7 +185,7 @@ class ErrorCode(str, Enum):
     """Why the service refused a request; each code has one HTTP status (:attr:`status`)."""
 
     BAD_INPUT = "bad_input"  # 422: a field is invalid (shape, dimension, NaN, k, exclude lists)
-    TOO_MANY_QUERIES = "too_many_queries"  # 413: more queries than max_queries_per_request
+    TOO_MANY_QUERIES = "too_many_queries"  # 413: more queries than max_queries_per_request (embed: max_texts)
     REQUEST_TOO_LARGE = "request_too_large"  # 413: the body is larger than max_request_bytes
     TEXTS_UNSUPPORTED = "texts_unsupported"  # 409: this version cannot embed texts (no usable encoder)
     NO_VERSION = "no_version"  # 503: no index version is loaded yet
@@ -195,6 +195,7 @@ class ErrorCode(str, Enum):
     UNAUTHORIZED = "unauthorized"  # 401: no bearer token
     FORBIDDEN = "forbidden"  # 403: wrong token, or no token configured for mutations
     NOT_FOUND = "not_found"  # 404: no such route in the service
+    GONE = "gone"  # 410: a route that moved; the message says where (GET /metrics: Ray's metrics port)
     SHARD_UNAVAILABLE = "shard_unavailable"  # 503: a shard did not answer (the message names it)
     VERSION_UNAVAILABLE = "version_unavailable"  # 503: a shard does not hold the version asked for (yet)
     HTTP_ERROR = "http_error"  # any other refusal of the web framework (e.g. 405); status varies
@@ -209,7 +210,7 @@ _STATUS: dict[ErrorCode, int | None] = {
     ErrorCode.BAD_INPUT: 422, ErrorCode.TOO_MANY_QUERIES: 413, ErrorCode.REQUEST_TOO_LARGE: 413, ErrorCode.TEXTS_UNSUPPORTED: 409,
     ErrorCode.NO_VERSION: 503, ErrorCode.SNAPSHOT_NOT_FOUND: 404, ErrorCode.SNAPSHOT_CONFLICT: 409,
     ErrorCode.SNAPSHOT_INVALID: 409, ErrorCode.UNAUTHORIZED: 401, ErrorCode.FORBIDDEN: 403,
-    ErrorCode.NOT_FOUND: 404, ErrorCode.SHARD_UNAVAILABLE: 503, ErrorCode.VERSION_UNAVAILABLE: 503,
+    ErrorCode.NOT_FOUND: 404, ErrorCode.GONE: 410, ErrorCode.SHARD_UNAVAILABLE: 503, ErrorCode.VERSION_UNAVAILABLE: 503,
     ErrorCode.HTTP_ERROR: None,
 }
 
