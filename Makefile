@@ -1,7 +1,9 @@
 # Whetstone: `make demo` runs the quickstart end to end; `make test` runs the whole suite.
-# Everything installs into .venv. torch goes in first (CPU build pinned) so that nothing else
-# pulls a multi-GB CUDA build; override TORCH_SPEC/TORCH_PIP_ARGS on a GPU machine, and
-# FAISS_EXTRA=gpu for FAISS's CUDA build (faiss-gpu) in place of faiss-cpu.
+# Everything installs into .venv. torch goes in first, pinned (TORCH_SPEC), so that nothing else
+# pulls another build. Which build pip finds depends on the index: this project's machines have a
+# CPU wheel of 2.13.0 on disk; on Linux PyPI serves the CUDA build, so a CPU-only machine passes
+# TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu". FAISS_EXTRA=gpu installs
+# FAISS's CUDA build (faiss-gpu) in place of faiss-cpu.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

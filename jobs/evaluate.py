@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from pydantic import Field
 from whetstone.config.base import StorageConfig, StrictModel
+from whetstone.console import DEFAULT_EVERY_S, PROGRESS_EVERY_S_HELP
 
 
 class EvaluateJobConfig(StrictModel):
@@ -33,6 +34,7 @@ class EvaluateJobConfig(StrictModel):
     output_uri: str | None = None
     ray_num_cpus: int = Field(8, ge=1)
     ray_object_store_mb: int = Field(512, ge=128)
+    progress_every_s: float = Field(DEFAULT_EVERY_S, ge=0, description=PROGRESS_EVERY_S_HELP)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -40,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from whetstone.data.stream import load_eval_split
     from whetstone.eval.retrieval import evaluate_rankings, exact_rankings
     from whetstone.models.encoder import Encoder
-    from whetstone.train.refresh import CorpusVectors, embedded_batches
+    from whetstone.train.refresh import CorpusVectors, embed_progress, embedded_batches
     from whetstone.train.runtime import init_ray, parse_job_args
 
     config = parse_job_args(EvaluateJobConfig, argv, __doc__)
@@ -51,7 +53,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     query_ids = list(split.queries)
     query_vectors = encoder.encode([split.queries[q] for q in query_ids], max_length=config.query_max_length)
     corpus = CorpusVectors(embedded_batches(config.store_uri, config.model, config.storage, config.batch_size,
-                                            config.doc_max_length, config.embed_concurrency))
+                                            config.doc_max_length, config.embed_concurrency),
+                           progress=embed_progress(f"corpus, {config.model}", config.store_uri, config.storage,
+                                                   config.progress_every_s))
     metrics = evaluate_rankings(exact_rankings(query_ids, query_vectors, corpus, None, 100), split.qrels)
     result = {"model": config.model, "store_uri": config.store_uri, "split": config.split,
               "documents": corpus.rows, **metrics, "seconds": round(time.monotonic() - started, 1)}

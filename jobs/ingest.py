@@ -32,10 +32,12 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 from whetstone.config.base import StorageConfig, StrictModel
+from whetstone.console import DEFAULT_EVERY_S, PROGRESS_EVERY_S_HELP
 
 
 class IngestJobConfig(StrictModel):
-    source: str = Field(..., description="local path, s3:// URI or builtin:<name> (a built-in BEIR set)")
+    source: str = Field(..., description="local path, s3:// URI or builtin:<name> (a dataset shipped "
+                        "in whetstone/datasets: scifact-subset, hh-rlhf-harmless-sample)")
     format: Literal["beir", "corpus", "pairs", "preference", "hh-rlhf"] = "beir"
     store_uri: str = Field(..., description="destination store (local path or s3://)")
     dataset_name: str | None = Field(None, description="record formats: corpus, pairs/<split>, preference/<split>")
@@ -46,6 +48,7 @@ class IngestJobConfig(StrictModel):
     ray_min_mb: float = Field(32.0, gt=0, description="auto: source size from which Ray Data is used")
     ray_num_cpus: int = Field(8, ge=1, description="logical CPUs of a local Ray (ignored under a cluster)")
     ray_object_store_mb: int = Field(512, ge=64)
+    progress_every_s: float = Field(DEFAULT_EVERY_S, ge=0, description=PROGRESS_EVERY_S_HELP)
 
     @model_validator(mode="after")
     def _options_fit_format(self) -> IngestJobConfig:
@@ -76,12 +79,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     config = parse_job_args(IngestJobConfig, argv, __doc__)
     print(f"[ingest] config: {config.model_dump_json(exclude={'storage'})}", flush=True)  # no secrets
-    source = resolve_source(config.source) if config.format == "beir" else config.source
+    source = resolve_source(config.source)
     if _needs_ray(config, source):
         init_ray(config.ray_num_cpus, config.ray_object_store_mb)
     options = {} if config.format == "beir" else {"ray_min_bytes": int(config.ray_min_mb * 1024**2)}
     report = ingest(source, config.store_uri, config.format, config.dataset_name, config.storage,
-                    rows_per_shard=config.rows_per_shard, splits=config.splits, engine=config.engine, **options)
+                    rows_per_shard=config.rows_per_shard, splits=config.splits, engine=config.engine,
+                    progress_every_s=config.progress_every_s, **options)
     print(report.summary(), flush=True)
     print(f"manifest: {report.manifest_uri}", flush=True)
     return json.loads(report.model_dump_json())

@@ -20,11 +20,16 @@ from whetstone.config.contrastive import IngestSpec, QuickstartConfig
 
 
 def resolve_source(source: str) -> str:
-    """``builtin:<name>`` names a dataset shipped inside the package; anything else is a path/URI."""
+    """``builtin:<name>`` names a dataset shipped inside the package; anything else is a path/URI.
+
+    A BEIR set is its folder; a record-format set (one data file beside its README) is that file.
+    """
     if source.startswith("builtin:"):
         from whetstone.datasets import path
 
-        return str(path(source[len("builtin:"):]))
+        folder = path(source[len("builtin:"):])
+        data = [p for p in folder.iterdir() if p.name.endswith((".jsonl", ".jsonl.gz", ".parquet"))]
+        return str(data[0]) if len(data) == 1 else str(folder)
     return source
 
 

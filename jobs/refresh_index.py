@@ -26,6 +26,7 @@ from typing import Literal
 from pydantic import Field
 from whetstone.config.base import KEEP_VERSIONS_HELP, StorageConfig, StrictModel
 from whetstone.config.contrastive import IndexBuildConfig
+from whetstone.console import DEFAULT_EVERY_S, PROGRESS_EVERY_S_HELP
 
 
 class RefreshIndexJobConfig(StrictModel):
@@ -45,6 +46,7 @@ class RefreshIndexJobConfig(StrictModel):
     service_url: str | None = Field(None, description="e.g. http://127.0.0.1:8000/index (swap=http)")
     ray_num_cpus: int = Field(8, ge=1)
     ray_object_store_mb: int = Field(512, ge=128)
+    progress_every_s: float = Field(DEFAULT_EVERY_S, ge=0, description=PROGRESS_EVERY_S_HELP)
 
 
 def build_settings(config: RefreshIndexJobConfig, latest: int | None) -> IndexBuildConfig:
@@ -66,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from whetstone.index.snapshot import latest_version, snapshot_path
     from whetstone.train.refresh import (
         CorpusVectors,
+        embed_progress,
         embedded_batches,
         next_version,
         publish_index,
@@ -84,7 +87,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     vectors_at = vectors_uri(config.index_uri, new)
     corpus = CorpusVectors(embedded_batches(config.store_uri, config.checkpoint, config.storage, config.batch_size,
                                             config.doc_max_length, config.embed_concurrency, dtype=config.dtype),
-                           vectors_at, config.storage, num_shards=settings.num_shards).drain()
+                           vectors_at, config.storage, num_shards=settings.num_shards,
+                           progress=embed_progress(f"corpus v{new}", config.store_uri, config.storage,
+                                                   config.progress_every_s)).drain()
     # With a service, its two-phase swap writes LATEST once every shard holds the new version.
     manifest = publish_index(vectors_at, config.index_uri, new, config.checkpoint, settings, config.storage,
                              set_latest=config.swap == "none")

@@ -112,9 +112,18 @@ def _guide_scores(guide: Encoder, queries: dict, doc_tokens: torch.Tensor, doc_m
 def run(config: ContrastiveJobConfig) -> dict:
     """The driver, stage by stage; returns the report (also at ``<run_uri>/report.json``)."""
     from whetstone.train import contrastive_run as stage
+
+    run = stage.start_run(config)  # paths, Ray, run folder, task data, resume point; TensorBoard, MLflow
+    with run.tracking:  # the MLflow run ends FAILED if a stage raises
+        return stages(run)
+
+
+def stages(run: ContrastiveRun) -> dict:
+    """Everything after the start, in order (see the module docstring)."""
+    from whetstone.train import contrastive_run as stage
     from whetstone.train.contrastive_report import write_report
 
-    run = stage.start_run(config)  # paths, Ray, run folder, task data, resume point
+    config = run.config
     # corpus vectors streamed to storage (index v1's chunks) through the exact evaluation: nDCG before training
     base = stage.embed_base(run)  # a resumed run reuses its first attempt's evaluation
     version, refresher, mined = 1, None, None

@@ -40,6 +40,7 @@ import ray.train
 from whetstone.config.preference import PreferenceJobConfig
 from whetstone.train.plan import PreferenceRunPlan
 from whetstone.train.preference_run import (
+    DriverRun,
     finish_run,
     fit,
     plan_training,
@@ -90,7 +91,13 @@ def reward_loop_per_worker(config: PreferenceJobConfig, plan: PreferenceRunPlan)
 
 def run(config: PreferenceJobConfig) -> dict:
     """The driver, stage by stage; returns the report (also at ``<run_uri>/report.json``)."""
-    driver = start_run(config)  # absolute paths, resolved config logged, Ray, if_exists, resume point
+    driver = start_run(config)  # absolute paths, resolved config logged, Ray, if_exists, resume point, tracking
+    with driver.tracking:  # the MLflow run ends FAILED if a stage raises
+        return stages(driver)
+
+
+def stages(driver: DriverRun) -> dict:
+    """Everything after the start, in order (see the module docstring)."""
     selection, leakage = select_and_guard(driver)  # train/eval split by pair_id hash; leakage guard
     reference, reference_uri = precompute_reference(driver, selection)  # Ray Data batch inference, once
     plan, datasets = plan_training(driver, selection, reference)  # PreferenceRunPlan + Ray Datasets

@@ -21,9 +21,15 @@ JOBS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in {"-V", "--version"}:
+        from whetstone import version
+
+        print(f"whetstone {version()}")
+        return 0
     if not argv or argv[0] in {"-h", "--help"}:
         print(__doc__.strip())
-        print("\njobs:\n  " + "\n  ".join(JOBS))
+        print("\njobs (`whetstone <job> --help` lists each job's config fields):\n  " + "\n  ".join(JOBS))
+        print("\noptions:\n  -h, --help     this message\n  -V, --version  print the version")
         return 0 if argv else 2
     name = argv[0].replace("_", "-")
     if name not in JOBS:
@@ -34,7 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModuleNotFoundError as err:
         print(f"error: job {name} is not available ({err})", file=sys.stderr)
         return 2
-    module.main(argv[1:])
+    program, sys.argv[0] = sys.argv[0], f"whetstone {name}"  # the job's usage line names the command
+    try:
+        module.main(argv[1:])
+    finally:
+        sys.argv[0] = program
     return 0
 
 

@@ -131,6 +131,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(ray_cluster, scifact_stor
     import torch
     from ray import serve
     from safetensors.torch import load_file
+    from whetstone.models.encoder import TOWER_FOLDERS
 
     from jobs.train_contrastive import main
 
@@ -158,11 +159,21 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(ray_cluster, scifact_stor
     # step checkpoints carry AdamW's state; the published final model does not
     assert (run / "train" / "step-000002" / "optimizer_state.pt").is_file()
     assert not (final / "optimizer_state.pt").exists()
-    assert second["query_tower"] == "frozen" and second["query_model_uri"] == str(final / "query_encoder")
+    # the final model is a sentence-transformers Router model: each tower in its route's subfolder
+    assert second["query_tower"] == "frozen" and second["query_model_uri"] == str(final / TOWER_FOLDERS["query"])
     base = load_file(tiny_encoder_dir / "model.safetensors")
-    queries, docs = load_file(final / "query_encoder" / "model.safetensors"), load_file(final / "model.safetensors")
+    queries, docs = (load_file(final / TOWER_FOLDERS[route] / "model.safetensors") for route in ("query", "document"))
     assert all(torch.equal(queries[name], base[name]) for name in base)  # frozen through 8 steps and a kill
     assert not all(torch.equal(docs[name], base[name]) for name in base)  # the document tower trained
+    # sentence-transformers routes queries to the frozen tower and documents to the trained one
+    from sentence_transformers import SentenceTransformer
+    from whetstone.models.encoder import Encoder
+
+    st, texts = SentenceTransformer(str(final), device="cpu"), ["a claim about proteins", "cells divide"]
+    np.testing.assert_allclose(st.encode_query(texts), Encoder.load(tiny_encoder_dir, device="cpu").encode(texts),
+                               atol=1e-5)
+    np.testing.assert_allclose(st.encode_document(texts), Encoder.load(final, device="cpu").encode(texts), atol=1e-5)
+    assert "Router" in (final / "README.md").read_text()  # its model card, sentence-transformers' own
 
 
 

@@ -6,13 +6,19 @@ encoder (quality is not judged here; ``make demo`` judges it with MiniLM).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
+import re
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from tests.conftest import free_port
+from tests.tensorboard_events import read_events, read_scalars
 
 pytestmark = pytest.mark.integration
 
@@ -25,24 +31,50 @@ def scifact_train_counts(store: str) -> tuple[int, int]:
     return table.num_rows, sum(len(p) for p in table.column("positive_ids").to_pylist())
 
 
+class _Tee(io.TextIOBase):
+    """stdout for the job: what it prints (and what Ray forwards from workers and actors) goes to the
+    console as usual and into ``copy``."""
+
+    def __init__(self, console, copy: io.StringIO):
+        self.console, self.copy = console, copy
+
+    def write(self, text: str) -> int:
+        self.copy.write(text)
+        return self.console.write(text)
+
+    def flush(self) -> None:
+        self.console.flush()
+
+
 @pytest.fixture(scope="module")
-def contrastive_report(ray_cluster, scifact_store, tiny_encoder_dir) -> dict:
+def contrastive_job(ray_cluster, scifact_store, tiny_encoder_dir, tmp_path_factory) -> SimpleNamespace:
+    """The job's report, its console output and the MLflow tracking URI it logged to."""
     from jobs.train_contrastive import main
 
-    report = main([
-        "--config", "jobs/configs/train_contrastive/smoke.yaml",
-        f"store_uri={scifact_store}",
-        f"encoder.base_model={tiny_encoder_dir}",
-        f"index.http_port={free_port()}",
-        # A refresh asked for after every step: each takes longer than a step, so requests merge
-        # (newest checkpoint wins) and fewer versions are published than asked for.
-        "optim.max_steps=6", "refresh.every_steps=1", "negatives.max_steps_behind=6",
-        "index.num_shards=2",  # the sharded path: two build tasks, two shard deployments, swaps across both
-    ])
-    yield report
+    mlflow_uri = (tmp_path_factory.mktemp("mlflow") / "mlruns").as_uri()
+    output = io.StringIO()
+    with contextlib.redirect_stdout(_Tee(sys.stdout, output)):
+        report = main([
+            "--config", "jobs/configs/train_contrastive/smoke.yaml",
+            f"store_uri={scifact_store}",
+            f"encoder.base_model={tiny_encoder_dir}",
+            f"index.http_port={free_port()}",
+            # A refresh asked for after every step: each takes longer than a step, so requests merge
+            # (newest checkpoint wins) and fewer versions are published than asked for.
+            "optim.max_steps=6", "refresh.every_steps=1", "negatives.max_steps_behind=6",
+            "index.num_shards=2",  # the sharded path: two build tasks, two shard deployments, swaps across both
+            f"tracking.mlflow_uri={mlflow_uri}", "tracking.mlflow_experiment=whetstone-test",
+            "progress_every_s=0",  # a progress line for every embedded batch
+        ])
+    yield SimpleNamespace(report=report, output=output.getvalue(), mlflow_uri=mlflow_uri)
     from ray import serve
 
     serve.delete("whetstone-index")
+
+
+@pytest.fixture(scope="module")
+def contrastive_report(contrastive_job) -> dict:
+    return contrastive_job.report
 
 
 def test_report_has_the_loop(contrastive_report):
@@ -97,7 +129,91 @@ def test_index_service_serves_the_promoted_version(contrastive_report):
     assert stats["num_shards"] == 2 and stats["size"] == contrastive_report["index"]["documents"]
 
 
-def test_refresh_and_evaluate_jobs_stream_the_corpus(contrastive_report, scifact_store, tmp_path):
+def _embed_lines(output: str, what: str) -> tuple[list[tuple[int, int]], list[str]]:
+    """A corpus embedding's ``[embed] <what>:`` lines (also when Ray forwarded them from an actor):
+    the periodic ones as (done, total), and the closing ones."""
+    periodic, closing = [], []
+    for line in output.splitlines():
+        line = re.sub(r"^(\x1b\[\d+m)?\([^)]*\)(\x1b\[0m)? ", "", line)  # Ray's "(IndexRefresher pid=...)" prefix
+        match = re.fullmatch(rf"\[embed\] {re.escape(what)}: ([\d,]+)/([\d,]+) docs \([\d,.]+ docs/s\)(, eta \d+ s)?", line)
+        if match:
+            periodic.append((int(match.group(1).replace(",", "")), int(match.group(2).replace(",", ""))))
+        elif line.startswith(f"[embed] {what}: done, "):
+            closing.append(line)
+    return periodic, closing
+
+
+def test_corpus_embeddings_print_progress_with_rates_and_the_totals(contrastive_job):
+    """progress_every_s=0: a line per embedded batch, with the corpus size from the store's manifest
+    as the total; the closing line's count is the number of documents the index holds."""
+    report, output = contrastive_job.report, contrastive_job.output
+    documents = report["index"]["documents"]
+    assert documents == 2101
+    for what, vectors in (("corpus, base model", f" into {report['run_uri']}/index/vectors/v1"),
+                          ("corpus, final model", f" into {report['run_uri']}/index/vectors/v{report['index_versions'][-1]}")):
+        periodic, closing = _embed_lines(output, what)
+        assert periodic and all(total == documents for _, total in periodic), what
+        assert [done for done, _ in periodic] == sorted(done for done, _ in periodic)
+        assert len(closing) == 1 and closing[0].startswith(f"[embed] {what}: done, 2,101 docs in "), closing
+        assert closing[0].endswith(f" docs/s){vectors}")
+    # the background refreshes, in the refresher actor: Ray forwards its lines to the driver's console
+    for refresh in report["refreshes"]:
+        periodic, closing = _embed_lines(output, f"corpus v{refresh['new_version']}")
+        assert periodic and len(closing) == 1 and closing[0].startswith(
+            f"[embed] corpus v{refresh['new_version']}: done, {refresh['documents']:,} docs in ")
+    assert re.search(r"^\[index\] v1 built: flat, 2 shards, 2,101 docs in [\d.]+ s", output, re.M)
+
+
+def test_the_job_says_where_to_look(contrastive_job):
+    report, output = contrastive_job.report, contrastive_job.output
+    tensorboard = f"{report['run_uri']}/tensorboard"
+    assert f"\n[run] TensorBoard: tensorboard --logdir {tensorboard}\n" in output
+    assert report["tensorboard_uri"] == tensorboard
+    assert re.search(rf"^\[run\] MLflow: run {report['mlflow_run_id']} in experiment 'whetstone-test' at "
+                     rf"{re.escape(contrastive_job.mlflow_uri)}: mlflow ui --backend-store-uri ", output, re.M)
+    assert "[run] Ray dashboard" not in output  # the test cluster runs without a dashboard: no line
+    assert f"\ntensorboard: tensorboard --logdir {tensorboard}\n" in output  # in the closing summary too
+
+
+def test_tensorboard_has_one_loss_per_step_and_the_evaluations(contrastive_report):
+    run = Path(contrastive_report["run_uri"])
+    history = json.loads((run / "train-history.json").read_text())
+    train = read_scalars(run / "tensorboard" / "train")
+    assert [step for step, _ in train["loss"]] == [1, 2, 3, 4, 5, 6]  # one loss scalar per step
+    assert [value for _, value in train["loss"]] == pytest.approx([m["loss"] for m in history], rel=1e-6)
+    assert [step for step, _ in train["pairs_per_s"]] == [1, 2, 3, 4, 5, 6] and "score_gap" in train
+    assert not any(e.HasField("session_log") for e in read_events(run / "tensorboard" / "train"))  # no restart
+    evals = read_scalars(run / "tensorboard" / "eval")
+    before, after = contrastive_report["before"], contrastive_report["after"]
+    assert evals["ndcg@10"] == [(0, pytest.approx(before["ndcg@10"])), (6, pytest.approx(after["ndcg@10"]))]
+    assert [step for step, _ in evals["ndcg@10_at_index_length"]] == [r["step"] for r in contrastive_report["refreshes"]]
+
+
+def test_mlflow_run_has_the_params_the_steps_and_the_report(contrastive_job):
+    from whetstone.train.tracking import mlflow_client
+
+    report = contrastive_job.report
+    client = mlflow_client(contrastive_job.mlflow_uri)
+    run = client.get_run(report["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "smoke"
+    assert client.get_experiment(run.info.experiment_id).name == "whetstone-test"
+    params = run.data.params
+    assert params["optim.batch_size"] == "8" and params["negatives.mining.rank_end"] == "10"
+    assert params["optim.max_steps"] == "6" and params["index.num_shards"] == "2"
+    assert params["encoder.base_model"] == str(Path(params["encoder.base_model"]))  # the resolved, absolute path
+    assert run.data.tags["whetstone.run_uri"] == report["run_uri"]
+    history = json.loads((Path(report["run_uri"]) / "train-history.json").read_text())
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in losses] == [1, 2, 3, 4, 5, 6]
+    assert [m.value for m in losses] == pytest.approx([m["loss"] for m in history])
+    ndcg = client.get_metric_history(run.info.run_id, "eval_ndcg_at_10")
+    assert [(m.step, m.value) for m in ndcg] == [(0, pytest.approx(report["before"]["ndcg@10"])),
+                                                (6, pytest.approx(report["after"]["ndcg@10"]))]
+    assert run.data.metrics["after.ndcg_at_10"] == pytest.approx(report["after"]["ndcg@10"])
+    assert json.loads((Path(report["run_uri"]) / "tracking.json").read_text())["mlflow_run_id"] == run.info.run_id
+
+
+def test_refresh_and_evaluate_jobs_stream_the_corpus(contrastive_report, scifact_store, tmp_path, capsys):
     """jobs.refresh_index re-embeds into vector chunks, builds the next version with the served
     layout (2 shards, read from the newest manifest) and swaps it in through the handle;
     jobs.evaluate ranks the streamed corpus exactly."""
@@ -111,8 +227,13 @@ def test_refresh_and_evaluate_jobs_stream_the_corpus(contrastive_report, scifact
 
     index_uri = str(Path(contrastive_report["run_uri"]) / "index")
     documents = contrastive_report["index"]["documents"]
+    capsys.readouterr()
     result = refresh([f"checkpoint={contrastive_report['model_uri']}", f"store_uri={scifact_store}",
-                      f"index_uri={index_uri}", "swap=handle", "doc_max_length=64"])
+                      f"index_uri={index_uri}", "swap=handle", "doc_max_length=64", "progress_every_s=0"])
+    periodic, closing = _embed_lines(capsys.readouterr().out, f"corpus v{result['new_version']}")
+    assert periodic and periodic[-1][1] == documents  # a line per batch, against the corpus size
+    assert len(closing) == 1 and closing[0].startswith(f"[embed] corpus v{result['new_version']}: done, "
+                                                       f"{documents:,} docs in ")
     promoted = contrastive_report["index_versions"][-1]
     assert (result["old_version"], result["new_version"], result["num_shards"]) == (promoted, promoted + 1, 2)
     assert result["documents"] == documents and read_vector_chunks(result["vectors"]).count == documents
@@ -120,12 +241,14 @@ def test_refresh_and_evaluate_jobs_stream_the_corpus(contrastive_report, scifact
     assert IndexClient.from_handle().search(np.ones((1, 32), dtype=np.float32), k=3).version == promoted + 1
     out = tmp_path / "eval.json"
     metrics = evaluate([f"model={contrastive_report['model_uri']}", f"store_uri={scifact_store}",
-                        f"output_uri={out}", "doc_max_length=64"])
+                        f"output_uri={out}", "doc_max_length=64", "progress_every_s=0"])
+    periodic, closing = _embed_lines(capsys.readouterr().out, f"corpus, {contrastive_report['model_uri']}")
+    assert periodic and len(closing) == 1 and f": done, {documents:,} docs in " in closing[0]
     assert metrics["documents"] == documents and metrics["queries"] == 77
     assert json.loads(out.read_text())["ndcg@10"] == metrics["ndcg@10"]
 
 
-def test_model_loads_in_sentence_transformers_and_transformers(contrastive_report):
+def test_model_loads_in_sentence_transformers_and_transformers(contrastive_report, tiny_encoder_dir):
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
 
@@ -140,6 +263,13 @@ def test_model_loads_in_sentence_transformers_and_transformers(contrastive_repor
     assert [m["step"] for m in history] == [1, 2, 3, 4, 5, 6] and all("loss" in m and "score_gap" in m for m in history)
     report_file = Path(contrastive_report["run_uri"]) / "report.json"
     assert json.loads(report_file.read_text())["steps"] == 6
+    # sentence-transformers' model card, with the run's base model, steps and nDCG@10 before and after
+    card = (Path(model_dir) / "README.md").read_text()
+    assert contrastive_report["model_card_uri"] == str(Path(model_dir) / "README.md")
+    assert "library_name: sentence-transformers" in card and "| Steps | 6 |" in card
+    assert f"`{tiny_encoder_dir}`" in card
+    for when in ("before", "after"):
+        assert f"{contrastive_report[when]['ndcg@10']:.4f}" in card
 
 
 def test_gist_matryoshka_and_false_negative_margin_in_the_job(ray_cluster, scifact_store, tiny_encoder_dir):

@@ -46,11 +46,21 @@ def _quarantine(store: Path) -> list[str]:
     return [line for part in sorted(store.glob("quarantine/**/*.jsonl")) for line in part.read_text().splitlines()]
 
 
-def test_ray_engine_writes_the_same_store_as_the_local_engine(ray_cluster, tmp_path):
+def test_ray_engine_writes_the_same_store_as_the_local_engine(ray_cluster, tmp_path, capsys):
     source = tmp_path / "src"
     records = _messy_corpus(source)
     local = ingest(str(source), str(tmp_path / "local"), "corpus", rows_per_shard=64, engine="local")
-    remote = ingest(str(source), str(tmp_path / "ray"), "corpus", rows_per_shard=64, engine="ray", chunk_rows=16)
+    capsys.readouterr()
+    remote = ingest(str(source), str(tmp_path / "ray"), "corpus", rows_per_shard=64, engine="ray", chunk_rows=16,
+                    progress_every_s=0)
+    # The staged tables arrive at the driver, which counts them: a line per table (interval 0) with the
+    # rows, shards and quarantined so far, then the totals.
+    out = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[ingest] corpus: ")]
+    assert len(out) >= 3 and all(" rows/s), " in line for line in out)
+    assert out[-1].startswith(f"[ingest] corpus: done, {records:,} rows in ")
+    assert out[-1].endswith(f", {remote.datasets['corpus'].rows_written} written in "
+                            f"{len(read_manifest(str(tmp_path / 'ray')).datasets['corpus'].shards)} shards, "
+                            f"{remote.datasets['corpus'].rows_quarantined} quarantined")
     assert remote.engine == "ray" and local.engine == "local"
     assert remote.datasets == local.datasets
     counts = remote.datasets["corpus"]

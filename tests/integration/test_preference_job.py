@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.tensorboard_events import read_events, read_scalars
+
 pytestmark = pytest.mark.integration
 
 HH_RLHF = "preference/hh-rlhf-harmless-base/test.jsonl.gz"
@@ -104,6 +106,27 @@ def test_checkpoint_is_a_trained_hf_model(dpo_report, tiny_gpt2_dir):
     assert state["step"] == dpo_report["steps"]
     moved = [not torch.equal(a, b) for a, b in zip(trained.parameters(), base.parameters(), strict=True)]
     assert all(moved)
+    # the model card (README.md) names the base model, the steps and the held-out figures
+    card = (final / "README.md").read_text()
+    assert dpo_report["model_card_uri"] == str(final / "README.md") and card.startswith("---\n")
+    assert "library_name: transformers" in card and "pipeline_tag: text-generation" in card
+    assert str(tiny_gpt2_dir) in card and f"| Steps | {dpo_report['steps']} |" in card
+    assert f"{dpo_report['eval']['eval_reward_accuracy']:.4f}" in card and "AutoModelForCausalLM" in card
+
+
+def test_tensorboard_holds_every_step_and_the_held_out_figures(dpo_report):
+    """TensorBoard is on by default: rank 0's per-step metrics under tensorboard/train (one scalar per
+    metric and step, the history's values), the driver's held-out figures under tensorboard/eval."""
+    run = Path(dpo_report["run_uri"])
+    history = _history(dpo_report)
+    train = read_scalars(run / "tensorboard" / "train")
+    assert [step for step, _ in train["loss"]] == list(range(1, dpo_report["steps"] + 1))
+    assert [value for _, value in train["loss"]] == pytest.approx([m["loss"] for m in history], rel=1e-6)
+    assert [value for _, value in train["reward_accuracy"]] == pytest.approx([m["reward_accuracy"] for m in history])
+    assert {"margin", "lr", "pairs_per_s"} <= set(train)
+    evals = read_scalars(run / "tensorboard" / "eval")
+    assert evals["reward_accuracy"] == [(dpo_report["steps"], pytest.approx(dpo_report["eval"]["eval_reward_accuracy"]))]
+    assert dpo_report["tensorboard_uri"] == str(run / "tensorboard") and dpo_report["mlflow_run_id"] is None
 
 
 def test_resume_continues_data_and_optimiser(dpo_report, hh_store, tiny_gpt2_dir, tiny_encoder_dir, tmp_path):
@@ -141,6 +164,13 @@ def test_resume_continues_data_and_optimiser(dpo_report, hh_store, tiny_gpt2_dir
     assert [m["step"] for m in resumed] == list(range(1, 21))  # steps 1..12 carried in the checkpoint
     np.testing.assert_allclose([m["loss"] for m in resumed[12:]], [m["loss"] for m in whole[12:]], rtol=0, atol=1e-4)
     np.testing.assert_allclose([m["lr"] for m in resumed[12:]], [m["lr"] for m in whole[12:]], rtol=1e-6)
+    # TensorBoard: the copy's events (steps 1..20) and the resumed writer's (13..20), which starts with a
+    # restart marker at step 13 so that TensorBoard hides the first attempt's steps 13..20
+    events = read_events(killed / "tensorboard" / "train")
+    assert [e.step for e in events if e.HasField("session_log")] == [13]
+    shown = read_scalars(killed / "tensorboard" / "train")["loss"]  # after TensorBoard drops 13..20 of the copy
+    assert [step for step, _ in shown] == list(range(1, 21))
+    assert [value for _, value in shown] == pytest.approx([m["loss"] for m in resumed], rel=1e-6)
     assert report["eval"]["eval_margin"] == pytest.approx(dpo_report["eval"]["eval_margin"], abs=1e-4)
 
 
@@ -179,8 +209,21 @@ def test_reward_model_mode(ray_cluster, hh_store, tiny_encoder_dir, tmp_path):
     assert (step2 / "optimizer_state.pt").is_file() and RewardModel.load(step2) is not None
     assert report["eval"]["eval_pairs"] == 16
     model = RewardModel.load(report["model_uri"])
-    scores = model.score(["\n\nHuman: hi\n\nAssistant:"] * 2, ["Hello! How can I help?", "Go away."])
+    prompts, responses = ["\n\nHuman: hi\n\nAssistant:"] * 2, ["Hello! How can I help?", "Go away."]
+    scores = model.score(prompts, responses)
     assert scores.shape == (2,) and np.isfinite(scores).all()
+    # the saved folder is a transformers sequence-classification model (response pooling: its own code)
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    hf = AutoModelForSequenceClassification.from_pretrained(report["model_uri"], trust_remote_code=True).eval()
+    tokens = AutoTokenizer.from_pretrained(report["model_uri"])(prompts, responses, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        np.testing.assert_allclose(hf(**tokens).logits[:, 0].numpy(), scores, atol=1e-5)
+    card = (Path(report["model_uri"]) / "README.md").read_text()
+    assert "pipeline_tag: text-classification" in card and "reward-model" in card
+    assert str(tiny_encoder_dir) in card and "| Steps | 4 |" in card and "Bradley-Terry" in card
+    assert f"{report['eval']['eval_reward_accuracy']:.4f}" in card and "trust_remote_code=True" in card
 
 
 def test_a_killed_training_worker_is_restarted_and_the_dpo_run_continues(dpo_report, hh_store, tiny_gpt2_dir,
@@ -211,3 +254,11 @@ def test_a_killed_training_worker_is_restarted_and_the_dpo_run_continues(dpo_rep
     whole, restarted = _history(dpo_report), _history(report)
     assert [m["step"] for m in restarted] == list(range(1, 21))
     np.testing.assert_allclose([m["loss"] for m in restarted], [m["loss"] for m in whole], rtol=0, atol=1e-4)
+    # TensorBoard: the restarted rank 0 writes a second event file that starts with a restart marker at
+    # the first step it trains again; shown, every step appears once with the history's loss
+    events = read_events(run / "tensorboard" / "train")
+    starts = [e.step for e in events if e.HasField("session_log")]
+    assert len(starts) == 1 and starts[0] - 1 in (6, 12, 18)  # one past a checkpoint
+    shown = read_scalars(run / "tensorboard" / "train")["loss"]
+    assert [step for step, _ in shown] == list(range(1, 21))
+    assert [value for _, value in shown] == pytest.approx([m["loss"] for m in restarted], rel=1e-6)

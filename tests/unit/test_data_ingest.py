@@ -281,3 +281,50 @@ def test_a_killed_reingest_leaves_the_old_store_readable_and_a_rerun_completes(t
     table = read_dataset_table(str(store), "corpus")
     assert table.num_rows == rows and table.column(S.DOC_ID).to_pylist()[-1] == f"d{rows - 1}"
     assert len(list(store.rglob("*.parquet"))) == 3  # the dead ingest's shards and the old ones are gone
+
+
+def _progress(out: str, dataset: str) -> tuple[list[tuple[int, int, int]], str]:
+    """The ``[ingest] <dataset>:`` lines of a job's output: the periodic ones as (rows, shards,
+    quarantined), and the closing one."""
+    import re
+
+    periodic, final = [], None
+    for line in out.splitlines():
+        match = re.fullmatch(rf"\[ingest\] {re.escape(dataset)}: ([\d,]+) rows \([\d,.]+ rows/s\), "
+                             r"([\d,]+) shards?, ([\d,]+) quarantined", line)
+        if match:
+            periodic.append(tuple(int(group.replace(",", "")) for group in match.groups()))
+        elif line.startswith(f"[ingest] {dataset}: done, "):
+            assert final is None, f"two closing lines for {dataset}"
+            final = line
+    assert final is not None, f"no closing line for {dataset} in:\n{out}"
+    return periodic, final
+
+
+def test_the_ingest_job_prints_progress_with_rates_and_the_totals(scifact, malformed_source, tmp_path, capsys):
+    """A small interval (progress_every_s) so the 2,101-row corpus gets periodic lines; the closing
+    line's counts are the report's, which test_scifact_counts_match_the_source checks against the source."""
+    from jobs.ingest import main
+
+    report = main([f"source={scifact}", f"store_uri={tmp_path / 'store'}", "rows_per_shard=700",
+                   "progress_every_s=0.002"])
+    out = capsys.readouterr().out
+    corpus = report["datasets"]["corpus"]
+    assert corpus["rows_in"] == 2101
+    periodic, final = _progress(out, "corpus")
+    assert periodic, f"no periodic corpus line in:\n{out}"
+    rows = [r for r, _, _ in periodic]
+    assert rows == sorted(rows) and rows[-1] <= 2101 and all(q == 0 for _, _, q in periodic)
+    assert all(shards == r // 700 for r, shards, _ in periodic)  # shards written so far, 700 rows each
+    assert final.startswith("[ingest] corpus: done, 2,101 rows in ") and " rows/s), " in final
+    assert final.endswith(", 2,101 written in 4 shards, 0 quarantined")
+    for name, counts in report["datasets"].items():  # every dataset closes with its own totals
+        assert _progress(out, name)[1].endswith(f", {counts['rows_written']:,} written in "
+                                                f"{len(read_manifest(str(tmp_path / 'store')).datasets[name].shards)} "
+                                                f"shard{'s' if name == 'corpus' else ''}, "
+                                                f"{counts['rows_quarantined']:,} quarantined")
+
+    main([f"source={malformed_source}", f"store_uri={tmp_path / 'bad-store'}", "progress_every_s=0"])
+    _, final = _progress(capsys.readouterr().out, "corpus")
+    assert final.startswith("[ingest] corpus: done, 8 rows in ") and final.endswith(", 3 written in 1 shard, "
+                                                                                     "5 quarantined")

@@ -11,7 +11,8 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from types import UnionType
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
@@ -82,6 +83,23 @@ class StorageConfig(StrictModel):
         """JSON-safe dict including secret values, for handing to Ray workers (never log it)."""
         data = self.model_dump(mode="python")
         return {k: (v.get_secret_value() if isinstance(v, SecretStr) else v) for k, v in data.items()}
+
+
+class TrackingConfig(StrictModel):
+    """Where a training run's per-step metrics go besides the console and the history JSON."""
+
+    tensorboard: bool = Field(
+        True, description="write per-step metrics (and the eval figures) as TensorBoard event files under "
+        "<run>/tensorboard/ (tensorboard --logdir <run>/tensorboard); an s3:// run writes them locally and "
+        "uploads them with each checkpoint and at the end")
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking URI (http://host:5000, file:///path/mlruns, databricks): the run's "
+        "params (the flattened config), per-step metrics and report figures are logged there; None: the "
+        "MLFLOW_TRACKING_URI environment variable when set; empty string: off. Needs the `tracking` extra "
+        "(pip install \"whetstone[tracking]\")")
+    mlflow_experiment: str = Field("whetstone", min_length=1, description="MLflow experiment the run goes into")
+    flush_every_s: float = Field(
+        10.0, gt=0, description="how often rank 0 flushes the event files and sends buffered metrics to MLflow")
 
 
 def renamed_field(data: Any, old: str, new: str, where: str = "") -> Any:
@@ -186,3 +204,66 @@ def load_config(
 def dump_config(config: BaseModel) -> str:
     """The resolved config as indented JSON with secrets masked, for logs and reports."""
     return json.dumps(config.model_dump(mode="json"), indent=2, sort_keys=True)
+
+
+def _type_name(annotation: Any) -> str:
+    """A field's type as ``--help`` shows it: ``int``, ``float | null``, ``{error,overwrite,resume}``."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return "{" + ",".join(str(arg) for arg in args) + "}"
+    if origin in (Union, UnionType):
+        return " | ".join(_type_name(arg) for arg in args)
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_type_name(arg) for arg in args)}]"
+    if annotation is type(None):
+        return "null"
+    if annotation is SecretStr:
+        return "secret"
+    return getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
+
+
+def _section_model(annotation: Any) -> tuple[type[BaseModel] | None, str]:
+    """The model a field holds (a section, an optional section, or a list of them) and its key suffix."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, ""
+    args = [arg for arg in get_args(annotation) if arg is not type(None)]
+    if get_origin(annotation) is list and len(args) == 1:
+        model, _ = _section_model(args[0])
+        return model, "[]" if model else ""
+    if get_origin(annotation) in (Union, UnionType) and len(args) == 1:
+        return _section_model(args[0])
+    return None, ""
+
+
+def _field_lines(key: str, info: Any) -> list[str]:
+    import textwrap
+
+    if info.is_required():
+        default = "required"
+    else:
+        value = info.get_default(call_default_factory=True)
+        value = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+        default = "= " + json.dumps(value, default=str)
+    lines = [f"  {key}  {_type_name(info.annotation)} {default}"]
+    if info.description:
+        lines.append(textwrap.fill(info.description, width=104, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    return lines
+
+
+def describe_fields(cls: type[BaseModel], prefix: str = "", title: str = "top level") -> list[str]:
+    """Every field of a job config, dotted (``optim.batch_size``), with its type, default and
+    description, grouped by section: the config part of ``python -m jobs.<job> --help``."""
+    doc = (cls.__doc__ or "").strip().splitlines()
+    lines = [f"{title}:" + (f"  ({doc[0]})" if prefix and doc and cls.__module__.startswith("whetstone") else "")]
+    sections = []
+    for name, info in cls.model_fields.items():
+        model, suffix = _section_model(info.annotation)
+        if model is None:
+            lines += _field_lines(f"{prefix}{name}", info)
+        else:
+            sections.append((f"{prefix}{name}{suffix}", model, info))
+    for key, model, info in sections:
+        optional = "" if info.is_required() or info.get_default(call_default_factory=True) is not None else \
+            " (optional section, default null)"
+        lines += [""] + describe_fields(model, f"{key}.", f"{key}{optional}")
+    return lines

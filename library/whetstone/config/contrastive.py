@@ -13,8 +13,10 @@ from whetstone.config.base import (
     RayTrainLogLevel,
     StorageConfig,
     StrictModel,
+    TrackingConfig,
     renamed_field,
 )
+from whetstone.console import DEFAULT_EVERY_S, PROGRESS_EVERY_S_HELP
 from whetstone.index.ann import AnnConfig
 from whetstone.index.mining import MiningConfig
 
@@ -46,7 +48,8 @@ class EncoderConfig(StrictModel):
     query_tower: Literal["shared", "frozen"] = Field(
         "shared", description="shared: one encoder for queries and documents, both trained. frozen: queries "
         "stay with the base model's weights and only the document tower trains (an asymmetric dual encoder; "
-        "saved models carry the query tower in query_encoder/). Trained on scifact-subset with live negatives it "
+        "saved models are sentence-transformers Router models: encode_query uses the query tower, encode_document "
+        "the document tower). Trained on scifact-subset with live negatives it "
         "gained 5.3 nDCG@10 points there (shared: 6.0) and lost 0.45 on msmarco-dl19 (shared: 0.70; "
         "benchmarks/contrastive_quality.py)")
 
@@ -316,6 +319,8 @@ class ContrastiveJobConfig(StrictModel):
     ray_object_store_mb: int = Field(1024, ge=128)
     ray_train_log_level: RayTrainLogLevel = Field(
         "WARNING", description="console level of Ray Train's own logs (INFO: its per-step report lines too)")
+    tracking: TrackingConfig = TrackingConfig()
+    progress_every_s: float = Field(DEFAULT_EVERY_S, ge=0, description=PROGRESS_EVERY_S_HELP)
 
     @model_validator(mode="after")
     def _refresh_needs_index(self) -> ContrastiveJobConfig:

@@ -12,7 +12,9 @@ from whetstone.config.base import (
     RayTrainLogLevel,
     StorageConfig,
     StrictModel,
+    TrackingConfig,
 )
+from whetstone.console import DEFAULT_EVERY_S, PROGRESS_EVERY_S_HELP
 
 PolicyLossName = Literal["dpo", "ipo", "hinge", "cdpo", "ns_dpo", "simpo", "orpo", "npo"]
 # Losses that never look at the reference model: no precompute, no second model.
@@ -125,9 +127,12 @@ class RewardModelSection(StrictModel):
     encoder: str = Field("all-MiniLM-L6-v2", description="encoder path or the MiniLM alias")
     max_length: int = Field(256, ge=8, le=512)
     max_prompt_length: int = Field(160, ge=1)
-    pooling: Literal["mean", "response"] = Field(
+    pooling: Literal["mean", "response", "last"] = Field(
         "response", description="mean of the response segment's last hidden states (the prompt is shared by "
-                                "both sides of a pair), or `mean` of every token's")
+                                "both sides of a pair), `mean` of every token's, or `last`: the last non-pad "
+                                "token's, as decoder LMs' *ForSequenceClassification score (the model is then "
+                                "saved as that transformers class; the other poolings save with their modeling "
+                                "code: from_pretrained(..., trust_remote_code=True))")
     gamma: float | None = Field(None, gt=0, le=1, description="optional NS time discount of the BT loss")
 
 
@@ -153,6 +158,8 @@ class PreferenceJobConfig(StrictModel):
     ray_object_store_mb: int = Field(1024, ge=128)
     ray_train_log_level: RayTrainLogLevel = Field(
         "WARNING", description="console level of Ray Train's own logs (INFO: its per-step report lines too)")
+    tracking: TrackingConfig = TrackingConfig()
+    progress_every_s: float = Field(DEFAULT_EVERY_S, ge=0, description=PROGRESS_EVERY_S_HELP)
 
     @model_validator(mode="after")
     def _consistent(self) -> PreferenceJobConfig:

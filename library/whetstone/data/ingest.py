@@ -20,6 +20,7 @@ import pyarrow as pa
 
 import whetstone.storage as wstorage
 from whetstone.config.base import StorageConfig
+from whetstone.console import DEFAULT_EVERY_S
 from whetstone.data import schemas as S
 from whetstone.data.ingest_files import ingest_records
 from whetstone.data.ingest_sink import (
@@ -122,7 +123,8 @@ def _ingest_qrels(file_uri: str, sink: DatasetSink, doc_ids: dict[str, int], que
 
 
 def ingest_beir(source: str, dest_uri: str, storage: StorageConfig | None = None,
-                rows_per_shard: int = 50_000, splits: Sequence[str] | None = None) -> IngestReport:
+                rows_per_shard: int = 50_000, splits: Sequence[str] | None = None,
+                progress_every_s: float | None = DEFAULT_EVERY_S) -> IngestReport:
     """Ingest a BEIR folder into a store.
 
     Source layout: ``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``, each optionally
@@ -136,6 +138,8 @@ def ingest_beir(source: str, dest_uri: str, storage: StorageConfig | None = None
         storage: how to reach ``s3://`` (defaults to the AWS environment variables).
         rows_per_shard: rows per Parquet shard.
         splits: qrels splits to ingest; default all found under ``qrels/``.
+        progress_every_s: a progress line per dataset (rows, rows/s, shards, quarantined) at most
+            this often, and its totals when it is written; None: silent.
 
     Returns:
         The report; ``report.datasets[name].rows_in == rows_written + rows_quarantined``.
@@ -158,7 +162,7 @@ def ingest_beir(source: str, dest_uri: str, storage: StorageConfig | None = None
     generation = new_generation()
 
     def sink(name: str, schema: pa.Schema) -> DatasetSink:
-        return DatasetSink(dest_uri, name, schema, rows_per_shard, storage_config, generation)
+        return DatasetSink(dest_uri, name, schema, rows_per_shard, storage_config, generation, progress_every_s)
 
     sinks: list[DatasetSink] = []
     doc_ids: dict[str, int] = {}
@@ -219,7 +223,8 @@ IngestKind = Literal["beir", "corpus", "pairs", "preference", "hh-rlhf"]
 
 def ingest(source: str, dest_uri: str, kind: IngestKind, dataset_name: str | None = None,
            storage: StorageConfig | None = None, rows_per_shard: int = 50_000, *,
-           splits: Sequence[str] | None = None, engine: str = "auto", **options: Any) -> IngestReport:
+           splits: Sequence[str] | None = None, engine: str = "auto",
+           progress_every_s: float | None = DEFAULT_EVERY_S, **options: Any) -> IngestReport:
     """Ingest any declared source format into a store: the one entry point for jobs and the CLI.
 
     Args:
@@ -234,6 +239,8 @@ def ingest(source: str, dest_uri: str, kind: IngestKind, dataset_name: str | Non
         rows_per_shard: rows per Parquet shard.
         splits: for ``beir``: the qrels splits to ingest (default all).
         engine: for the record kinds: ``"auto"``, ``"local"`` or ``"ray"``.
+        progress_every_s: seconds between a dataset's progress lines (rows, rows/s, shards,
+            quarantined; its totals at the end); None: silent.
         **options: passed to :func:`~whetstone.data.ingest_files.ingest_records`.
 
     Returns:
@@ -242,10 +249,12 @@ def ingest(source: str, dest_uri: str, kind: IngestKind, dataset_name: str | Non
     if kind == "beir":
         if dataset_name is not None:
             raise IngestError("dataset_name does not apply to kind 'beir' (it writes every BEIR dataset)")
-        return ingest_beir(source, dest_uri, storage, rows_per_shard=rows_per_shard, splits=splits)
+        return ingest_beir(source, dest_uri, storage, rows_per_shard=rows_per_shard, splits=splits,
+                           progress_every_s=progress_every_s)
     if splits is not None:
         raise IngestError(f"splits applies to kind 'beir' only; for {kind!r} name the split in dataset_name")
-    return ingest_records(source, dest_uri, kind, dataset_name, storage, rows_per_shard, engine=engine, **options)
+    return ingest_records(source, dest_uri, kind, dataset_name, storage, rows_per_shard, engine=engine,
+                          progress_every_s=progress_every_s, **options)
 
 
 __all__ = ["DatasetCounts", "IngestError", "IngestKind", "IngestReport", "SourceError", "ingest", "ingest_beir"]

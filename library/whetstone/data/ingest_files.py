@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 
 import whetstone.storage as wstorage
 from whetstone.config.base import StorageConfig
+from whetstone.console import DEFAULT_EVERY_S
 from whetstone.data import schemas as S
 from whetstone.data.ingest_sink import (
     DamagedFile,
@@ -221,7 +222,7 @@ def _corpus_ids(kind: str, dest_uri: str, old: Manifest | None,
 def ingest_records(source: str, dest_uri: str, kind: str, dataset_name: str | None = None,
                    storage: StorageConfig | None = None, rows_per_shard: int = 50_000, *,
                    engine: str = "auto", chunk_rows: int = 8192, ray_min_bytes: int = RAY_MIN_BYTES,
-                   num_cpus: float = 0.5) -> IngestReport:
+                   num_cpus: float = 0.5, progress_every_s: float | None = DEFAULT_EVERY_S) -> IngestReport:
     """Ingest corpus / pairs / preference / hh-rlhf records into dataset ``dataset_name`` of a store.
 
     The store may already hold other datasets (ingest a corpus, then its pairs): they are kept,
@@ -240,6 +241,9 @@ def ingest_records(source: str, dest_uri: str, kind: str, dataset_name: str | No
         chunk_rows: rows per staged table (the unit moved between Ray tasks and the writer).
         ray_min_bytes: the source size from which ``auto`` uses Ray.
         num_cpus: CPUs per Ray staging task.
+        progress_every_s: seconds between progress lines (rows read, rows/s, shards, quarantined),
+            printed where the rows are consumed (this process, whichever engine stages them); the
+            totals are printed at the end. None: silent.
 
     Returns:
         The report; ``datasets[name].rows_in == rows_written + rows_quarantined``; whole-file
@@ -258,7 +262,8 @@ def ingest_records(source: str, dest_uri: str, kind: str, dataset_name: str | No
     files = list_source_files(source, storage)
     chosen = _choose_engine(engine, files, ray_min_bytes)
     old = open_store(dest_uri, storage)  # the old manifest (and what it names) stays until ours replaces it
-    sink = DatasetSink(dest_uri, dataset, target_schema(kind), rows_per_shard, storage, new_generation())
+    sink = DatasetSink(dest_uri, dataset, target_schema(kind), rows_per_shard, storage, new_generation(),
+                       progress_every_s)
     consumer = _StagedConsumer(sink, kind, _corpus_ids(kind, dest_uri, old, storage))
     uris = [uri for uri, _ in files]
     staged = (_staged_ray(uris, source, kind, storage, chunk_rows, num_cpus) if chosen == "ray"

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from whetstone import storage as store
 from whetstone.config.base import StorageConfig
+from whetstone.console import ProgressLine, plural
 from whetstone.data.store import (
     MANIFEST_NAME,
     DatasetEntry,
@@ -113,20 +114,32 @@ class IngestReport(BaseModel):
 
 
 class DatasetSink:
-    """One dataset's shard writer + quarantine writer + its rows-in counter."""
+    """One dataset's shard writer + quarantine writer + its rows-in counter.
+
+    With ``progress_every_s`` (not None) it prints ``[ingest] <dataset>: N rows (R rows/s), S shards,
+    Q quarantined`` at most that often while rows arrive, and the totals when it closes.
+    """
 
     def __init__(self, store_uri: str, dataset: str, schema: pa.Schema, rows_per_shard: int,
-                 storage_config: StorageConfig | None, generation: str | None = None) -> None:
+                 storage_config: StorageConfig | None, generation: str | None = None,
+                 progress_every_s: float | None = None) -> None:
         self.dataset = dataset
         self.rows_in = 0
         self.shards = ShardWriter(store_uri, dataset, schema, rows_per_shard, storage_config, generation)
         self.quarantine = QuarantineWriter(store_uri, dataset, storage_config, generation=generation)
+        self.progress = None if progress_every_s is None else ProgressLine(
+            dataset, "rows", every_s=progress_every_s, tag="[ingest]",
+            details=lambda: f"{plural(len(self.shards.shards), 'shard')}, {self.quarantine.rows:,} quarantined")
 
     def accept(self, row: dict[str, Any]) -> None:
         self.shards.add(row)
+        if self.progress is not None:
+            self.progress.update(self.rows_in)
 
     def accept_table(self, table: pa.Table) -> None:
         self.shards.add_table(table)
+        if self.progress is not None:
+            self.progress.update(self.rows_in)
 
     def reject(self, reason: str, file: str, line: int, raw: bytes | str, unit: str = "line", rows: int = 1) -> None:
         logger.debug("quarantined %s %s %d: %s", file, unit, line, reason)
@@ -137,6 +150,11 @@ class DatasetSink:
         quarantined = self.quarantine.close()
         counts = DatasetCounts(rows_in=self.rows_in, rows_written=entry.rows,
                                rows_quarantined=quarantined.rows)
+        if self.progress is not None:
+            self.progress.count = self.rows_in
+            self.progress.details = lambda: (f"{entry.rows:,} written in {plural(len(entry.shards), 'shard')}, "
+                                             f"{quarantined.rows:,} quarantined")
+            self.progress.done()
         return entry, quarantined, counts
 
 

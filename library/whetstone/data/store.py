@@ -109,6 +109,28 @@ def write_manifest(store_uri: str, manifest: Manifest, storage_config: StorageCo
     return uri
 
 
+def require_store(given: str, resolved: str, storage_config: StorageConfig | None = None) -> None:
+    """Stop a training job at start when ``store_uri`` holds no ingested store.
+
+    ``given`` is the URI as the user wrote it, ``resolved`` the absolute one. A relative path under
+    ``ray job submit`` resolves inside the job's unpacked working directory, which never holds a
+    gitignored local store (``.whetstone/``): the message says so and what to pass instead.
+    """
+    import os
+
+    from whetstone.config.base import ConfigError
+
+    if storage.exists(storage.join(resolved, MANIFEST_NAME), storage_config):
+        return
+    message = (f"store_uri: no ingested store at {resolved} ({MANIFEST_NAME} missing); run "
+               f"`python -m jobs.ingest --config <ingest config> store_uri={given}` first")
+    if "://" not in given and not os.path.isabs(given) and os.environ.get("RAY_ADDRESS"):
+        message += (". A relative path resolves in the job's working directory, which under `ray job submit` "
+                    "is the uploaded copy of --working-dir (gitignored folders such as .whetstone/ are not "
+                    "uploaded): pass an absolute path (store_uri=$PWD/...) on a one-machine cluster, or an s3:// URI")
+    raise ConfigError(message)
+
+
 def read_manifest(store_uri: str, storage_config: StorageConfig | None = None) -> Manifest:
     """Load ``manifest.json`` from a store.
 

@@ -323,9 +323,11 @@ class _TokenizePairs:
         from transformers import AutoTokenizer
 
         from whetstone.models.assets import localize
+        from whetstone.models.encoder import tower_folder
 
-        # A model in object storage is fetched to a node-local folder once.
-        self.tokenizer = AutoTokenizer.from_pretrained(localize(tokenizer_path))
+        # A model in object storage is fetched to a node-local folder once; an asymmetric model's
+        # towers share the document tower's tokenizer.
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tower_folder(localize(tokenizer_path), "document")))
         self.query_max_length = query_max_length
         self.doc_max_length = doc_max_length
 

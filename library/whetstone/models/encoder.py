@@ -5,10 +5,17 @@ The same weights load three ways: :meth:`Encoder.load` here, ``sentence_transfor
 :meth:`Encoder.save` writes the plain Hugging Face files plus sentence-transformers' module files
 (Transformer -> mean Pooling -> Normalize, as all-MiniLM-L6-v2 ships).
 
-An asymmetric model (a job with ``encoder.query_tower=frozen``) is the document tower in that
-layout plus its query tower, in the same layout, in the subfolder ``query_encoder/``:
-:meth:`Encoder.load` gives the document tower, :meth:`Encoder.load_query` the query tower (the
-folder itself when there is no subfolder, so every caller that encodes queries uses it).
+An asymmetric model (a job with ``encoder.query_tower=frozen``) is saved as sentence-transformers
+writes a ``Router`` model: ``modules.json`` is Router -> mean Pooling -> Normalize,
+``router_config.json`` routes the ``query`` task to ``query_0_Transformer/`` and the ``document``
+task (the default) to ``document_0_Transformer/``, and each of those two subfolders is a complete
+model in the layout above. ``SentenceTransformer(path).encode_query`` then embeds with the query
+tower and ``encode_document`` (and plain ``encode``) with the document tower;
+``AutoModel.from_pretrained(path, subfolder="document_0_Transformer")`` loads one tower (the root
+holds no ``config.json``). :meth:`Encoder.load` gives the document tower, :meth:`Encoder.load_query`
+the query tower (the model itself when it has no query tower, so every caller that encodes
+queries uses it). Models saved before the Router layout (the document tower at the root, the
+query tower in ``query_encoder/``) still load.
 """
 
 from __future__ import annotations
@@ -26,16 +33,50 @@ from transformers import AutoModel, AutoTokenizer
 
 from whetstone.config.base import StorageConfig
 
-QUERY_TOWER = "query_encoder"  # subfolder of an asymmetric model that holds its query tower
+# Subfolders of an asymmetric (Router) model, named as sentence-transformers' Router.save names them.
+TOWER_FOLDERS = {"query": "query_0_Transformer", "document": "document_0_Transformer"}
+QUERY_TOWER = TOWER_FOLDERS["query"]
+LEGACY_QUERY_TOWER = "query_encoder"  # the query tower's subfolder in models saved before the Router layout
+ROUTER_CONFIG = "router_config.json"
+# Module classes as sentence-transformers 5 and 6 both import them.
+_ST_TYPES = {name: f"sentence_transformers.models.{name}" for name in ("Router", "Transformer", "Pooling", "Normalize")}
 
 
 def write_sentence_transformers_files(folder: str | Path, dim: int, max_seq_length: int) -> None:
     """Write the module files that make ``folder`` a sentence-transformers model (mean pooling)."""
     folder = Path(folder)
+    _write_pooling_files(folder, dim, first=_ST_TYPES["Transformer"])
+    (folder / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False}, indent=2)
+    )
+    (folder / "config_sentence_transformers.json").write_text(
+        json.dumps({"similarity_fn_name": "cosine", "prompts": {}, "default_prompt_name": None}, indent=2)
+    )
+
+
+def write_router_files(folder: str | Path, dim: int) -> None:
+    """Write the module files of an asymmetric sentence-transformers model: a ``Router`` whose
+    ``query`` and ``document`` routes are the transformers in :data:`TOWER_FOLDERS`, then mean
+    pooling and normalisation (what ``SentenceTransformer.save`` writes for such a model)."""
+    folder = Path(folder)
+    _write_pooling_files(folder, dim, first=_ST_TYPES["Router"])
+    router = {
+        "types": {TOWER_FOLDERS[route]: _ST_TYPES["Transformer"] for route in ("query", "document")},
+        "structure": {route: [TOWER_FOLDERS[route]] for route in ("query", "document")},
+        "parameters": {"default_route": "document", "allow_empty_key": True, "route_mappings": {}},
+    }
+    (folder / ROUTER_CONFIG).write_text(json.dumps(router, indent=2))
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(
+        {"similarity_fn_name": "cosine", "prompts": {"query": "", "document": ""}, "default_prompt_name": None},
+        indent=2))
+
+
+def _write_pooling_files(folder: Path, dim: int, first: str) -> None:
+    """``modules.json`` (``first`` -> mean Pooling -> Normalize) and the pooling module's files."""
     modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+        {"idx": 0, "name": "0", "path": "", "type": first},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": _ST_TYPES["Pooling"]},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": _ST_TYPES["Normalize"]},
     ]
     (folder / "modules.json").write_text(json.dumps(modules, indent=2))
     (folder / "1_Pooling").mkdir(exist_ok=True)
@@ -48,12 +89,27 @@ def write_sentence_transformers_files(folder: str | Path, dim: int, max_seq_leng
         "pooling_mode_mean_sqrt_len_tokens": False,
     }
     (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
-    (folder / "sentence_bert_config.json").write_text(
-        json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False}, indent=2)
-    )
-    (folder / "config_sentence_transformers.json").write_text(
-        json.dumps({"similarity_fn_name": "cosine", "prompts": {}, "default_prompt_name": None}, indent=2)
-    )
+
+
+def tower_folder(folder: str | Path, route: str) -> Path | None:
+    """The local folder that holds one tower of a saved model: ``route`` ``"document"`` (the
+    model itself when it is symmetric) or ``"query"`` (None when the model has no query tower).
+
+    Reads the Router layout (``router_config.json``) and the older one (``query_encoder/``).
+    """
+    if route not in TOWER_FOLDERS:
+        raise ValueError(f"route must be one of {sorted(TOWER_FOLDERS)}, got {route!r}")
+    folder = Path(folder)
+    router = folder / ROUTER_CONFIG
+    if router.is_file():
+        structure = json.loads(router.read_text())["structure"]
+        if route not in structure:
+            raise ValueError(f"{folder}: the Router model has no {route!r} route (routes: {sorted(structure)})")
+        return folder / structure[route][0]
+    if route == "document":
+        return folder
+    legacy = folder / LEGACY_QUERY_TOWER
+    return legacy if (legacy / "config.json").is_file() else None
 
 
 def set_dropout(module: nn.Module, p: float) -> int:
@@ -118,10 +174,11 @@ class Encoder(nn.Module):
     def load(
         cls, path: str | Path, device: str | torch.device | None = None, storage: StorageConfig | None = None
     ) -> Encoder:
-        """Load from a local folder or a storage URI (``s3://...`` is downloaded to a temp dir)."""
+        """Load from a local folder or a storage URI (``s3://...`` is downloaded to a temp dir); an
+        asymmetric model gives its document tower."""
         from whetstone.models.assets import localize
 
-        path = localize(str(path), storage)
+        path = str(tower_folder(localize(str(path), storage), "document"))
         transformer = AutoModel.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         max_len = 256
@@ -137,11 +194,11 @@ class Encoder(nn.Module):
     def load_query_tower(
         cls, path: str | Path, device: str | torch.device | None = None, storage: StorageConfig | None = None
     ) -> Encoder | None:
-        """The ``query_encoder/`` tower of an asymmetric model; None for a symmetric one."""
+        """The query tower of an asymmetric model; None for a symmetric one."""
         from whetstone.models.assets import localize
 
-        tower = Path(localize(str(path), storage)) / QUERY_TOWER
-        return cls.load(tower, device=device) if (tower / "config.json").is_file() else None
+        tower = tower_folder(localize(str(path), storage), "query")
+        return cls.load(tower, device=device) if tower is not None else None
 
     @classmethod
     def load_query(
@@ -227,13 +284,24 @@ class Encoder(nn.Module):
         return out
 
     def save(self, path: str | Path, query_tower: Encoder | None = None) -> Path:
-        """Save so that Encoder.load, SentenceTransformer(path) and AutoModel.from_pretrained load it;
-        ``query_tower`` (an asymmetric model's) goes to ``path/query_encoder`` in the same layout."""
+        """Save so that Encoder.load, SentenceTransformer(path) and AutoModel.from_pretrained load it.
+
+        With ``query_tower`` (an asymmetric model's) the folder is a sentence-transformers Router
+        model: this encoder in ``document_0_Transformer/``, the query tower in
+        ``query_0_Transformer/`` (each a complete model in the symmetric layout), the Router's
+        files at the root (see the module docstring).
+        """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        if query_tower is not None:
+            if query_tower.dim != self.dim:
+                raise ValueError(f"the query tower's width {query_tower.dim} differs from the document "
+                                 f"tower's {self.dim}")
+            self.save(path / TOWER_FOLDERS["document"])
+            query_tower.save(path / TOWER_FOLDERS["query"])
+            write_router_files(path, self.dim)
+            return path
         self.transformer.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         write_sentence_transformers_files(path, self.dim, self.max_seq_length)
-        if query_tower is not None:
-            query_tower.save(path / QUERY_TOWER)
         return path

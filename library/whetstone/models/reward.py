@@ -1,20 +1,35 @@
 """Reward model: a text encoder with a scalar head, trained with the Bradley–Terry loss.
 
 The encoder reads prompt and response as one cross-encoded sequence
-``[CLS] prompt-tail [SEP] response-head [SEP]`` (token types 0 / 1), mean-pools the last hidden
-states of the response segment (the prompt is the same on both sides of a pair: its tokens shape
-the response's context instead of diluting the average; ``pooling="mean"`` averages every token)
-and maps them to one number. Long hh-rlhf dialogues are cut where it hurts least: the
-prompt keeps its END (the turn being answered), the response its START. all-MiniLM-L6-v2 (22M
-parameters) trains on CPU in minutes; any BERT-like ``AutoModel`` works.
+``[CLS] prompt-tail [SEP] response-head [SEP]`` (token types 0 / 1), pools its last hidden states
+and maps them to one number. Poolings: ``"response"`` (default) mean-pools the response segment
+(the prompt is the same on both sides of a pair: its tokens shape the response's context instead
+of diluting the average), ``"mean"`` averages every token, ``"last"`` takes the last token that
+is not padding (the decoder convention of transformers' ``*ForSequenceClassification``: GPT-2,
+Llama, Qwen2, ...). Long hh-rlhf dialogues are cut where it hurts least: the prompt keeps its END
+(the turn being answered), the response its START. all-MiniLM-L6-v2 (22M parameters) trains on
+CPU in minutes; any BERT-like ``AutoModel`` works (and, for ``"last"``, a decoder LM).
 
-Saved layout (a folder, local or ``s3://`` through :mod:`whetstone.storage`): the encoder's HF
-files, the tokenizer, ``reward_head.pt`` (the head's state dict) and ``reward_config.json``.
+Saved layout (a folder, local or ``s3://`` through :mod:`whetstone.storage`): a ``transformers``
+sequence-classification model with ``num_labels=1``, plus the tokenizer, so that
+``AutoModelForSequenceClassification.from_pretrained(path)`` gives the same scores:
+
+* ``pooling="last"``: the backbone's own class (``GPT2ForSequenceClassification``, ...) with the
+  head as its ``score`` layer (no bias) and ``config.pad_token_id`` set (the tokenizer pads with
+  it; a tokenizer without a pad token pads with EOS): plain ``from_pretrained(path)`` loads it;
+* ``"response"`` / ``"mean"``: no transformers class pools that way, so the folder carries
+  ``modeling_whetstone_reward.py`` (:mod:`whetstone.models.modeling_whetstone_reward`) and
+  ``config.json`` names it in ``auto_map``: ``from_pretrained(path, trust_remote_code=True)``.
+
+``config.json`` keeps Whetstone's settings (pooling, lengths) under ``whetstone_reward`` in both
+layouts. Folders saved before this layout (``reward_head.pt`` + ``reward_config.json``) still load.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,24 +39,29 @@ import torch
 from torch import nn
 
 from whetstone.config.base import StorageConfig
-from whetstone.models.encoder import mean_pool
+from whetstone.models import modeling_whetstone_reward as hf_reward
 
-HEAD_FILE = "reward_head.pt"
+HEAD_FILE = "reward_head.pt"  # the layout before the transformers one
 CONFIG_FILE = "reward_config.json"
-POOLINGS = ("mean", "response")
+POOLINGS = ("mean", "response", "last")
+SETTINGS_KEY = "whetstone_reward"  # config.json: Whetstone's settings of a model in a native layout
+MODELING_FILE = "modeling_whetstone_reward.py"
+AUTO_MAP = {"AutoConfig": "modeling_whetstone_reward.WhetstoneRewardConfig",
+            "AutoModelForSequenceClassification": "modeling_whetstone_reward.WhetstoneRewardModel"}
 
 
 class RewardModel(nn.Module):
-    """Encoder + mean pooling + linear head: (prompt, response) -> scalar reward.
+    """Encoder + pooling + linear head: (prompt, response) -> scalar reward.
 
     Args:
-        transformer: a transformers encoder (``AutoModel``) with ``config.hidden_size`` H.
-        tokenizer: its tokenizer.
+        transformer: a transformers backbone (``AutoModel``) with ``config.hidden_size`` H.
+        tokenizer: its tokenizer (``pooling="last"`` gives one without a pad token EOS as pad).
         max_length: tokens per (prompt, response) sequence, special tokens included.
         max_prompt_length: prompt tokens kept when the response needs the room.
         pooling: ``"response"``: the mean over the response segment only (measured on hh-rlhf with
             MiniLM: 0.646 / 0.662 / 0.653 test accuracy per epoch against 0.620 / 0.610 / 0.627 for
-            ``"mean"`` over every token), or ``"mean"`` (what models saved without the setting used).
+            ``"mean"`` over every token), ``"mean"``, or ``"last"``: the last non-pad token, as
+            decoder ``*ForSequenceClassification`` models score (its head has no bias, as theirs).
     """
 
     def __init__(self, transformer: nn.Module, tokenizer, max_length: int = 256, max_prompt_length: int = 160,
@@ -56,10 +76,17 @@ class RewardModel(nn.Module):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
-        self.head = nn.Linear(transformer.config.hidden_size, 1)
+        if pooling == "last":
+            _native_classifier(transformer)  # fails early for a backbone without a last-token classifier
+            if tokenizer.pad_token_id is None:
+                if tokenizer.eos_token is None:
+                    raise ValueError("pooling='last': the tokenizer has neither a pad nor an EOS token")
+                tokenizer.pad_token = tokenizer.eos_token  # as TRL's RewardTrainer pads
+        self.head = nn.Linear(transformer.config.hidden_size, 1, bias=pooling != "last")
         # Start near zero so the untrained scores carry no preference of their own.
         nn.init.normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        if self.head.bias is not None:
+            nn.init.zeros_(self.head.bias)
         for name, param in transformer.named_parameters():
             if name.startswith("pooler."):
                 param.requires_grad_(False)  # mean pooling never uses BERT's pooler; DDP must not wait for it
@@ -78,54 +105,28 @@ class RewardModel(nn.Module):
     def device(self) -> torch.device:
         return self.head.weight.device
 
-    def _special(self) -> tuple[list[int], list[int]]:
-        tok = self.tokenizer
-        start = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
-        sep = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
-        return ([start] if start is not None else []), ([sep] if sep is not None else [])
-
     def tokenize(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Cross-encode pairs, right-padded.
+        """Cross-encode pairs, right-padded (:func:`~whetstone.models.modeling_whetstone_reward
+        .build_pair_inputs`, which the saved model's ``tokenize_pairs`` runs too).
 
         Returns:
             ``input_ids``, ``attention_mask``, ``token_type_ids``, each (N, L) int64.
         """
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        start, sep = self._special()
-        budget = self.max_length - len(start) - 2 * len(sep)
-        prompt_ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-        response_ids = self.tokenizer(list(responses), add_special_tokens=False)["input_ids"]
-        rows, types = [], []
-        for prompt, response in zip(prompt_ids, response_ids, strict=True):
-            response = response[: budget - min(len(prompt), self.max_prompt_length)]
-            prompt = prompt[len(prompt) - min(len(prompt), budget - len(response)):]  # the tail
-            first = start + prompt + sep
-            rows.append(first + response + sep)
-            types.append([0] * len(first) + [1] * (len(response) + len(sep)))
-        length = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id or 0
-        input_ids = torch.full((len(rows), length), pad, dtype=torch.long)  # (N, L)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)  # (N, L)
-        token_type_ids = torch.zeros((len(rows), length), dtype=torch.long)  # (N, L)
-        for i, (row, kind) in enumerate(zip(rows, types, strict=True)):
-            input_ids[i, : len(row)] = torch.tensor(row)
-            attention_mask[i, : len(row)] = 1
-            token_type_ids[i, : len(row)] = torch.tensor(kind)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        return hf_reward.build_pair_inputs(self.tokenizer, prompts, responses, self.max_length,
+                                           self.max_prompt_length)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Scores of tokenised pairs: (N, L) ids -> (N,) float rewards."""
-        kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None and \
-            getattr(self.transformer.config, "type_vocab_size", 0) > 1 else {}
+        kwargs = hf_reward.encoder_kwargs(self.transformer.config, token_type_ids)
         hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-        mask = attention_mask
-        if self.pooling == "response":
-            if token_type_ids is None:
-                raise ValueError("pooling='response' needs token_type_ids (from tokenize()) to find the response")
-            mask = attention_mask * (token_type_ids == 1)  # (N, L): the response and its closing separator
-        pooled = mean_pool(hidden, mask)  # (N, H)
+        if self.pooling == "last":
+            # transformers' rule: the rightmost token that is not the pad token (left or right padding)
+            positions = torch.arange(input_ids.shape[-1], device=hidden.device, dtype=torch.int32)
+            last = (positions * (input_ids != self.tokenizer.pad_token_id).to(hidden.device, torch.int32)).argmax(-1)
+            pooled = hidden[torch.arange(len(hidden), device=hidden.device), last]  # (N, H)
+        else:
+            pooled = hf_reward.pool_hidden(hidden, attention_mask, token_type_ids, self.pooling)  # (N, H)
         return self.head(pooled).squeeze(-1)  # (N,)
 
     def score_pairs(self, prompts: Sequence[str], chosen: Sequence[str],
@@ -149,31 +150,100 @@ class RewardModel(nn.Module):
         self.train(was_training)
         return out
 
+    def settings(self) -> dict:
+        return {"pooling": self.pooling, "max_length": self.max_length, "max_prompt_length": self.max_prompt_length}
+
+    def to_transformers(self) -> nn.Module:
+        """This model as a transformers sequence-classification model that shares its weights:
+        the backbone's own ``*ForSequenceClassification`` for ``pooling="last"``, else a
+        :class:`~whetstone.models.modeling_whetstone_reward.WhetstoneRewardModel`."""
+        if self.pooling == "last":
+            model = _native_classifier(self.transformer)
+            model.config.pad_token_id = self.tokenizer.pad_token_id
+            setattr(model.config, SETTINGS_KEY, self.settings())
+            setattr(model, model.base_model_prefix, self.transformer)
+        else:
+            encoder = {k: v for k, v in self.transformer.config.to_dict().items() if k != "_name_or_path"}
+            config = hf_reward.WhetstoneRewardConfig(encoder=encoder, auto_map=AUTO_MAP,
+                                                     pad_token_id=self.tokenizer.pad_token_id,
+                                                     **{SETTINGS_KEY: self.settings()})
+            with torch.device("meta"):  # no weights allocated: the real modules go in below
+                model = hf_reward.WhetstoneRewardModel(config)
+            model.encoder = self.transformer
+        model.score = self.head
+        return model
+
     def save(self, path: str | Path) -> Path:
         """Write the folder layout described in the module docstring (local path)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.transformer.save_pretrained(path)
+        self.to_transformers().save_pretrained(path)
         self.tokenizer.save_pretrained(path)
-        torch.save(self.head.state_dict(), path / HEAD_FILE)
-        (path / CONFIG_FILE).write_text(json.dumps({"max_length": self.max_length,
-                                                    "max_prompt_length": self.max_prompt_length,
-                                                    "pooling": self.pooling}))
+        if self.pooling != "last":
+            shutil.copyfile(hf_reward.__file__, path / MODELING_FILE)
         return path
 
     @classmethod
     def load(cls, path: str | Path, storage: StorageConfig | None = None, device: str = "cpu") -> RewardModel:
-        """Load a saved reward model (local folder or storage URI)."""
-        from transformers import AutoModel, AutoTokenizer
+        """Load a saved reward model (local folder or storage URI), either layout."""
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         folder = Path(_local_folder(path, storage))
-        if not (folder / HEAD_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"{path} is not a saved reward model ({HEAD_FILE} or {CONFIG_FILE} missing)")
-        settings = json.loads((folder / CONFIG_FILE).read_text())
-        model = cls(AutoModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder),
-                    settings["max_length"], settings["max_prompt_length"], settings.get("pooling", "mean"))
-        model.head.load_state_dict(torch.load(folder / HEAD_FILE, map_location="cpu", weights_only=True))
+        if (folder / HEAD_FILE).is_file() and (folder / CONFIG_FILE).is_file():
+            return _load_head_layout(cls, folder).to(device)
+        config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+        if config.get("model_type") == hf_reward.WhetstoneRewardConfig.model_type:
+            # Whetstone's own copy of the classes: the folder's code is never run here.
+            classifier = hf_reward.WhetstoneRewardModel.from_pretrained(folder)
+            backbone = classifier.encoder
+        elif SETTINGS_KEY in config:
+            classifier = AutoModelForSequenceClassification.from_pretrained(folder)
+            backbone = getattr(classifier, classifier.base_model_prefix)
+        else:
+            raise FileNotFoundError(f"{path} is not a saved reward model (no {SETTINGS_KEY} settings or "
+                                    f"{hf_reward.WhetstoneRewardConfig.model_type} config in config.json)")
+        settings, tokenizer = config[SETTINGS_KEY], AutoTokenizer.from_pretrained(folder)
+        model = cls(backbone, tokenizer, settings["max_length"], settings["max_prompt_length"], settings["pooling"])
+        model.head = classifier.score
         return model.to(device)
+
+
+def _native_classifier(transformer: nn.Module) -> nn.Module:
+    """The backbone's own ``AutoModelForSequenceClassification`` (num_labels=1), built on the meta
+    device: checked to be a backbone plus a bias-free ``score`` layer (the decoder classifiers,
+    which score the last non-pad token) and nothing else.
+
+    Raises:
+        ValueError: the backbone has no such class (an encoder such as BERT pools differently).
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(transformer.config)
+    config.num_labels = 1
+    hint = (f"pooling='last' needs a backbone whose AutoModelForSequenceClassification scores the last token "
+            f"with a `score` layer (decoder LMs: GPT-2, Llama, Qwen2, ...); {type(transformer).__name__}")
+    try:
+        with torch.device("meta"):
+            model = AutoModelForSequenceClassification.from_config(config)
+    except ValueError as err:
+        raise ValueError(f"{hint} has no sequence-classification class ({err})") from None
+    score = getattr(model, "score", None)
+    children = {name for name, _ in model.named_children()}
+    if not (isinstance(score, nn.Linear) and score.bias is None and children == {"score", model.base_model_prefix}):
+        raise ValueError(f"{hint}'s is {type(model).__name__} with parts {sorted(children)}")
+    return model
+
+
+def _load_head_layout(cls: type[RewardModel], folder: Path) -> RewardModel:
+    """A folder saved before the transformers layout: the encoder's files, ``reward_head.pt`` and
+    ``reward_config.json``."""
+    from transformers import AutoModel, AutoTokenizer
+
+    settings = json.loads((folder / CONFIG_FILE).read_text())
+    model = cls(AutoModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder),
+                settings["max_length"], settings["max_prompt_length"], settings.get("pooling", "mean"))
+    model.head.load_state_dict(torch.load(folder / HEAD_FILE, map_location="cpu", weights_only=True))
+    return model
 
 
 def _local_folder(path: str | Path, storage: StorageConfig | None) -> str:

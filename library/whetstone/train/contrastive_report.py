@@ -9,6 +9,7 @@ from typing import Any
 from whetstone import storage as store
 from whetstone.config.contrastive import ContrastiveJobConfig
 from whetstone.train.contrastive_run import ContrastiveRun, Embedded, FinalModel
+from whetstone.train.model_cards import contrastive_card
 from whetstone.train.plan import ContrastiveRunPlan
 
 
@@ -16,6 +17,8 @@ def write_report(run: ContrastiveRun, plan: ContrastiveRunPlan, base: Embedded, 
                  train_metrics: dict[str, Any], mined: Any = None) -> dict:
     """Build the report, plot the run, write both under the run folder and print the summary
     (its last line is the report's path). Returns the report."""
+    from whetstone.models.encoder import QUERY_TOWER  # an asymmetric model's query tower subfolder
+
     config = run.config
     report = {
         "run_uri": config.run_uri,
@@ -31,7 +34,7 @@ def write_report(run: ContrastiveRun, plan: ContrastiveRunPlan, base: Embedded, 
         "positives": config.loss.positives,
         "precision": config.encoder.precision,
         "query_tower": config.encoder.query_tower,
-        "query_model_uri": (store.join(final.embedded.model_uri, "query_encoder")
+        "query_model_uri": (store.join(final.embedded.model_uri, QUERY_TOWER)
                             if config.encoder.query_tower == "frozen" else final.embedded.model_uri),
         "topic_clusters": config.optim.topic_clusters,
         "tasks": _task_report(run.task_data, plan.task_shares, train_metrics),
@@ -51,15 +54,31 @@ def write_report(run: ContrastiveRun, plan: ContrastiveRunPlan, base: Embedded, 
         "refreshes": final.refreshes,
         "refresh_errors": final.refresh_errors,
         "history_uri": plan.history_uri,
+        "tensorboard_uri": run.tracking.tensorboard_uri,
+        "mlflow_run_id": run.tracking.mlflow_run_id,
         "timings_s": {**run.timer.marks, "total_s": round(time.monotonic() - run.timer.started, 2)},
         "peak_memory_gib": round(run.memory.stop() / 1024**3, 2),
         "peak_memory_top_processes_gib": run.memory.peak_breakdown,
     }
     report["plot_uri"] = _plot_run(config, plan, base.metrics, final.embedded.metrics, final.refreshes)
+    report["model_card_uri"] = contrastive_card(run, plan, base, final, train_metrics)  # README.md of the model
     report_uri = store.join(config.run_uri, "report.json")
     store.write_bytes(report_uri, json.dumps(report, indent=2).encode(), config.storage)
+    _track(run, plan, report, final)
     _print_summary(report, report_uri)
     return report
+
+
+def _track(run: ContrastiveRun, plan: ContrastiveRunPlan, report: dict, final: FinalModel) -> None:
+    """nDCG@10 and Recall@100 at each refresh and of the final model into TensorBoard's ``eval`` run
+    (the base model's went in at step 0) and MLflow; the report's figures to MLflow; the end of the run."""
+    for refresh in final.refreshes:
+        run.tracking.log_eval({k: v for k, v in refresh.items() if k.endswith("_at_index_length")}, refresh["step"])
+    run.tracking.log_eval(final.embedded.metrics, plan.total_steps)
+    run.tracking.log_report({key: report[key] for key in (
+        "before", "after", "final_loss", "negatives_served_all_workers", "fallback_steps_rank0", "data_wait_fraction",
+        "worker_restarts", "timings_s", "peak_memory_gib")}, plan.total_steps)
+    run.tracking.finish()
 
 
 def _negatives_report(train_metrics: dict[str, Any], world: int, bound: int | None) -> dict[str, Any]:
@@ -148,5 +167,7 @@ def _print_summary(report: dict, report_uri: str) -> None:
         lines.append(f"query tower (frozen; embed queries with it): {report['query_model_uri']}")
     if report.get("plot_uri"):
         lines.append(f"plot: {report['plot_uri']}")
+    if report.get("tensorboard_uri"):
+        lines.append(f"tensorboard: tensorboard --logdir {report['tensorboard_uri']}")
     lines.append(f"report: {report_uri}")
     print("\n".join(lines), flush=True)

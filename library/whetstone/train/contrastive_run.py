@@ -32,6 +32,8 @@ import numpy as np
 from whetstone import storage as store
 from whetstone.config.base import ConfigError, dump_config
 from whetstone.config.contrastive import ContrastiveJobConfig
+from whetstone.config.extras import check_extras
+from whetstone.data.store import require_store
 from whetstone.models.assets import resolve_model_path
 from whetstone.train.checkpoint import TrainerState, find_resume_checkpoint
 from whetstone.train.memory import MemorySampler
@@ -44,6 +46,7 @@ from whetstone.train.runtime import (
     train_run_config,
     worker_job_config,
 )
+from whetstone.train.tracking import RunTracking, start_tracking
 
 
 @dataclass
@@ -60,6 +63,7 @@ class ContrastiveRun:
     eval_split: Any = None
     docs: Any = None  # the DocLookup (document texts in partition actors), once started
     docs_name: str | None = None
+    tracking: RunTracking = field(default_factory=lambda: RunTracking(None))  # TensorBoard, MLflow
 
     @property
     def index_uri(self) -> str:
@@ -103,7 +107,10 @@ def start_run(config: ContrastiveJobConfig) -> ContrastiveRun:
     tasks' data (bad task data fails the run before the slow parts) and find the resume point."""
     memory = MemorySampler(include_ray=bool(os.environ.get("RAY_ADDRESS"))).start()
     timer = Timer()
+    check_extras(config)  # a missing extra fails here, naming the field, not on a worker
+    given_store = config.store_uri
     config = absolute_local_paths(config)
+    require_store(given_store, config.store_uri, config.storage)
     print(f"[run] resolved config:\n{dump_config(config)}", flush=True)
     init_ray(config.ray_num_cpus, config.ray_object_store_mb)
     prepare_run_dir(config)
@@ -118,6 +125,8 @@ def start_run(config: ContrastiveJobConfig) -> ContrastiveRun:
         from whetstone.data.stream import load_eval_split
 
         run.eval_split = load_eval_split(config.store_uri, config.eval.split, config.storage)
+    # last: the MLflow run starts once nothing above can refuse the config (the job ends it, FAILED on an error)
+    run.tracking = start_tracking(config, "train_contrastive", resume=config.if_exists == "resume")
     return run
 
 
@@ -159,15 +168,16 @@ def embed_and_evaluate(run: ContrastiveRun, model_uri: str, name: str = "base",
     index version is built from them)."""
     from whetstone.eval.retrieval import evaluate_encoder
     from whetstone.models.encoder import Encoder
-    from whetstone.train.refresh import CorpusVectors, embedded_batches
+    from whetstone.train.refresh import CorpusVectors, embed_progress, embedded_batches
 
     config, t = run.config, time.monotonic()
+    progress = embed_progress(f"corpus, {name} model", config.store_uri, config.storage, config.progress_every_s)
     corpus = CorpusVectors(embedded_batches(config.store_uri, model_uri, config.storage,
                                             concurrency=config.index.initial_embed_concurrency,
                                             batch_size=config.refresh.embed_batch_size,
                                             max_length=config.eval.doc_max_length, num_gpus=config.embed_gpus,
                                             gpu_dtype=config.refresh.gpu_dtype), vectors_uri, config.storage,
-                            num_shards=config.index.num_shards)
+                            num_shards=config.index.num_shards, progress=progress)
     metrics: dict[str, float] = {}
     split = run.eval_split
     if split is None:
@@ -176,9 +186,7 @@ def embed_and_evaluate(run: ContrastiveRun, model_uri: str, name: str = "base",
         encoder = Encoder.load_query(model_uri, storage=config.storage)  # the query tower, if the model has one
         metrics = evaluate_encoder(encoder, split.queries, split.qrels, corpus, None,
                                    config.encoder.query_max_length, dims=config.loss.matryoshka_dims or ())
-    stored = f" into {vectors_uri}" if vectors_uri else ""
-    print(f"[index] embedded {corpus.rows} documents with the {name} model{stored} in "
-          f"{run.timer.mark(f'embed_{name}_s', t)} s", flush=True)
+    run.timer.mark(f"embed_{name}_s", t)  # the progress line's closing line said how long it took
     if split is not None:
         print(f"[eval] {name}: nDCG@10 {metrics['ndcg@10']:.4f} Recall@100 {metrics['recall@100']:.4f}", flush=True)
     return Embedded(model_uri, vectors_uri, corpus.rows, metrics)
@@ -201,6 +209,7 @@ def embed_base(run: ContrastiveRun) -> Embedded:
                   f"{saved['metrics'].get('ndcg@10', float('nan')):.4f}; the corpus is not embedded again", flush=True)
             return Embedded(run.base_model, None, saved["count"], saved["metrics"])
     base = embed_and_evaluate(run, run.base_model, "base", first_vectors_uri(run))
+    run.tracking.log_eval(base.metrics, step=0)
     store.write_bytes(uri, json.dumps({"key": key, "count": base.count, "metrics": base.metrics}).encode(),
                       config.storage)
     return base
@@ -251,7 +260,7 @@ def start_refresher(run: ContrastiveRun) -> Refresher:
                 "index": index_build_settings(config), "keep_versions": config.index.keep_versions,
                 "index_max_length": config.refresh.doc_max_length or config.eval.doc_max_length,
                 "eval_split": config.eval.split, "query_max_length": config.encoder.query_max_length,
-                "resumed": run.resume is not None}
+                "resumed": run.resume is not None, "progress_every_s": config.progress_every_s}
     actor = IndexRefresher.options(name=name, num_cpus=config.refresh.coordinator_cpus).remote(config.store_uri, run.index_uri,
                                                      config.storage.resolved().to_wire(), settings)
     return Refresher(name, actor)
@@ -289,7 +298,8 @@ def plan_run(run: ContrastiveRun, first_version: int, refresher: Refresher | Non
         base_model=run.base_model, train_rows=pairs, epoch_ends=epoch_ends, task_shares=task_shares,
         task_labels={name: data.labels for name, data in run.task_data.items() if data.labels},
         refresher=refresher.name if refresher else None, first_version=first_version,
-        doc_lookup=run.docs_name, doc_partition_sizes=run.docs.sizes if run.docs is not None else [])
+        doc_lookup=run.docs_name, doc_partition_sizes=run.docs.sizes if run.docs is not None else [],
+        **run.tracking.plan_fields())
     print(f"[train] {pairs} pairs, {world} workers x batch {batch}: {steps_per_epoch} steps/epoch, "
           f"{plan.total_steps} steps", flush=True)
     if run.resume:

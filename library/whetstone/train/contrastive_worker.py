@@ -35,6 +35,7 @@ from whetstone.train.contrastive import (
 from whetstone.train.plan import ContrastiveRunPlan
 from whetstone.train.progress import StepLog
 from whetstone.train.schedule import optimiser_step, warmup_decay_schedule
+from whetstone.train.tracking import metric_writer
 
 
 @dataclass
@@ -71,7 +72,7 @@ class WorkerRun:
         return self.scheduler.get_last_lr()[0]
 
     def save_model(self, folder: str) -> None:
-        """sentence-transformers layout; a frozen query tower goes to ``query_encoder/``."""
+        """sentence-transformers layout; with a frozen query tower, a Router model of both towers."""
         self.encoder.save(folder, query_tower=self.query_tower)
 
 
@@ -167,6 +168,7 @@ def setup_worker(config: ContrastiveJobConfig, plan: ContrastiveRunPlan) -> Work
             scheduler.step()
     log = StepLog(rank, plan.total_steps, config.optim.log_every, config.optim.batch_size * world)
     log.worker_nodes = _worker_nodes(world)
+    log.writer = metric_writer(rank, plan, config.tracking, config.storage)  # rank 0: TensorBoard, MLflow
     if restarts:  # the history and totals of the steps before the restart
         log.restore(start.step, plan.history_uri, config.storage)
         log.totals["worker_restarts"] = restarts

@@ -174,6 +174,13 @@ class PartialRefreshPolicy:
     def done(self, plan: RefreshPlan, step: int) -> None:
         self.age.refreshed(plan, step)
 
+    def expected_documents(self, plan: RefreshPlan) -> int:
+        """About how many documents ``plan`` re-embeds (its slice plus the served ids; a served id in
+        the slice counts twice), for the refresh's progress line and ETA."""
+        if plan.full:
+            return sum(self.age.slice_docs)
+        return self.age.slice_docs[plan.slice] + len(plan.served)
+
     def abandon(self, plan: RefreshPlan) -> None:
         """A refresh that failed: its slice comes next again, its served ids go back in the queue."""
         if plan.number == self.refreshes:

@@ -25,6 +25,9 @@ class RunPlan(BaseModel):
     history_uri: str = Field(description="where rank 0 writes the per-step metrics (the driver plots them)")
     resume_checkpoint: str | None = Field(None, description="checkpoint a new attempt starts from (if_exists=resume)")
     resume_step: int = Field(0, ge=0, description="steps already trained by the checkpoint resumed from")
+    tensorboard_uri: str | None = Field(None, description="<run>/tensorboard: rank 0 writes train/ there (None: off)")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI rank 0 sends its metrics to")
+    mlflow_run_id: str | None = Field(None, description="the run's MLflow run (created by the driver)")
 
 
 class ContrastiveRunPlan(RunPlan):

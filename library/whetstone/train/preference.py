@@ -40,7 +40,9 @@ def load_policy(policy: PolicyConfig, storage: StorageConfig | None, lora: LoRAC
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = policy.path
+    from whetstone.models.assets import resolve_model_path
+
+    path = resolve_model_path(policy.path)
     if "://" in path:
         path = str(store.download_dir(path, tempfile.mkdtemp(prefix="whetstone-policy-"), storage))
     gguf = {"gguf_file": policy.gguf_file} if policy.gguf_file else {}
@@ -231,6 +233,7 @@ class PreferenceStepLog:
         self.started = self.last = time.monotonic()
         self.history: list[dict[str, Any]] = []
         self.resumed_steps = 0  # history entries an earlier attempt logged (see resume_history)
+        self.writer = None  # rank 0: TensorBoard / MLflow (whetstone.train.tracking.metric_writer)
 
     def resume_history(self, checkpoint: str, step: int, storage: StorageConfig | None) -> None:
         """Rank 0 takes the history of steps 1..``step`` from the checkpoint resumed from (nothing
@@ -248,6 +251,8 @@ class PreferenceStepLog:
         """Put the history so far into a checkpoint folder (rank 0 writes checkpoints)."""
         with open(os.path.join(folder, HISTORY_FILE), "w") as fh:
             json.dump(self.history, fh)
+        if self.writer is not None:  # the event files of an s3:// run go up with each checkpoint
+            self.writer.sync()
 
     def step(self, step: int, epoch: int, lr: float, values: dict[str, float]) -> dict[str, Any]:
         now = time.monotonic()
@@ -256,6 +261,8 @@ class PreferenceStepLog:
                    "pairs_per_s": self.global_batch / max(step_s, 1e-9), **mean_over_workers(values)}
         if self.rank == 0:
             self.history.append(metrics)
+            if self.writer is not None:
+                self.writer.add(metrics)
             if step % self.log_every == 0 or step == self.total_steps:
                 print(f"[train] step {step}/{self.total_steps} epoch {epoch} loss {metrics['loss']:.4f} "
                       f"acc {metrics['reward_accuracy']:.2f} margin {metrics['margin']:+.4f} "
@@ -267,6 +274,8 @@ class PreferenceStepLog:
         """Rank 0 writes the per-step history (the driver plots it)."""
         if self.rank != 0:
             return
+        if self.writer is not None:
+            self.writer.close()
         trained = len(self.history) - self.resumed_steps
         print(f"[train] done: {trained} steps in {time.monotonic() - self.started:.1f} s", flush=True)
         store.write_bytes(history_uri, json.dumps(self.history).encode(), storage)

@@ -14,6 +14,7 @@ import torch
 
 from whetstone import storage as wstorage
 from whetstone.config.preference import PreferenceJobConfig
+from whetstone.console import ProgressLine
 from whetstone.data import schemas as S
 from whetstone.models.policy import preference_logps
 from whetstone.train.preference import load_policy, tokenize_pairs
@@ -51,7 +52,6 @@ def precompute_reference_logps(config: PreferenceJobConfig, selection: PairSelec
     Returns:
         A table ``pair_id``, ``reference_chosen_logps``, ``reference_rejected_logps`` (one row per pair).
     """
-    import ray
     import ray.data
 
     names = [selection.train_name] + ([selection.eval_name] if selection.eval_name else [])
@@ -63,9 +63,15 @@ def precompute_reference_logps(config: PreferenceJobConfig, selection: PairSelec
         batch_size=config.reference.batch_size, concurrency=config.reference.concurrency,
         num_cpus=config.reference.num_cpus,
     )
-    tables = [pa.table(t) if not isinstance(t, pa.Table) else t for t in ray.get(scored.to_arrow_refs())]
-    table = pa.concat_tables(tables).cast(REFERENCE_SCHEMA) if tables else REFERENCE_SCHEMA.empty_table()
     expected = len(set(selection.train_ids) | set(selection.eval_ids))
+    progress = ProgressLine("reference log-probs", "pairs", total=expected, every_s=config.progress_every_s,
+                            tag="[reference]")
+    tables = []
+    for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):  # streamed: a line as they come
+        tables.append(batch)
+        progress.add(batch.num_rows)
+    progress.done()
+    table = pa.concat_tables(tables).cast(REFERENCE_SCHEMA) if tables else REFERENCE_SCHEMA.empty_table()
     if table.num_rows != expected:
         raise RuntimeError(f"reference precompute returned {table.num_rows} rows for {expected} pairs")
     return table

@@ -18,7 +18,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,9 +26,12 @@ import pyarrow as pa
 
 from whetstone import storage as store
 from whetstone.config.base import ConfigError, dump_config
+from whetstone.config.extras import check_extras
 from whetstone.config.preference import PreferenceJobConfig
+from whetstone.data.store import require_store
 from whetstone.train.checkpoint import TrainerState, find_resume_checkpoint, worker_restarts
 from whetstone.train.memory import MemorySampler
+from whetstone.train.model_cards import preference_card
 from whetstone.train.plan import PreferenceRunPlan
 from whetstone.train.preference import PAIR_METRICS
 from whetstone.train.preference_data import PairSelection, leakage_guard, pairs_for_training, select_pairs
@@ -41,6 +44,7 @@ from whetstone.train.runtime import (
     train_run_config,
     worker_job_config,
 )
+from whetstone.train.tracking import RunTracking, start_tracking
 
 
 @dataclass
@@ -52,6 +56,7 @@ class DriverRun:
     timer: Timer
     memory: MemorySampler
     resume: tuple[str, TrainerState] | None = None
+    tracking: RunTracking = field(default_factory=lambda: RunTracking(None))  # TensorBoard, MLflow
 
 
 def absolute_local_paths(config: PreferenceJobConfig) -> PreferenceJobConfig:
@@ -76,7 +81,10 @@ def start_run(config: PreferenceJobConfig) -> DriverRun:
     complete ``step-N`` checkpoint (from the start when there is none)."""
     timer = Timer()
     memory = MemorySampler(include_ray=bool(os.environ.get("RAY_ADDRESS"))).start()
+    check_extras(config)  # a missing extra fails here, naming the field, not on a worker
+    given_store = config.store_uri
     config = absolute_local_paths(config)
+    require_store(given_store, config.store_uri, config.storage)
     print(f"[run] resolved config:\n{dump_config(config)}", flush=True)
     init_ray(config.ray_num_cpus, config.ray_object_store_mb)
     prepare_run_dir(config)
@@ -85,7 +93,8 @@ def start_run(config: PreferenceJobConfig) -> DriverRun:
         print(f"[run] resuming from {resume[0]} (step {resume[1].step})", flush=True)
     elif config.if_exists == "resume":
         print(f"[run] no complete checkpoint under {config.run_uri}: starting from step 0", flush=True)
-    return DriverRun(config, timer, memory, resume)
+    tracking = start_tracking(config, "train_preference", resume=config.if_exists == "resume")
+    return DriverRun(config, timer, memory, resume, tracking)
 
 
 def select_and_guard(run: DriverRun) -> tuple[PairSelection, dict]:
@@ -138,7 +147,8 @@ def plan_training(run: DriverRun, selection: PairSelection,
         checkpoint_root=store.join(config.run_uri, attempt),
         history_uri=store.join(config.run_uri, "history.json"),
         resume_checkpoint=resume_uri, resume_step=resume_step,
-        current_time_step=selection.time_plan.current_step, has_eval=bool(selection.eval_ids))
+        current_time_step=selection.time_plan.current_step, has_eval=bool(selection.eval_ids),
+        **run.tracking.plan_fields())
     datasets = {"train": pairs_for_training(config, selection, "train", reference, seed=config.optim.seed)}
     if selection.eval_ids:
         datasets["eval"] = pairs_for_training(config, selection, "eval", reference)
@@ -206,11 +216,18 @@ def finish_run(run: DriverRun, selection: PairSelection, leakage: dict, referenc
         "eval": {key: metrics[key] for key in metrics if key.startswith("eval_")},
         "pairs_per_s": float(np.median([m["pairs_per_s"] for m in history])),
         "history_uri": plan.history_uri, "plot_uri": plot_uri,
+        "tensorboard_uri": run.tracking.tensorboard_uri, "mlflow_run_id": run.tracking.mlflow_run_id,
         "timings_s": {**run.timer.marks, "total_s": round(time.monotonic() - run.timer.started, 2)},
         "peak_memory_gib": round(run.memory.stop() / 1024**3, 2),
     }
+    report["model_card_uri"] = preference_card(config, selection, plan, report)  # README.md of the model
     report_uri = store.join(config.run_uri, "report.json")
     store.write_bytes(report_uri, json.dumps(report, indent=2).encode(), config.storage)
+    run.tracking.log_eval(report["eval"], plan.total_steps)  # held-out accuracy and margin: TensorBoard's eval run
+    run.tracking.log_report({key: report[key] for key in (
+        "first_loss_mean", "last_loss_mean", "final_train", "eval", "pairs_per_s", "worker_restarts", "timings_s",
+        "peak_memory_gib")}, plan.total_steps)
+    run.tracking.finish()
     print_summary(report, report_uri)
     return report
 
@@ -235,5 +252,7 @@ def print_summary(report: dict, report_uri: str) -> None:
     lines.append(f"peak memory {report['peak_memory_gib']} GiB; total {report['timings_s']['total_s']} s")
     lines.append(f"model: {report['model_uri']}")
     lines.append(f"plot: {report['plot_uri']}")
+    if report.get("tensorboard_uri"):
+        lines.append(f"tensorboard: tensorboard --logdir {report['tensorboard_uri']}")
     lines.append(f"report: {report_uri}")
     print("\n".join(lines), flush=True)

@@ -49,6 +49,7 @@ from whetstone.train.preference import (
 )
 from whetstone.train.preference_data import TIME_STEP
 from whetstone.train.schedule import optimiser_step, warmup_decay_schedule
+from whetstone.train.tracking import metric_writer
 
 
 @dataclass(kw_only=True)
@@ -232,7 +233,9 @@ def setup_reward_run(config: PreferenceJobConfig, plan: PreferenceRunPlan) -> Re
 
 
 def _step_log(rank: int, world: int, config: PreferenceJobConfig, plan: PreferenceRunPlan) -> PreferenceStepLog:
-    return PreferenceStepLog(rank, plan.total_steps, config.optim.log_every, config.optim.batch_size * world)
+    log = PreferenceStepLog(rank, plan.total_steps, config.optim.log_every, config.optim.batch_size * world)
+    log.writer = metric_writer(rank, plan, config.tracking, config.storage)  # rank 0: TensorBoard, MLflow
+    return log
 
 
 def shuffle_args(config: PreferenceJobConfig, epoch: int, rank: int) -> dict:

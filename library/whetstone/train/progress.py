@@ -48,6 +48,7 @@ class StepLog:
         self.history: list[dict[str, float]] = []  # rank 0: the scalar metrics of every step
         self.multitask = False  # True: count steps per task (retrieval and the auxiliary ones)
         self.saved = 0  # history entries already in a part (save_part)
+        self.writer = None  # rank 0: TensorBoard / MLflow (whetstone.train.tracking.metric_writer)
 
     def start_wait(self) -> None:
         self.wait_started = time.monotonic()
@@ -73,6 +74,8 @@ class StepLog:
         if self.rank == 0:
             self.history.append({k: v for k, v in metrics.items()
                                  if isinstance(v, (int, float)) and not k.startswith("total_")})
+            if self.writer is not None:
+                self.writer.add(self.history[-1])
         metrics["worker_nodes"] = self.worker_nodes
 
     def step(self, step: int, epoch: int, loss: float, lr: float, out, hard) -> dict[str, Any]:
@@ -158,6 +161,8 @@ class StepLog:
         store.write_bytes(store.join(parts_uri(history_uri), f"upto-{step:09d}.json"), json.dumps(part).encode(),
                           storage)
         self.saved = len(self.history)
+        if self.writer is not None:  # the event files of an s3:// run go up with each checkpoint
+            self.writer.sync()
 
     def restore(self, step: int, history_uri: str, storage=None) -> None:
         """Rank 0 of a restarted worker group: the history and totals of steps 1..``step`` from the
@@ -181,6 +186,8 @@ class StepLog:
 
     def finish(self, history_uri: str | None = None, storage=None) -> None:
         """Rank 0 prints the closing line and writes the per-step history (the driver plots it)."""
+        if self.writer is not None:
+            self.writer.close()
         if self.rank == 0 and history_uri:
             import json
 

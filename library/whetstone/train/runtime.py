@@ -23,13 +23,35 @@ from whetstone.config.base import ConfigError, StorageConfig, load_config
 ConfigT = TypeVar("ConfigT")
 
 
-def parse_job_args(cls: type[ConfigT], argv: Sequence[str] | None, doc: str | None) -> ConfigT:
-    """``--config file.yaml key=value ...`` -> validated config; exits 2 naming the bad field."""
-    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
+def job_parser(cls: type, doc: str | None, prog: str | None = None) -> argparse.ArgumentParser:
+    """The parser every job uses: ``--config``, ``key=value`` overrides, ``--version``, and a
+    ``--help`` that lists every field of the job's config (dotted, with type, default and meaning)."""
+    from whetstone import version
+    from whetstone.config.base import describe_fields
+
+    fields = "\n".join(describe_fields(cls))
+    epilog = (f"{(doc or '').strip()}\n\nconfig fields (in the --config YAML, or as key=value overrides; dotted keys "
+              f"reach into sections, e.g. optim.lr=1e-5):\n\n{fields}")
+    parser = argparse.ArgumentParser(prog=prog or _main_module_prog(), description=(doc or "").split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog)
     parser.add_argument("--config", help="YAML config file")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-5")
-    args = parser.parse_args(argv)
+    parser.add_argument("--version", action="version", version=f"whetstone {version()}")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-5 (fields below)")
+    return parser
+
+
+def _main_module_prog() -> str | None:
+    """``python -m jobs.<job>`` when a job runs as ``-m`` (argparse would say ``<job>.py``); else None
+    (argparse's default: the command's name, e.g. ``whetstone train-contrastive``)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    name = getattr(spec, "name", "") or ""
+    return f"python -m {name}" if name.startswith("jobs.") else None
+
+
+def parse_job_args(cls: type[ConfigT], argv: Sequence[str] | None, doc: str | None) -> ConfigT:
+    """``--config file.yaml key=value ...`` -> validated config; exits 2 naming the bad field
+    (``--help`` and ``--version`` print and exit 0)."""
+    args = job_parser(cls, doc).parse_args(argv)
     try:
         return load_config(cls, args.config, args.overrides)
     except ConfigError as err:
@@ -68,6 +90,25 @@ def init_ray(num_cpus: int, object_store_mb: int) -> None:
 
 
 
+def dashboard_url() -> str | None:
+    """The Ray dashboard's URL (``http://host:8265``), or None without Ray or without a dashboard
+    (the jobs' own local Ray starts none). ``ray.init`` on a connected driver returns the running
+    session's context (Ray's supported way to read ``webui_url``) and starts nothing."""
+    if not ray.is_initialized():
+        return None
+    worker_log = logging.getLogger("ray._private.worker")
+    level = worker_log.level
+    worker_log.setLevel(logging.WARNING)  # "Calling ray.init() again after it has already been called."
+    try:
+        context = ray.init(ignore_reinit_error=True)
+    finally:
+        worker_log.setLevel(level)
+    url = os.environ.get("RAY_OVERRIDE_DASHBOARD_URL") or context.address_info.get("webui_url") or ""
+    if not url:
+        return None
+    return url if "://" in url else f"http://{url}"
+
+
 def quiet_state_api_warnings() -> None:
     """Worker setup hook of the local Ray, which runs without the dashboard (2 cores).
 
@@ -94,7 +135,10 @@ def train_run_config(name: str, storage_uri: str, storage: StorageConfig | None,
     return RunConfig(name=name, storage_path=root.path, storage_filesystem=root.filesystem,
                      failure_config=FailureConfig(max_failures=max_failures),
                      logging_config=LoggingConfig(log_level=log_level),
-                     worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
+                     # MLFLOW_*: rank 0 logs to the same MLflow server (credentials, file-store opt-in)
+                     worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                                                      **{k: v for k, v in os.environ.items()
+                                                         if k.startswith("MLFLOW_")}}})
 
 
 
