@@ -24,16 +24,19 @@ from whetstone.console import DEFAULT_EVERY_S, PROGRESS_EVERY_S_HELP
 class EvaluateJobConfig(StrictModel):
     model: str = Field("all-MiniLM-L6-v2", description="model folder, storage URI or alias")
     store_uri: str = Field(..., description="an ingested store (local path or s3://)")
-    split: str = "test"
+    split: str = Field("test", description="qrels split whose queries are evaluated")
     storage: StorageConfig = StorageConfig()
-    query_max_length: int = Field(64, ge=8, le=512)
-    doc_max_length: int = Field(256, ge=16, le=512)
-    batch_size: int = Field(32, ge=1)
-    embed_concurrency: int = Field(2, ge=1)
-    name: str = Field("eval", pattern=r"^[A-Za-z0-9_.-]+$")
-    output_uri: str | None = None
-    ray_num_cpus: int = Field(8, ge=1)
-    ray_object_store_mb: int = Field(512, ge=128)
+    query_max_length: int = Field(64, ge=8, le=512, description="tokens kept per query")
+    doc_max_length: int = Field(256, ge=16, le=512, description="tokens kept per document (title and text)")
+    batch_size: int = Field(32, ge=1, description="documents per encoder forward in each embedding actor")
+    embed_concurrency: int = Field(2, ge=1, description="embedding actors (Ray Data) over the corpus")
+    name: str = Field("eval", pattern=r"^[A-Za-z0-9_.-]+$", description="names the result: "
+                      "<store_uri>/eval/<name>.json")
+    output_uri: str | None = Field(None, description="where the JSON result is written; default "
+                                   "<store_uri>/eval/<name>.json")
+    ray_num_cpus: int = Field(8, ge=1, description="logical CPUs when this job starts its own local Ray")
+    ray_object_store_mb: int = Field(512, ge=128, description="object store memory (MiB) when this job "
+                                     "starts its own local Ray")
     progress_every_s: float = Field(DEFAULT_EVERY_S, ge=0, description=PROGRESS_EVERY_S_HELP)
 
 

@@ -38,16 +38,21 @@ from whetstone.console import DEFAULT_EVERY_S, PROGRESS_EVERY_S_HELP
 class IngestJobConfig(StrictModel):
     source: str = Field(..., description="local path, s3:// URI or builtin:<name> (a dataset shipped "
                         "in whetstone/datasets: scifact-subset, hh-rlhf-harmless-sample)")
-    format: Literal["beir", "corpus", "pairs", "preference", "hh-rlhf"] = "beir"
+    format: Literal["beir", "corpus", "pairs", "preference", "hh-rlhf"] = Field(
+        "beir", description="source layout: beir (a BEIR folder; replaces the store) or a record format "
+        "written as dataset_name: corpus, pairs, preference, hh-rlhf")
     store_uri: str = Field(..., description="destination store (local path or s3://)")
     dataset_name: str | None = Field(None, description="record formats: corpus, pairs/<split>, preference/<split>")
     storage: StorageConfig = StorageConfig()
-    rows_per_shard: int = Field(50_000, ge=1)
+    rows_per_shard: int = Field(50_000, ge=1, description="rows per Parquet shard written")
     splits: list[str] | None = Field(None, description="beir only: qrels splits (default all)")
-    engine: Literal["auto", "local", "ray"] = "auto"
+    engine: Literal["auto", "local", "ray"] = Field(
+        "auto", description="record formats: local stages the files in this process, ray in one Ray Data "
+        "task per file (same shards); auto: ray when several files total at least ray_min_mb")
     ray_min_mb: float = Field(32.0, gt=0, description="auto: source size from which Ray Data is used")
     ray_num_cpus: int = Field(8, ge=1, description="logical CPUs of a local Ray (ignored under a cluster)")
-    ray_object_store_mb: int = Field(512, ge=64)
+    ray_object_store_mb: int = Field(512, ge=64, description="object store memory (MiB) of the local Ray "
+                                     "started for the ray engine (ignored under a cluster)")
     progress_every_s: float = Field(DEFAULT_EVERY_S, ge=0, description=PROGRESS_EVERY_S_HELP)
 
     @model_validator(mode="after")

@@ -37,15 +37,19 @@ class RefreshIndexJobConfig(StrictModel):
     index: IndexBuildConfig | None = Field(
         None, description="kind, FAISS knobs and num_shards of the new version; None: the newest version's "
                           "(flat, one shard when there is none)")
-    doc_max_length: int = Field(256, ge=16, le=512)
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    batch_size: int = Field(32, ge=1)
-    embed_concurrency: int = Field(2, ge=1)
+    doc_max_length: int = Field(256, ge=16, le=512, description="tokens kept per document when the corpus is "
+                                "embedded")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="autocast dtype of the embedding on CPU (bfloat16: faster on CPUs with "
+        "AVX-512 BF16; vectors stay float32)")
+    batch_size: int = Field(32, ge=1, description="documents per encoder forward in each embedding actor")
+    embed_concurrency: int = Field(2, ge=1, description="embedding actors (Ray Data) over the corpus")
     swap: Literal["handle", "http", "none"] = Field("handle", description="how to tell the service")
     keep_versions: int | None = Field(10, ge=1, description=KEEP_VERSIONS_HELP)
     service_url: str | None = Field(None, description="e.g. http://127.0.0.1:8000/index (swap=http)")
-    ray_num_cpus: int = Field(8, ge=1)
-    ray_object_store_mb: int = Field(512, ge=128)
+    ray_num_cpus: int = Field(8, ge=1, description="logical CPUs when this job starts its own local Ray")
+    ray_object_store_mb: int = Field(512, ge=128, description="object store memory (MiB) when this job "
+                                     "starts its own local Ray")
     progress_every_s: float = Field(DEFAULT_EVERY_S, ge=0, description=PROGRESS_EVERY_S_HELP)
 
 

@@ -20,6 +20,18 @@ def _run(module: str, *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+def _fields(model, prefix: str = ""):
+    """(dotted key, field info) of every field of a config, its sections walked as ``--help`` walks them."""
+    from whetstone.config.base import _section_model
+
+    for name, info in model.model_fields.items():
+        section, suffix = _section_model(info.annotation)
+        if section:
+            yield from _fields(section, f"{prefix}{name}{suffix}.")
+        else:
+            yield f"{prefix}{name}", info
+
+
 def _help(job: str, capsys) -> str:
     module = importlib.import_module(f"jobs.{job}")
     with pytest.raises(SystemExit) as exit_:
@@ -39,14 +51,7 @@ def test_contrastive_help_lists_every_field_with_type_default_and_description(ca
     assert "\nnegatives.mining:\n" in text and "\noptim:\n" in text  # grouped by section
     assert "  multitask.tasks[].share  float required\n" in text  # list items' fields, required ones marked
 
-    def keys(model, prefix=""):
-        from whetstone.config.base import _section_model
-
-        for name, info in model.model_fields.items():
-            section, suffix = _section_model(info.annotation)
-            yield from keys(section, f"{prefix}{name}{suffix}.") if section else [f"{prefix}{name}"]
-
-    missing = [key for key in keys(ContrastiveJobConfig) if f"\n  {key}  " not in text]
+    missing = [key for key, _ in _fields(ContrastiveJobConfig) if f"\n  {key}  " not in text]
     assert missing == []
 
 
@@ -65,6 +70,22 @@ def test_every_job_lists_its_own_fields(job, config, capsys):
     text = _help(job, capsys)
     assert "\n".join(describe_fields(cls)) in text
     assert "\n  progress_every_s  float = 10.0\n" in text
+
+
+@pytest.mark.parametrize("job", sorted(path.stem for path in (REPO_ROOT / "jobs").glob("*.py")
+                                        if path.stem != "__init__"))
+def test_every_config_field_of_every_job_has_a_description(job):
+    """--help stays complete: a field added without ``description=`` shows only its type and default."""
+    from whetstone.config.base import StrictModel
+
+    module = importlib.import_module(f"jobs.{job}")
+    configs = {name: value for name, value in vars(module).items()
+               if isinstance(value, type) and issubclass(value, StrictModel)
+               and (name.endswith("JobConfig") or name == "QuickstartConfig")}
+    assert configs, f"jobs.{job} names no job config"
+    for name, config in configs.items():
+        undescribed = [key for key, info in _fields(config) if not (info.description or "").strip()]
+        assert undescribed == [], f"{name}: fields without a description: {undescribed}"
 
 
 def test_version_of_a_job_and_of_the_whetstone_command():

@@ -52,11 +52,16 @@ class StorageConfig(StrictModel):
     """
 
     endpoint_url: str | None = Field(None, description="S3 endpoint, e.g. http://127.0.0.1:5000")
-    region: str | None = None
-    access_key_id: SecretStr | None = None
-    secret_access_key: SecretStr | None = None
-    session_token: SecretStr | None = None
-    anonymous: bool = False
+    region: str | None = Field(
+        None, description="S3 region, e.g. us-east-1; None: AWS_REGION or AWS_DEFAULT_REGION")
+    access_key_id: SecretStr | None = Field(None, description="S3 access key id; None: AWS_ACCESS_KEY_ID")
+    secret_access_key: SecretStr | None = Field(
+        None, description="S3 secret access key; None: AWS_SECRET_ACCESS_KEY")
+    session_token: SecretStr | None = Field(
+        None, description="temporary credentials' session token; None: AWS_SESSION_TOKEN")
+    anonymous: bool = Field(
+        False, description="unsigned S3 requests (public buckets); refused with access keys, given here or "
+        "in the environment")
     retries: int = Field(20, ge=0, le=100, description="retries of one operation after transient errors")
     retry_backoff_s: float = Field(0.2, gt=0, description="first backoff; doubles each retry, up to 5 s")
     retry_budget_s: float = Field(120.0, gt=0, description="how long one operation keeps retrying transient "

@@ -28,8 +28,11 @@ KINDS_WITH_VECTORS = ("flat", "hnsw")
 
 class EncoderConfig(StrictModel):
     base_model: str = Field("all-MiniLM-L6-v2", description="path, storage URI or the MiniLM alias")
-    query_max_length: int = Field(48, ge=8, le=512)
-    doc_max_length: int = Field(256, ge=16, le=512)
+    query_max_length: int = Field(48, ge=8, le=512, description="tokens kept per query (training, negative "
+                                  "searches, topic clustering and evaluation)")
+    doc_max_length: int = Field(
+        256, ge=16, le=512, description="tokens kept per training document: positives and re-encoded hard "
+        "negatives (the index embeds the corpus with eval.doc_max_length)")
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in backward: about half the training memory, ~15% slower")
     forward_chunk: int | None = Field(
@@ -58,20 +61,32 @@ class OptimConfig(StrictModel):
     num_workers: int = Field(2, ge=1, description="Ray Train workers")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker reserves; Ray gives it that many "
                                    "torch threads (whole CPUs, at least 1)")
-    use_gpu: bool = False
+    use_gpu: bool = Field(False, description="one GPU per Ray Train worker; the embedding actors then take "
+                          "one too (see refresh.embed_gpus)")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="SPREAD puts workers on different nodes when it can")
     batch_size: int = Field(16, ge=2, description="queries per worker per step")
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=1, description="passes over the training pairs (max_steps can stop the run "
+                        "earlier)")
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps")
-    lr: float = Field(2e-5, gt=0, lt=1)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    max_grad_norm: float = Field(1.0, gt=0)
-    temperature: float = Field(0.05, gt=0, le=1)
-    symmetric: bool = False
-    gather_across_workers: bool = True
-    seed: int = 0
+    lr: float = Field(2e-5, gt=0, lt=1, description="peak AdamW learning rate: linear warm-up over "
+                      "warmup_ratio, then linear decay to 0 at the last step")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of the run's total steps over which the "
+                                "learning rate rises linearly to lr")
+    max_grad_norm: float = Field(1.0, gt=0, description="clip the gradients' global L2 norm to this before "
+                                 "each optimiser step")
+    temperature: float = Field(
+        0.05, gt=0, le=1, description="softmax temperature of the retrieval loss, InfoNCE or GIST (logits = "
+        "cosine / temperature; 0.05 is sentence-transformers' scale 20)")
+    symmetric: bool = Field(False, description="add the document-to-query term: each positive is also scored "
+                            "against the batch's queries, averaged with the query-to-document loss")
+    gather_across_workers: bool = Field(
+        True, description="all-gather every worker's documents (positives and hard negatives), so each query "
+        "is scored against the global batch; false: only its own worker's documents")
+    seed: int = Field(
+        0, description="seed of weight init, data shuffles, positive and negative draws, topic clustering "
+        "and the task schedule (a resumed run draws what an uninterrupted one would)")
     shuffle_buffer: int = Field(
         2048, ge=0, description="rows in each worker's seeded local shuffle buffer (new batches every epoch)")
     topic_clusters: int | None = Field(
@@ -95,7 +110,9 @@ class LossConfig(StrictModel):
                                "encoder masking candidates it scores above the positive (GISTEmbed)")
     guide_model: str = Field("all-MiniLM-L6-v2", description="gist: frozen guide (path, storage URI or alias)")
     guide_margin: float = Field(0.0, ge=0, description="gist: also drop candidates within this margin")
-    guide_margin_strategy: Literal["absolute", "relative"] = "absolute"
+    guide_margin_strategy: Literal["absolute", "relative"] = Field(
+        "absolute", description="gist: drop candidates the guide scores above p - guide_margin (absolute, "
+        "cosine units) or above p - |p| x guide_margin (relative), p: the guide's positive score")
     positives: Literal["sample", "all"] = Field(
         "sample", description="queries with several labelled positives. sample: one row per query, its "
                               "positive drawn anew each epoch; all: one row per (query, positive) every "
@@ -122,7 +139,9 @@ class NegativesConfig(StrictModel):
         "rank window and false-negative margin, stored with the pairs (<run>/static-negatives) and resolved by "
         "the data pipeline; none: in-batch negatives only")
     mining: MiningConfig = MiningConfig()
-    search_timeout_s: float = Field(10.0, gt=0)
+    search_timeout_s: float = Field(
+        10.0, gt=0, description="seconds an index search (or stored-vector fetch) may take; past it the step "
+        "trains on in-batch negatives only and says so")
     max_steps_behind: int | None = Field(
         None, ge=0, description="staleness bound in training steps: a step whose answering index version was "
         "embedded from a checkpoint more than this many steps older falls back to in-batch negatives (and "
@@ -148,9 +167,10 @@ class NegativesConfig(StrictModel):
 
 class RefreshConfig(StrictModel):
     every_steps: int | None = Field(None, ge=1, description="checkpoint + re-embed + swap every N steps")
-    embed_batch_size: int = Field(32, ge=1)
+    embed_batch_size: int = Field(32, ge=1, description="documents per encoder forward in each embedding "
+                                  "actor (the base model's corpus embedding and every refresh)")
     embed_concurrency: int = Field(1, ge=1, description="embedding actors while training runs")
-    embed_cpus: float = Field(1.0, gt=0)
+    embed_cpus: float = Field(1.0, gt=0, description="CPUs each refresh embedding actor reserves")
     doc_max_length: int | None = Field(None, ge=16, le=512,
                                        description="document length for refreshed indexes (None: eval's)")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="bfloat16: faster refreshes on CPU")
@@ -241,8 +261,11 @@ class IndexSection(IndexBuildConfig):
 
 class EvalConfig(StrictModel):
     split: str | None = Field("test", description="qrels split to evaluate; None skips evaluation")
-    doc_max_length: int = Field(256, ge=16, le=512)
-    batch_size: int = Field(32, ge=1)
+    doc_max_length: int = Field(
+        256, ge=16, le=512, description="tokens kept per document when the corpus is embedded for evaluation "
+        "and index v1 (refreshes too, unless refresh.doc_max_length)")
+    batch_size: int = Field(32, ge=1, description="unused: evaluation embeds the corpus in "
+                            "refresh.embed_batch_size batches")
 
 
 class AuxTaskConfig(StrictModel):
@@ -298,14 +321,16 @@ class DocTextSection(StrictModel):
 class ContrastiveJobConfig(StrictModel):
     """Train an embedding model with live hard negatives from the index service."""
 
-    run_name: str = Field("contrastive", pattern=r"^[A-Za-z0-9_.-]+$")
+    run_name: str = Field(
+        "contrastive", pattern=r"^[A-Za-z0-9_.-]+$", description="names the run: its outputs go to "
+        "<store_uri>/runs/<run_name> unless output_uri is set")
     store_uri: str = Field(".whetstone/store", description="ingested shards (local path or s3://)")
     output_uri: str | None = Field(None, description="run outputs; default <store_uri>/runs/<run_name>")
     storage: StorageConfig = StorageConfig()
     if_exists: Literal["error", "overwrite", "resume"] = Field(
         "error", description="what to do when the run's outputs already exist")
     max_failures: int = Field(MAX_FAILURES, ge=-1, description=MAX_FAILURES_HELP)
-    train_split: str = "train"
+    train_split: str = Field("train", description="pairs split trained on (the store's pairs/<split>)")
     encoder: EncoderConfig = EncoderConfig()
     optim: OptimConfig = OptimConfig()
     loss: LossConfig = LossConfig()
@@ -316,7 +341,8 @@ class ContrastiveJobConfig(StrictModel):
     multitask: MultiTaskSection = MultiTaskSection()
     doc_text: DocTextSection = DocTextSection()
     ray_num_cpus: int = Field(8, ge=1, description="logical CPUs when this job starts its own local Ray")
-    ray_object_store_mb: int = Field(1024, ge=128)
+    ray_object_store_mb: int = Field(1024, ge=128, description="object store memory (MiB) when this job "
+                                     "starts its own local Ray")
     ray_train_log_level: RayTrainLogLevel = Field(
         "WARNING", description="console level of Ray Train's own logs (INFO: its per-step report lines too)")
     tracking: TrackingConfig = TrackingConfig()
@@ -382,13 +408,16 @@ class ContrastiveJobConfig(StrictModel):
 
 class IngestSpec(StrictModel):
     source: str = Field(..., description="BEIR folder (local), e.g. data/scifact-subset")
-    format: Literal["beir"] = "beir"
-    rows_per_shard: int = Field(1000, ge=1)
-    skip_if_present: bool = True
+    format: Literal["beir"] = Field("beir", description="source format (a BEIR folder only)")
+    rows_per_shard: int = Field(1000, ge=1, description="rows per Parquet shard written")
+    skip_if_present: bool = Field(True, description="skip the ingest when <store_uri>/manifest.json exists; "
+                                  "false: ingest again, replacing the store")
 
 
 class QuickstartConfig(ContrastiveJobConfig):
     """Ingest a BEIR folder into the store, then run the contrastive job on it."""
 
-    run_name: str = Field("quickstart", pattern=r"^[A-Za-z0-9_.-]+$")
+    run_name: str = Field(
+        "quickstart", pattern=r"^[A-Za-z0-9_.-]+$", description="names the run: its outputs go to "
+        "<store_uri>/runs/<run_name> unless output_uri is set")
     ingest: IngestSpec

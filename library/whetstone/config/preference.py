@@ -27,7 +27,9 @@ class PolicyConfig(StrictModel):
     path: str = Field(..., description="HF model folder, a storage URI of one, or a folder holding a GGUF file")
     gguf_file: str | None = Field(None, description="GGUF file name inside `path` (transformers dequantises it)")
     tokenizer: str | None = Field(None, description="tokenizer folder; default: `path` (with gguf_file for GGUF)")
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype the policy and the reference model are loaded and trained in "
+        "(bfloat16: half the memory)")
     disable_dropout: bool = Field(True, description="DPO practice: dropout makes policy and reference log-probs "
                                                     "disagree even before the first update")
     chunk_size: int = Field(1024, ge=1, description="output-layer rows per chunk in the log-prob computation")
@@ -36,7 +38,9 @@ class PolicyConfig(StrictModel):
 class LossConfig(StrictModel):
     """Which preference loss, with its arguments (see each loss's docstring for ranges)."""
 
-    name: PolicyLossName = "dpo"
+    name: PolicyLossName = Field(
+        "dpo", description="policy loss: dpo, ipo, hinge, cdpo (label_smoothing), ns_dpo (time-discounted), "
+        "simpo and orpo (reference-free), npo (lowers the rejected responses' likelihood only)")
     beta: float = Field(0.1, gt=0, description="DPO beta (IPO: tau; SimPO: beta about 2)")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cdpo: label flip probability")
     target_margin: float = Field(1.0, ge=0, description="simpo: target reward margin gamma")
@@ -59,42 +63,56 @@ class ReferenceConfig(StrictModel):
 
 
 class LoRAConfig(StrictModel):
-    enabled: bool = False
-    r: int = Field(8, ge=1)
-    alpha: int = Field(16, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    enabled: bool = Field(False, description="policy mode: train LoRA adapters (peft, the `lora` extra) "
+                          "instead of every weight; saved models hold the merged weights")
+    r: int = Field(8, ge=1, description="rank of the LoRA adapters")
+    alpha: int = Field(16, ge=1, description="LoRA scaling: adapter outputs are multiplied by alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA adapters' inputs")
     target_modules: list[str] | str = Field("all-linear", description="peft target_modules")
 
 
 class OptimConfig(StrictModel):
     num_workers: int = Field(2, ge=1, description="Ray Train workers")
-    cpus_per_worker: float = Field(1.0, gt=0)
-    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each Ray Train worker reserves")
+    use_gpu: bool = Field(False, description="one GPU per Ray Train worker")
     batch_size: int = Field(4, ge=1, description="pairs per worker per step")
-    epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1)
-    lr: float = Field(5e-6, gt=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    max_grad_norm: float = Field(1.0, gt=0)
-    seed: int = 0
+    epochs: int = Field(1, ge=1, description="passes over the training pairs (max_steps can stop the run "
+                        "earlier)")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many steps (None: epochs x steps "
+                                  "per epoch)")
+    lr: float = Field(5e-6, gt=0, lt=1, description="peak AdamW learning rate (linear warm-up, then linear "
+                      "decay to 0); reward_model: the encoder's, its head trains at 30x")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay of the policy (mode=reward_model "
+                                "uses 0.01)")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of the run's total steps over which the "
+                                "learning rate rises linearly to lr")
+    max_grad_norm: float = Field(1.0, gt=0, description="clip the gradients' global L2 norm to this before "
+                                 "each optimiser step")
+    seed: int = Field(0, description="torch seed (initial LoRA and reward-head weights) and the seed of the "
+                      "pair shuffles")
     shuffle_buffer: int = Field(
         512, ge=0, description="rows in each worker's seeded local shuffle buffer (new batches every epoch)")
-    log_every: int = Field(1, ge=1)
+    log_every: int = Field(1, ge=1, description="print a progress line every N steps (the history keeps "
+                           "every step)")
     checkpoint_every: int | None = Field(None, ge=1, description="also checkpoint every N steps")
-    eval_batch_size: int = Field(8, ge=1)
+    eval_batch_size: int = Field(8, ge=1, description="held-out pairs per batch when each worker evaluates "
+                                 "its eval shard after training")
 
 
 class DataConfig(StrictModel):
     dataset: str = Field("train", description="preference split or dataset name, e.g. train or preference/test")
     eval_dataset: str | None = Field(None, description="held-out dataset name; None: hash split by eval_fraction")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="share of pairs held out (seeded hash of pair_id)")
-    split_seed: int = 0
+    split_seed: int = Field(0, description="seed of the pair_id hash that splits train from eval and orders "
+                            "the pairs for the max_train_pairs / max_eval_pairs caps")
     max_train_pairs: int | None = Field(None, ge=1, description="cap on training pairs (the lowest hashes)")
-    max_eval_pairs: int | None = Field(None, ge=1)
-    max_length: int = Field(512, ge=8)
-    max_prompt_length: int = Field(256, ge=1)
-    chat_template: bool = False
+    max_eval_pairs: int | None = Field(None, ge=1, description="cap on held-out pairs (the lowest hashes)")
+    max_length: int = Field(512, ge=8, description="tokens per row, prompt + completion; longer pairs lose "
+                            "the prompt's start (down to max_prompt_length), then the completion's end")
+    max_prompt_length: int = Field(256, ge=1, description="prompt tokens kept (its end) when prompt + "
+                                   "completion exceed max_length")
+    chat_template: bool = Field(False, description="render prompts (text or message lists) and completions "
+                                "through the tokenizer's chat template")
 
     @model_validator(mode="after")
     def _lengths(self) -> DataConfig:
@@ -110,8 +128,8 @@ class LeakageConfig(StrictModel):
     mode: Literal["off", "report", "remove"] = Field("report", description="remove: drop flagged eval pairs")
     threshold: float = Field(0.95, gt=0, le=1, description="cosine at or above which an eval prompt leaks")
     encoder: str = Field("all-MiniLM-L6-v2", description="embedding model (path or the MiniLM alias)")
-    max_length: int = Field(128, ge=8, le=512)
-    batch_size: int = Field(64, ge=1)
+    max_length: int = Field(128, ge=8, le=512, description="tokens embedded per prompt (its opening)")
+    batch_size: int = Field(64, ge=1, description="prompts per embedding batch")
     max_examples: int = Field(20, ge=0, description="flagged pairs listed in the report")
 
     @field_validator("mode", mode="before")
@@ -125,8 +143,10 @@ class RewardModelSection(StrictModel):
     """mode=reward_model: an encoder with a scalar head trained with the Bradley-Terry loss."""
 
     encoder: str = Field("all-MiniLM-L6-v2", description="encoder path or the MiniLM alias")
-    max_length: int = Field(256, ge=8, le=512)
-    max_prompt_length: int = Field(160, ge=1)
+    max_length: int = Field(256, ge=8, le=512, description="tokens per cross-encoded (prompt, response) "
+                            "input, special tokens included")
+    max_prompt_length: int = Field(160, ge=1, description="prompt tokens kept (its end) when the response "
+                                   "needs the room; the response keeps its start")
     pooling: Literal["mean", "response", "last"] = Field(
         "response", description="mean of the response segment's last hidden states (the prompt is shared by "
                                 "both sides of a pair), `mean` of every token's, or `last`: the last non-pad "
@@ -139,12 +159,18 @@ class RewardModelSection(StrictModel):
 class PreferenceJobConfig(StrictModel):
     """Train a policy on preference pairs (DPO family) or a reward model, on the Whetstone data plane."""
 
-    mode: Literal["policy", "reward_model"] = "policy"
-    run_name: str = Field("preference", pattern=r"^[A-Za-z0-9_.-]+$")
+    mode: Literal["policy", "reward_model"] = Field(
+        "policy", description="policy: train policy.path with loss.name; reward_model: train "
+        "reward_model.encoder with a scalar head (Bradley-Terry)")
+    run_name: str = Field(
+        "preference", pattern=r"^[A-Za-z0-9_.-]+$", description="names the run: its outputs go to "
+        "<store_uri>/runs/<run_name> unless output_uri is set")
     store_uri: str = Field(".whetstone/store", description="ingested store (local path or s3://)")
     output_uri: str | None = Field(None, description="run outputs; default <store_uri>/runs/<run_name>")
     storage: StorageConfig = StorageConfig()
-    if_exists: Literal["error", "overwrite", "resume"] = "error"
+    if_exists: Literal["error", "overwrite", "resume"] = Field(
+        "error", description="when the run's outputs exist: error (refuse), overwrite (delete them first) or "
+        "resume (from the newest complete checkpoint)")
     max_failures: int = Field(MAX_FAILURES, ge=-1, description=MAX_FAILURES_HELP)
     policy: PolicyConfig | None = None
     loss: LossConfig = LossConfig()
@@ -155,7 +181,8 @@ class PreferenceJobConfig(StrictModel):
     leakage: LeakageConfig = LeakageConfig()
     reward_model: RewardModelSection = RewardModelSection()
     ray_num_cpus: int = Field(8, ge=1, description="logical CPUs when this job starts its own local Ray")
-    ray_object_store_mb: int = Field(1024, ge=128)
+    ray_object_store_mb: int = Field(1024, ge=128, description="object store memory (MiB) when this job "
+                                     "starts its own local Ray")
     ray_train_log_level: RayTrainLogLevel = Field(
         "WARNING", description="console level of Ray Train's own logs (INFO: its per-step report lines too)")
     tracking: TrackingConfig = TrackingConfig()

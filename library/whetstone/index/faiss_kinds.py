@@ -46,16 +46,24 @@ class AnnConfig(StrictModel):
     (S shards hold S x nlist cells) and ``None`` picks it from each shard's own row count.
     """
 
-    kind: Literal["flat", "hnsw", "ivf", "ivfpq"] = "flat"
-    hnsw_m: int = Field(32, ge=4, le=256)
-    ef_construction: int = Field(200, ge=8)
-    ef_search: int = Field(128, ge=1)
+    kind: Literal["flat", "hnsw", "ivf", "ivfpq"] = Field(
+        "flat", description="FAISS index: flat (exact), hnsw (graph), ivf (k-means cells), ivfpq (IVF with "
+        "PQ codes); only flat and hnsw keep full vectors")
+    hnsw_m: int = Field(32, ge=4, le=256, description="hnsw: graph degree, neighbours per node (recall and "
+                        "memory grow with it; typical 16-64)")
+    ef_construction: int = Field(200, ge=8, description="hnsw: candidate list size while building (graph "
+                                 "quality vs build time; typical 100-400)")
+    ef_search: int = Field(128, ge=1, description="hnsw: candidate list size per query, at least the hits "
+                           "fetched (recall vs speed; typical 64-256)")
     nlist: int | None = Field(None, ge=1, description="IVF cells (per shard); None = about 4*sqrt(N)")
     nprobe: int | None = Field(None, ge=1, description="IVF cells visited; None = max(8, nlist/16)")
     pq_m: int | None = Field(None, ge=1, description="PQ sub-quantisers; None = D/8 (or a divisor of D)")
-    pq_nbits: int = Field(8, ge=4, le=12)
-    use_gpu: Literal["auto"] | bool = "auto"
-    normalize: bool = True
+    pq_nbits: int = Field(8, ge=4, le=12, description="ivfpq: bits per sub-quantiser code (2**nbits "
+                          "centroids; training needs that many vectors)")
+    use_gpu: Literal["auto"] | bool = Field("auto", description="auto: FAISS's GPU index when a GPU is "
+                                            "visible; true: require one; false: CPU (HNSW stays on CPU)")
+    normalize: bool = Field(True, description="L2-normalise vectors and queries, so inner product is cosine "
+                            "similarity")
 
 
 def auto_nlist(count: int) -> int:

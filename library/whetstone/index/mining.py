@@ -29,9 +29,15 @@ class MiningConfig(StrictModel):
     num_negatives: int = Field(1, ge=0, le=64, description="hard negatives per query")
     rank_start: int = Field(3, ge=0, description="first rank kept (0 = nearest)")
     rank_end: int = Field(30, ge=1, description="one past the last rank kept")
-    sampling: Literal["top", "random"] = "random"
-    relative_margin: float | None = Field(None, ge=0, lt=1)
-    absolute_margin: float | None = Field(None, ge=0)
+    sampling: Literal["top", "random"] = Field(
+        "random", description="how the hard negatives are taken from the candidates left in the rank window: "
+        "top (the nearest) or random (uniform, no repeats)")
+    relative_margin: float | None = Field(
+        None, ge=0, lt=1, description="false-negative guard: drop candidates scoring above the positive's "
+        "score x (1 - this); needs that score (index.kind flat or hnsw)")
+    absolute_margin: float | None = Field(
+        None, ge=0, description="false-negative guard: drop candidates scoring above the positive's score "
+        "minus this (cosine units); needs that score (index.kind flat or hnsw)")
     random_fraction: float = Field(0.0, ge=0, le=1, description="share of negatives drawn at random")
 
     @model_validator(mode="after")
