@@ -67,6 +67,8 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
     apply_train_log_level(config.ray_train_log_level)
     if config.mode == "reward_model":
         return reward_loop_per_worker(config, plan)
+    if config.mode == "online":
+        return online_loop_per_worker(config, plan)
     # Policy (a checkpoint's weights when resuming), DDP, AdamW over DDP's parameters, LR schedule,
     # their saved state, then the frozen reference copy (reference.mode=on_the_fly only).
     worker = setup_policy_run(config, plan)
@@ -89,6 +91,20 @@ def reward_loop_per_worker(config: PreferenceJobConfig, plan: PreferenceRunPlan)
     finish_worker(worker, metrics, state, config, plan)
 
 
+def online_loop_per_worker(config: PreferenceJobConfig, plan: PreferenceRunPlan) -> None:
+    """mode=online: the prompts stream in; the generation actors sample, the Serve reward model
+    scores, the worker trains and (every online.sync_every steps) pushes its weights to the actors."""
+    from whetstone.train.online_worker import online_step, setup_online_run
+
+    worker = setup_online_run(config, plan)  # policy, DDP, AdamW, reference; actors get these weights
+    shard, state, metrics = ray.train.get_dataset_shard("train"), worker.start, {}
+    for epoch, state, raw in train_batches(shard, config, plan, worker.start, worker.rank):
+        values = online_step(worker, raw, config, state.step)  # generate, score, loss, AdamW, push
+        metrics = worker.log.step(state.step, epoch, worker.lr(), values)
+        after_step(worker, metrics, state, config, plan)
+    finish_worker(worker, metrics, state, config, plan)  # greedy held-out rewards, KL, the `final` checkpoint
+
+
 def run(config: PreferenceJobConfig) -> dict:
     """The driver, stage by stage; returns the report (also at ``<run_uri>/report.json``)."""
     driver = start_run(config)  # absolute paths, resolved config logged, Ray, if_exists, resume point, tracking
@@ -98,11 +114,31 @@ def run(config: PreferenceJobConfig) -> dict:
 
 def stages(driver: DriverRun) -> dict:
     """Everything after the start, in order (see the module docstring)."""
+    if driver.config.mode == "online":
+        return online_stages(driver)
     selection, leakage = select_and_guard(driver)  # train/eval split by pair_id hash; leakage guard
     reference, reference_uri = precompute_reference(driver, selection)  # Ray Data batch inference, once
     plan, datasets = plan_training(driver, selection, reference)  # PreferenceRunPlan + Ray Datasets
     metrics = fit(driver, plan, datasets, train_loop_per_worker)  # TorchTrainer(...).fit()
     return finish_run(driver, selection, leakage, reference_uri, plan, metrics)  # plot, report, summary
+
+
+def online_stages(driver: DriverRun) -> dict:
+    """mode=online: the prompts of the train pairs, the held-out prompts of the eval pairs; the
+    reward service and the generation actors live for the duration of the fit."""
+    from whetstone.train.online_run import held_out_before, held_out_prompts, online_services
+
+    from services.reward.app import deploy_reward_service, shutdown
+
+    selection, leakage = select_and_guard(driver)
+    selection = held_out_prompts(driver.config, selection)  # the first online.eval_prompts eval pairs
+    plan, datasets = plan_training(driver, selection, None)
+    with online_services(driver, plan, deploy_reward_service, shutdown) as services:  # Serve reward app, generation actors (named, in the plan)
+        plan = services.plan  # with the actors' names and the reward app
+        before = held_out_before(driver, services, selection, plan)  # greedy rewards of the starting policy
+        metrics = fit(driver, plan, datasets, train_loop_per_worker)
+    return finish_run(driver, selection, leakage, None, plan, metrics,
+                      {"before": before, "reward_model_version": services.reward_version})
 
 
 def main(argv: list[str] | None = None) -> dict:

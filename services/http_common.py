@@ -56,6 +56,30 @@ def resolve_token(configured: SecretStr | None, *env_names: str) -> str | None:
     return None
 
 
+def token_required(token: str | None, protect: bool | None) -> bool:
+    """Whether a route that may be left open asks for the bearer token: ``protect`` when set, else
+    whether a token is configured."""
+    return token is not None if protect is None else protect
+
+
+def guard_open_route(route: str, configured: SecretStr | None, protect: bool | None, protect_field: str,
+                     *env_names: str) -> tuple[str | None, bool]:
+    """A replica's token and whether ``route`` asks for it (:func:`token_required`), with the
+    start-up warning when the route is open or refuses everything; ``(token, protected)``."""
+    import logging
+
+    log = logging.getLogger("services")
+    token = resolve_token(configured, *env_names)
+    protected = token_required(token, protect)
+    if not protected:
+        log.warning("%s is open to anyone who reaches it: %s", route, f"{protect_field}=false" if protect is False
+                    else f"no token is configured ({token_sources(*env_names)})")
+    elif token is None:
+        log.warning("%s refuses every request: %s=true and no token is configured (set %s)", route, protect_field,
+                    token_sources(*env_names))
+    return token, protected
+
+
 def token_sources(*env_names: str) -> str:
     """Where a service reads its token, for messages: ``auth_token or $A (else $B)``."""
     names = [f"${name}" for name in env_names]

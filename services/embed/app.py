@@ -41,8 +41,8 @@ from services.http_common import (
     add_error_handlers,
     bearer,
     check_token,
+    guard_open_route,
     openapi_document,
-    resolve_token,
     servable,
     token_sources,
 )
@@ -78,12 +78,6 @@ class EmbedServiceArgs(StrictModel):
         return self
 
 
-def token_required(token: str | None, protect_embed: bool | None) -> bool:
-    """Whether ``POST /embed/`` asks for the bearer token: ``protect_embed`` when set, else whether
-    a token is configured."""
-    return token is not None if protect_embed is None else protect_embed
-
-
 async def require_embed_token(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
     service = servable()
     if service.protected:
@@ -112,14 +106,8 @@ app.openapi = _openapi
 class EmbedService:
     def __init__(self, args: dict):
         self.args = EmbedServiceArgs.model_validate(args)
-        self.token = resolve_token(self.args.auth_token, *TOKEN_ENVS)
-        self.protected = token_required(self.token, self.args.protect_embed)
-        if not self.protected:
-            logger.warning("POST /embed/ is open to anyone who reaches it: %s", "protect_embed=false"
-                           if self.args.protect_embed is False else f"no token is configured ({TOKEN_SOURCES})")
-        elif self.token is None:
-            logger.warning("POST /embed/ refuses every request: protect_embed=true and no token is configured "
-                           "(set %s)", TOKEN_SOURCES)
+        self.token, self.protected = guard_open_route("POST /embed/", self.args.auth_token, self.args.protect_embed,
+                                                      "protect_embed", *TOKEN_ENVS)
         self.lock = threading.Lock()
         self.encoder = self.query_encoder = None
         self.checkpoint: str | None = None

@@ -76,7 +76,7 @@ def test_answers_carry_a_code_and_name_the_token_variables(expected):
 
 
 def test_embed_asks_for_the_token_when_one_is_configured_unless_told_otherwise():
-    from services.embed.app import token_required
+    from services.http_common import token_required
 
     assert token_required("t", None) and not token_required(None, None)  # default: whenever configured
     assert token_required(None, True) and token_required("t", True)  # fail closed: 403 without a token

@@ -1,4 +1,5 @@
-"""Config of the preference training job: DPO family / NS-DPO / SimPO / ORPO / NPO, or a reward model."""
+"""Config of the preference training job: DPO family / NS-DPO / SimPO / ORPO / NPO / KTO, a reward
+model, or online training (the policy samples, a served reward model scores, the policy learns)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ from whetstone.config.base import (
 )
 from whetstone.console import DEFAULT_EVERY_S, PROGRESS_EVERY_S_HELP
 
-PolicyLossName = Literal["dpo", "ipo", "hinge", "cdpo", "ns_dpo", "simpo", "orpo", "npo"]
+PolicyLossName = Literal["dpo", "ipo", "hinge", "cdpo", "ns_dpo", "simpo", "orpo", "npo", "kto", "grpo"]
 # Losses that never look at the reference model: no precompute, no second model.
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")
+# Losses mode=online trains with (on the policy's own samples, scored by the reward model).
+ONLINE_LOSSES = ("dpo", "ipo", "kto", "grpo")
 
 
 class PolicyConfig(StrictModel):
@@ -40,8 +43,12 @@ class LossConfig(StrictModel):
 
     name: PolicyLossName = Field(
         "dpo", description="policy loss: dpo, ipo, hinge, cdpo (label_smoothing), ns_dpo (time-discounted), "
-        "simpo and orpo (reference-free), npo (lowers the rejected responses' likelihood only)")
-    beta: float = Field(0.1, gt=0, description="DPO beta (IPO: tau; SimPO: beta about 2)")
+        "simpo and orpo (reference-free), npo (lowers the rejected responses' likelihood only), kto "
+        "(unpaired: each response desirable or not; offline the chosen side is desirable, the rejected not), "
+        "grpo (mode=online only). mode=online takes dpo / ipo (best vs worst of the k samples), kto or grpo")
+    beta: float = Field(0.1, gt=0, description="DPO / KTO beta (IPO: tau; SimPO: beta about 2)")
+    kto_desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the desirable responses' losses")
+    kto_undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the undesirable responses' losses")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cdpo: label flip probability")
     target_margin: float = Field(1.0, ge=0, description="simpo: target reward margin gamma")
     gamma: float = Field(0.9, gt=0, le=1, description="ns_dpo: time discount; 1 equals DPO")
@@ -156,12 +163,62 @@ class RewardModelSection(StrictModel):
     gamma: float | None = Field(None, gt=0, le=1, description="optional NS time discount of the BT loss")
 
 
+class OnlineConfig(StrictModel):
+    """mode=online: generation actors sample from the policy, a Serve-hosted reward model scores, Train updates.
+
+    Each step every worker takes ``optim.batch_size`` prompts, the generation actors sample
+    ``samples_per_prompt`` completions for each with the policy's newest pushed weights, the reward
+    model scores them over its Serve deployment handle, and the worker trains on them with
+    ``loss.name``: dpo / ipo on the best and worst sample of each prompt, kto with samples above
+    the prompt's mean reward desirable and those below not, grpo on every sample with
+    group-normalised advantages. Every ``sync_every`` steps rank 0 pushes the weights to the
+    actors through the object store, versioned by the step; the lag (steps the sampling weights
+    are behind the trained ones) is reported every step and is at most ``sync_every - 1``.
+    """
+
+    reward_model: str | None = Field(None, description="reward model folder or URI (what mode=reward_model saves); "
+                                     "the job serves it as a Ray Serve app for the run")
+    reward_app: str | None = Field(None, description="name of a running Serve reward app (services.reward.app) to "
+                                   "score with instead of serving reward_model")
+    reward_url: str | None = Field(None, description="HTTP URL of a reward service's /score to score with instead "
+                                   "(bearer token from $WHETSTONE_REWARD_TOKEN)")
+    reward_num_cpus: float = Field(0.5, gt=0, description="CPUs of the reward replica the job serves")
+    reward_batch_size: int = Field(32, ge=1, description="(prompt, response) pairs per forward pass of the reward "
+                                   "replica the job serves")
+    samples_per_prompt: int = Field(4, ge=2, description="k: completions sampled per prompt")
+    max_new_tokens: int = Field(64, ge=1, description="tokens sampled per completion at most")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (GRPO's ratios use the same)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling threshold (1: off)")
+    top_k: int = Field(0, ge=0, description="sample from the k likeliest tokens only (0: off)")
+    generation_actors: int = Field(1, ge=1, description="generation actors (each holds a copy of the policy)")
+    generation_cpus: float = Field(1.0, gt=0, description="CPUs each generation actor reserves (its torch threads)")
+    generation_gpus: float = Field(0.0, ge=0, description="GPUs each generation actor reserves (0: CPU; set "
+                                   "with optim.use_gpu)")
+    generation_batch_size: int = Field(32, ge=1, description="sequences per generate() call")
+    sync_every: int = Field(1, ge=1, description="K: push the policy's weights to the generation actors every K "
+                            "steps (the sampling weights lag the trained ones by at most K - 1 steps)")
+    grpo_epsilon: float = Field(0.2, gt=0, lt=1, description="grpo: clip range of the probability ratio")
+    grpo_beta: float = Field(0.04, ge=0, description="grpo: weight of the per-token KL to the reference")
+    grpo_loss_type: Literal["grpo", "bnpo", "dr_grpo"] = Field(
+        "grpo", description="grpo: how token losses are averaged: per sequence then over sequences (grpo), over "
+        "every token of the batch (bnpo), or summed and divided by samples x max_new_tokens (dr_grpo, Dr. GRPO)")
+    grpo_scale_rewards: bool = Field(True, description="grpo: divide advantages by the group's reward std "
+                                     "(false: Dr. GRPO's mean-centred rewards)")
+    length_penalty: float = Field(0.0, ge=0, description="subtract this times the response's tokens from its reward")
+    length_normalise: bool = Field(False, description="remove the part of the reward a least-squares line on "
+                                   "response length explains over the step's samples (a reward model that pays "
+                                   "for length then cannot be gamed by length alone)")
+    eval_prompts: int = Field(100, ge=0, description="held-out prompts completed greedily and scored before and "
+                              "after training (the report's reward gain)")
+
+
 class PreferenceJobConfig(StrictModel):
     """Train a policy on preference pairs (DPO family) or a reward model, on the Whetstone data plane."""
 
-    mode: Literal["policy", "reward_model"] = Field(
-        "policy", description="policy: train policy.path with loss.name; reward_model: train "
-        "reward_model.encoder with a scalar head (Bradley-Terry)")
+    mode: Literal["policy", "reward_model", "online"] = Field(
+        "policy", description="policy: train policy.path with loss.name on stored pairs; reward_model: train "
+        "reward_model.encoder with a scalar head (Bradley-Terry); online: train policy.path on its own "
+        "samples scored by online.reward_model")
     run_name: str = Field(
         "preference", pattern=r"^[A-Za-z0-9_.-]+$", description="names the run: its outputs go to "
         "<store_uri>/runs/<run_name> unless output_uri is set")
@@ -180,6 +237,7 @@ class PreferenceJobConfig(StrictModel):
     data: DataConfig = DataConfig()
     leakage: LeakageConfig = LeakageConfig()
     reward_model: RewardModelSection = RewardModelSection()
+    online: OnlineConfig = OnlineConfig()
     ray_num_cpus: int = Field(8, ge=1, description="logical CPUs when this job starts its own local Ray")
     ray_object_store_mb: int = Field(1024, ge=128, description="object store memory (MiB) when this job "
                                      "starts its own local Ray")
@@ -190,16 +248,36 @@ class PreferenceJobConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> PreferenceJobConfig:
-        if self.mode == "policy" and self.policy is None:
-            raise ValueError("policy: required when mode=policy (policy.path = a causal LM)")
+        if self.mode in ("policy", "online") and self.policy is None:
+            raise ValueError(f"policy: required when mode={self.mode} (policy.path = a causal LM)")
+        if self.mode == "online":
+            self._check_online()
+        elif self.loss.name == "grpo":
+            raise ValueError("loss.name=grpo needs mode=online: GRPO learns from the policy's own samples")
+        if self.mode == "policy" and self.loss.name == "kto" and self.reference.mode == "precompute":
+            raise ValueError("loss.name=kto: set reference.mode=on_the_fly (KTO's reference point scores "
+                             "mismatched prompt / response pairs, which the precompute does not)")
         if self.data.eval_dataset is None and self.data.eval_fraction == 0 and self.leakage.mode != "off":
             raise ValueError("leakage.mode needs held-out pairs: set data.eval_fraction or data.eval_dataset")
         if self.loss.name != "cdpo" and self.loss.label_smoothing:
             raise ValueError(f"loss.label_smoothing applies to loss.name=cdpo, not {self.loss.name}")
         return self
 
+    def _check_online(self) -> None:
+        if self.loss.name not in ONLINE_LOSSES:
+            raise ValueError(f"loss.name: mode=online trains with {', '.join(ONLINE_LOSSES)}, not {self.loss.name}")
+        sources = [name for name in ("reward_model", "reward_app", "reward_url") if getattr(self.online, name)]
+        if len(sources) != 1:
+            raise ValueError("online: set exactly one of online.reward_model (a reward model folder or URI the job "
+                             f"serves), online.reward_app or online.reward_url; got {sources or 'none'}")
+        if self.lora.enabled:
+            raise ValueError("lora.enabled: mode=online pushes whole weights to the generation actors; "
+                             "LoRA is not supported there yet")
+
     @property
     def needs_reference(self) -> bool:
+        if self.mode == "online":
+            return True  # the KL to the reference is reported every step, whatever the loss
         return self.mode == "policy" and self.loss.name not in REFERENCE_FREE_LOSSES
 
     @property

@@ -160,6 +160,32 @@ def final_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mas
     return captured["hidden"]
 
 
+def _masked_token_logps(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+    chunk_size: int, temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probs of the loss-masked tokens: ``(token_logps (N,), rows (N,), positions (N,))``, where
+    ``positions`` indexes the (B, L-1) grid (position t predicts token t + 1)."""
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape or loss_mask.shape != input_ids.shape:
+        raise ValueError(
+            "input_ids, attention_mask and loss_mask must all be (B, L); got "
+            f"{tuple(input_ids.shape)}, {tuple(attention_mask.shape)}, {tuple(loss_mask.shape)}"
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    hidden = final_hidden_states(model, input_ids, attention_mask)  # (B, L, H)
+    label_mask = loss_mask[:, 1:].bool() & attention_mask[:, 1:].bool()  # (B, L-1)
+    rows, positions = label_mask.nonzero(as_tuple=True)  # (N,), (N,)
+    head = unwrap_model(model).get_output_embeddings()
+    bias = getattr(head, "bias", None)
+    # log_softmax(logits / T): scaling the hidden states (and the bias) by 1/T scales the logits
+    selected = hidden[rows, positions]  # (N, H): position t predicts token t + 1
+    if temperature != 1.0:
+        selected, bias = selected / temperature, (None if bias is None else bias / temperature)
+    token_logps = label_logps(selected, head.weight, input_ids[rows, positions + 1], bias, chunk_size)  # (N,)
+    return token_logps, rows, positions
+
+
 def sequence_logps(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -184,25 +210,37 @@ def sequence_logps(
     Returns:
         (sum_logps, token_counts): float32 (B,) with gradient, and int64 (B,) counts.
     """
-    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape or loss_mask.shape != input_ids.shape:
-        raise ValueError(
-            "input_ids, attention_mask and loss_mask must all be (B, L); got "
-            f"{tuple(input_ids.shape)}, {tuple(attention_mask.shape)}, {tuple(loss_mask.shape)}"
-        )
-    hidden = final_hidden_states(model, input_ids, attention_mask)  # (B, L, H)
-    label_mask = loss_mask[:, 1:].bool() & attention_mask[:, 1:].bool()  # (B, L-1)
-    rows, positions = label_mask.nonzero(as_tuple=True)  # (N,), (N,)
-    head = unwrap_model(model).get_output_embeddings()
-    token_logps = label_logps(
-        hidden[rows, positions],  # (N, H): position t predicts token t + 1
-        head.weight,
-        input_ids[rows, positions + 1],  # (N,)
-        getattr(head, "bias", None),
-        chunk_size,
-    )  # (N,)
+    token_logps, rows, _ = _masked_token_logps(model, input_ids, attention_mask, loss_mask, chunk_size)
     sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
     sum_logps = sums.index_add(0, rows, token_logps)  # (B,)
-    return sum_logps, label_mask.sum(dim=1)
+    counts = torch.bincount(rows, minlength=input_ids.shape[0])  # (B,)
+    return sum_logps, counts
+
+
+def token_logps(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of the loss-masked tokens on the (B, L-1) grid that GRPO needs.
+
+    Same computation as :func:`sequence_logps` (only masked positions reach the output layer),
+    kept per token. ``temperature``: log_softmax(logits / T), the distribution a sampler at
+    temperature T drew from.
+
+    Returns:
+        (logps, mask): float32 (B, L-1) with gradient, 0 off the mask; bool (B, L-1), True where
+        position t's next token (t + 1) is a masked, non-pad token.
+    """
+    values, rows, positions = _masked_token_logps(model, input_ids, attention_mask, loss_mask, chunk_size,
+                                                  temperature)
+    grid = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1, dtype=torch.float32, device=input_ids.device)
+    mask = torch.zeros_like(grid, dtype=torch.bool)
+    mask[rows, positions] = True
+    return grid.index_put((rows, positions), values), mask
 
 
 @dataclass

@@ -119,8 +119,9 @@ def preference_card(config: Any, selection: Any, plan: Any, report: dict[str, An
     uri = report["model_uri"]
     try:
         every, changed = settings(config, PREFERENCE_SECTIONS)
-        policy = config.mode == "policy"
-        loss = (f"{config.loss.name} (beta {config.loss.beta})" if policy else
+        policy = config.mode in ("policy", "online")
+        online = config.mode == "online"
+        loss = (f"{'online ' if online else ''}{config.loss.name} (beta {config.loss.beta})" if policy else
                 "Bradley-Terry" + (f" (time discount gamma {config.reward_model.gamma})"
                                    if config.reward_model.gamma else ""))
         data = _name(config.store_uri)
@@ -140,7 +141,10 @@ def preference_card(config: Any, selection: Any, plan: Any, report: dict[str, An
         base = config.policy.path if policy else config.reward_model.encoder
         facts = CardFacts(
             title=f"{config.run_name}: a Whetstone {'preference-tuned policy' if policy else 'reward model'}",
-            summary=(f"A causal LM tuned on preference pairs with the {loss} loss by Whetstone's preference job "
+            summary=(f"A causal LM tuned on its own samples, scored by the reward model "
+                     f"`{config.online.reward_model or config.online.reward_app or config.online.reward_url}`, with "
+                     f"the {loss} loss by Whetstone's preference job (run `{config.run_name}`)." if online else
+                     f"A causal LM tuned on preference pairs with the {loss} loss by Whetstone's preference job "
                      f"(run `{config.run_name}`)." if policy else
                      f"A reward model (prompt, response) -> scalar, trained with the {loss} loss on preference "
                      f"pairs by Whetstone's preference job (run `{config.run_name}`)."),
@@ -157,7 +161,7 @@ def preference_card(config: Any, selection: Any, plan: Any, report: dict[str, An
 
 def _preference_usage(uri: str, config: Any) -> str:
     """How to load the saved policy or reward model (``uri``: where it was saved)."""
-    if config.mode == "policy":
+    if config.mode in ("policy", "online"):
         return POLICY_USAGE.format(path=uri)
     pooling = config.reward_model.pooling
     if pooling != "last":

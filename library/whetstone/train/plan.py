@@ -64,3 +64,7 @@ class PreferenceRunPlan(RunPlan):
 
     current_time_step: float = Field(description="NS-DPO's T: the newest time step + 1")
     has_eval: bool = Field(description="an `eval` dataset shard exists")
+    generation_actors: list[str] = Field(default_factory=list, description="mode=online: names of the "
+                                         "generation actors the workers sample from and rank 0 pushes weights to")
+    reward_app: str | None = Field(None, description="mode=online: the Serve reward app the workers score with")
+    reward_url: str | None = Field(None, description="mode=online: or the reward service's HTTP /score URL")

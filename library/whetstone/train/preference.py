@@ -90,6 +90,10 @@ def build_loss(loss: LossConfig) -> nn.Module:
         return SimPOLoss(loss.beta, loss.target_margin)
     if loss.name == "orpo":
         return ORPOLoss(loss.beta)
+    if loss.name == "kto":
+        from whetstone.losses.kto import KTOLoss
+
+        return KTOLoss(loss.beta, loss.kto_desirable_weight, loss.kto_undesirable_weight)
     return NPOLoss(loss.beta)
 
 
@@ -116,7 +120,43 @@ def apply_loss(loss_fn: nn.Module, name: str, logps: dict[str, torch.Tensor], re
         return loss_fn(rejected, ref_rejected, chosen, ref_chosen)
     if name == "ns_dpo":
         return loss_fn(chosen, rejected, ref_chosen, ref_rejected, time_steps, current_step)
+    if name == "kto":
+        return kto_as_pairs(loss_fn, chosen, rejected, ref_chosen, ref_rejected, reference.get(KTO_REFERENCE_POINT))
     return loss_fn(chosen, rejected, ref_chosen, ref_rejected, *counts)
+
+
+KTO_REFERENCE_POINT = "kto_reference_point"  # reference dict key: KTO's z0 for the batch
+
+
+def kto_as_pairs(loss_fn: nn.Module, chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor,
+                 ref_rejected: torch.Tensor, reference_point: torch.Tensor | None) -> PreferenceLossOutput:
+    """Offline KTO on stored pairs: the chosen responses are the desirable examples, the rejected
+    ones the undesirable (KTO itself needs no pairing). Each pair's loss is the mean of its two
+    examples' losses, so the pair metrics (implicit-reward accuracy, margin) read as DPO's do.
+    ``reference_point`` None (held-out evaluation): z0 = 0."""
+    size = chosen.shape[0]
+    z0 = reference_point if reference_point is not None else torch.zeros((), device=chosen.device)
+    desirable = torch.arange(2 * size, device=chosen.device) < size  # (2B,)
+    out = loss_fn(torch.cat([chosen, rejected]), torch.cat([ref_chosen, ref_rejected]), desirable, z0)
+    return PreferenceLossOutput(losses=(out.losses[:size] + out.losses[size:]) / 2,
+                                chosen_rewards=out.rewards[:size], rejected_rewards=out.rewards[size:])
+
+
+def kto_reference_point_of(model: nn.Module, reference_model: nn.Module, tokenizer: Any, raw: dict[str, np.ndarray],
+                           config: PreferenceJobConfig) -> torch.Tensor:
+    """KTO's z0 for a batch of pairs, as the paper estimates it: every prompt with the responses
+    of the NEXT pair in the batch (mismatched, so neither desirable nor not), the mean log-ratio
+    of policy to reference over them, clamped at 0, over every worker; no gradient."""
+    from whetstone.losses.kto import kto_reference_point
+    from whetstone.models.policy import preference_logps, unwrap_model
+
+    shifted = {**raw, S.CHOSEN: np.roll(raw[S.CHOSEN], 1), S.REJECTED: np.roll(raw[S.REJECTED], 1)}
+    batch = tokenize_pairs(tokenizer, shifted, config).to(next(model.parameters()).device)
+    with torch.no_grad():
+        policy = preference_logps(unwrap_model(model), batch, config.policy.chunk_size)
+        reference = preference_logps(reference_model, batch, config.policy.chunk_size)
+    return kto_reference_point(torch.cat([policy["chosen_logps"], policy["rejected_logps"]]),
+                               torch.cat([reference["chosen_logps"], reference["rejected_logps"]]))
 
 
 def tokenize_pairs(tokenizer: Any, raw: dict[str, np.ndarray], config: PreferenceJobConfig):
@@ -234,6 +274,7 @@ class PreferenceStepLog:
         self.history: list[dict[str, Any]] = []
         self.resumed_steps = 0  # history entries an earlier attempt logged (see resume_history)
         self.writer = None  # rank 0: TensorBoard / MLflow (whetstone.train.tracking.metric_writer)
+        self.last_step = 0  # the newest step trained (mode=online's evaluation versions the weights by it)
 
     def resume_history(self, checkpoint: str, step: int, storage: StorageConfig | None) -> None:
         """Rank 0 takes the history of steps 1..``step`` from the checkpoint resumed from (nothing
@@ -264,11 +305,16 @@ class PreferenceStepLog:
             if self.writer is not None:
                 self.writer.add(metrics)
             if step % self.log_every == 0 or step == self.total_steps:
-                print(f"[train] step {step}/{self.total_steps} epoch {epoch} loss {metrics['loss']:.4f} "
-                      f"acc {metrics['reward_accuracy']:.2f} margin {metrics['margin']:+.4f} "
-                      f"(chosen {metrics['chosen_reward']:+.4f} rejected {metrics['rejected_reward']:+.4f}) "
-                      f"lr {lr:.2e} {metrics['pairs_per_s']:.1f} pairs/s", flush=True)
+                print(self.line(metrics), flush=True)
+        self.last_step = step
         return metrics
+
+    def line(self, metrics: dict[str, Any]) -> str:
+        """Rank 0's progress line of one step."""
+        return (f"[train] step {metrics['step']}/{self.total_steps} epoch {metrics['epoch']} loss "
+                f"{metrics['loss']:.4f} acc {metrics['reward_accuracy']:.2f} margin {metrics['margin']:+.4f} "
+                f"(chosen {metrics['chosen_reward']:+.4f} rejected {metrics['rejected_reward']:+.4f}) "
+                f"lr {metrics['lr']:.2e} {metrics['pairs_per_s']:.1f} pairs/s")
 
     def finish(self, history_uri: str, storage: StorageConfig) -> None:
         """Rank 0 writes the per-step history (the driver plots it)."""

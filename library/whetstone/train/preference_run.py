@@ -112,8 +112,8 @@ def precompute_reference(run: DriverRun, selection: PairSelection) -> tuple[pa.T
     """``reference.mode=precompute`` with a loss that uses a reference: the table of reference
     log-probs (reused on resume) and its URI; otherwise ``(None, None)``."""
     config = run.config
-    if not (config.needs_reference and config.reference.mode == "precompute"):
-        return None, None
+    if not (config.mode == "policy" and config.needs_reference and config.reference.mode == "precompute"):
+        return None, None  # mode=online: every worker holds the reference (it scores fresh samples)
     started = time.monotonic()
     uri = store.join(config.run_uri, "reference_logps.parquet")
     table = reference_table(config, selection, uri)
@@ -152,7 +152,8 @@ def plan_training(run: DriverRun, selection: PairSelection,
     datasets = {"train": pairs_for_training(config, selection, "train", reference, seed=config.optim.seed)}
     if selection.eval_ids:
         datasets["eval"] = pairs_for_training(config, selection, "eval", reference)
-    print(f"[train] {config.loss.name}: {world} workers x batch {batch}: {steps_per_epoch} steps/epoch, "
+    unit = f"prompts x {config.online.samples_per_prompt} samples" if config.mode == "online" else "pairs"
+    print(f"[train] {config.loss.name}: {world} workers x {batch} {unit}: {steps_per_epoch} steps/epoch, "
           f"{total_steps} steps", flush=True)
     return plan, datasets
 
@@ -185,24 +186,33 @@ def plot_history(config: PreferenceJobConfig, history: list[dict], steps_per_epo
     from whetstone.train.plots import plot_metrics
 
     plot_uri = store.join(config.run_uri, "training.png")
-    keys = ["loss", "reward_accuracy", "margin"] if config.mode == "policy" else ["loss", "reward_accuracy"]
+    keys = {"policy": ["loss", "reward_accuracy", "margin"], "reward_model": ["loss", "reward_accuracy"],
+            "online": ["loss", "reward_mean", "response_tokens", "kl_to_reference"]}[config.mode]
     epoch_starts = [(m["step"], f"epoch {m['epoch']}") for m in history[1:]
                     if m["step"] % steps_per_epoch == 1 and steps_per_epoch > 1]
     plot_metrics(history, keys, plot_uri, markers=epoch_starts, storage=config.storage,
-                 title=f"{config.run_name}: {config.loss.name if config.mode == 'policy' else 'reward model'}")
+                 title=f"{config.run_name}: {loss_label(config)}")
     return plot_uri
 
 
+def loss_label(config: PreferenceJobConfig) -> str:
+    if config.mode == "reward_model":
+        return "bradley_terry"
+    return f"online {config.loss.name}" if config.mode == "online" else config.loss.name
+
+
 def finish_run(run: DriverRun, selection: PairSelection, leakage: dict, reference_uri: str | None,
-               plan: PreferenceRunPlan, metrics: dict) -> dict:
-    """Plot the history, write ``<run_uri>/report.json``, print the summary; returns the report."""
+               plan: PreferenceRunPlan, metrics: dict, online: dict | None = None) -> dict:
+    """Plot the history, write ``<run_uri>/report.json``, print the summary; returns the report.
+    ``online`` (mode=online): ``before``, the starting policy's held-out figures, and
+    ``reward_model_version``."""
     config = run.config
     history = json.loads(store.read_bytes(plan.history_uri, config.storage))
     plot_uri = plot_history(config, history, plan.steps_per_epoch)
     k = max(1, min(10, len(history) // 4))
     report = {
         "run_uri": config.run_uri, "mode": config.mode,
-        "loss": config.loss.name if config.mode == "policy" else "bradley_terry",
+        "loss": loss_label(config),
         "model_uri": store.join(plan.checkpoint_root, "final"),
         "steps": plan.total_steps, "train_pairs": len(selection.train_ids), "eval_pairs": len(selection.eval_ids),
         "kept_aside_at_ingest": selection.kept_aside, "dropped_by_time_filter": selection.dropped_by_time_filter,
@@ -220,6 +230,12 @@ def finish_run(run: DriverRun, selection: PairSelection, leakage: dict, referenc
         "timings_s": {**run.timer.marks, "total_s": round(time.monotonic() - run.timer.started, 2)},
         "peak_memory_gib": round(run.memory.stop() / 1024**3, 2),
     }
+    if config.mode == "online":
+        from whetstone.train.online_run import online_report
+
+        online = online or {}
+        report["online"] = online_report(config, history, online.get("before") or {}, metrics,
+                                         online.get("reward_model_version"))
     report["model_card_uri"] = preference_card(config, selection, plan, report)  # README.md of the model
     report_uri = store.join(config.run_uri, "report.json")
     store.write_bytes(report_uri, json.dumps(report, indent=2).encode(), config.storage)
@@ -242,7 +258,11 @@ def print_summary(report: dict, report_uri: str) -> None:
         resumed += f" ({report['worker_restarts']} worker-group restart(s) after failures)"
     lines.append(f"loss: first steps {report['first_loss_mean']:.4f} -> last steps {report['last_loss_mean']:.4f} "
                  f"over {report['steps']} steps{resumed}; {report['pairs_per_s']:.1f} pairs/s")
-    if report["eval"]:
+    if "online" in report:
+        from whetstone.train.online_run import print_online_summary
+
+        lines.extend(print_online_summary(report["online"]))
+    elif report["eval"]:
         ev = report["eval"]
         lines.append(f"held-out: reward accuracy {ev['eval_reward_accuracy']:.3f}, margin {ev['eval_margin']:+.4f} "
                      f"on {ev['eval_pairs']} pairs")

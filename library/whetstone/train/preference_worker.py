@@ -36,11 +36,13 @@ from whetstone.models.policy import preference_logps
 from whetstone.train.checkpoint import TrainerState, read_trainer_state, report_step, restore_optimizer
 from whetstone.train.plan import PreferenceRunPlan
 from whetstone.train.preference import (
+    KTO_REFERENCE_POINT,
     PreferenceStepLog,
     apply_loss,
     build_loss,
     evaluate_reward_shard,
     evaluate_shard,
+    kto_reference_point_of,
     load_policy,
     pair_metrics,
     reference_logps,
@@ -204,7 +206,7 @@ def setup_policy_run(config: PreferenceJobConfig, plan: PreferenceRunPlan) -> Po
         # A LoRA checkpoint holds the merged weights: new adapters start on them, so the saved
         # adapters' AdamW moments do not apply.
         run.start = restore_training_state(folder, run, plan, config.storage, with_optimizer=not config.lora.enabled)
-    if config.needs_reference and config.reference.mode == "on_the_fly":
+    if config.needs_reference and (config.reference.mode == "on_the_fly" or config.mode == "online"):
         run.reference_model, _ = load_policy(config.policy, config.storage)
         run.reference_model.eval().requires_grad_(False)
     return run
@@ -288,6 +290,9 @@ def preference_step(run: PolicyRun, raw: dict, config: PreferenceJobConfig, plan
     batch = tokenize_pairs(run.tokenizer, raw, config).to(model_device(run.model))
     logps = preference_logps(run.model, batch, chunk)  # (B,) chosen and rejected, token counts
     reference = reference_logps(raw, batch, run.reference_model, chunk)
+    if config.loss.name == "kto":  # z0 from mismatched pairs (reference.mode=on_the_fly: the copy is here)
+        reference[KTO_REFERENCE_POINT] = kto_reference_point_of(run.model, run.reference_model, run.tokenizer, raw,
+                                                                config)
     out = apply_loss(run.loss_fn, config.loss.name, logps, reference, torch.as_tensor(raw[TIME_STEP]),
                      plan.current_time_step)
     # Weighted (NS-DPO) losses are normalised over the global batch and summed; DDP then averages

@@ -1,0 +1,1 @@
+"""Online preference training: sampling from the current policy, scoring, and turning scores into training signal."""

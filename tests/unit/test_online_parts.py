@@ -1,0 +1,155 @@
+"""Parts of online preference training that need no Ray: per-token log-probs, the sample batch,
+the config's rules, offline KTO on pairs and the report's arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pydantic import ValidationError
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=97, n_positions=64))
+    return model.eval()
+
+
+def _batch():
+    ids = torch.tensor([[5, 6, 7, 8, 9, 0, 0], [11, 12, 13, 14, 15, 16, 17]])
+    attention = torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
+    loss_mask = torch.tensor([[0, 0, 1, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1, 1]])
+    return ids, attention, loss_mask
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logps_equal_full_log_softmax(tiny_lm, temperature):
+    from whetstone.models.policy import sequence_logps, token_logps
+
+    ids, attention, loss_mask = _batch()
+    logps, mask = token_logps(tiny_lm, ids, attention, loss_mask, chunk_size=3, temperature=temperature)
+    with torch.no_grad():
+        full = F.log_softmax(tiny_lm(input_ids=ids, attention_mask=attention).logits / temperature, -1)  # (B, L, V)
+    expected = full[:, :-1].gather(2, ids[:, 1:, None]).squeeze(2)  # position t predicts token t + 1
+    want_mask = (loss_mask[:, 1:] * attention[:, 1:]).bool()
+    assert torch.equal(mask, want_mask)
+    assert torch.allclose(logps[mask], expected[mask], atol=1e-5)
+    assert (logps[~mask] == 0).all()
+    if temperature == 1.0:  # the per-token values sum to the sequence log-probs DPO uses
+        sums, counts = sequence_logps(tiny_lm, ids, attention, loss_mask, chunk_size=3)
+        assert torch.allclose(logps.sum(-1), sums, atol=1e-5)
+        assert counts.tolist() == [3, 4]
+
+
+def test_sample_batch_puts_each_sampled_log_prob_where_the_trainer_scores_that_token(tiny_lm):
+    """The generation actor's per-token log-probs must line up with the trainer's grid: a sample
+    scored by the same weights gives the same values at the same positions (GRPO's ratio is 1)."""
+    from types import SimpleNamespace
+
+    from whetstone.models.policy import token_logps
+    from whetstone.online.batch import sample_batch
+
+    prompts = [[3, 4, 5], [7]]
+    completions = [[[10, 11], [12, 13, 14]], [[20], [21, 22, 23, 24]]]
+    # the log-probs the generator would report, computed here by a full forward of each sequence
+    logps = []
+    for prompt, per_prompt in zip(prompts, completions, strict=True):
+        row = []
+        for ids in per_prompt:
+            seq = torch.tensor([prompt + ids])
+            with torch.no_grad():
+                full = F.log_softmax(tiny_lm(input_ids=seq).logits[0], -1)
+            row.append([float(full[len(prompt) - 1 + j, tok]) for j, tok in enumerate(ids)])
+        logps.append(row)
+    samples = SimpleNamespace(prompt_ids=prompts, completion_ids=completions, logps=logps)
+    batch = sample_batch(samples, pad_id=0)
+    assert batch.input_ids.shape == (4, 6) and batch.lengths.tolist() == [2, 3, 1, 4]
+    trained, mask = token_logps(tiny_lm, batch.input_ids, batch.attention_mask, batch.loss_mask)
+    assert torch.equal(mask, batch.sample_logps != 0)
+    assert torch.allclose(trained[mask], batch.sample_logps[mask], atol=1e-5)
+    assert batch.rows(torch.tensor([3])).input_ids[0].tolist() == [7, 21, 22, 23, 24, 0]
+
+
+def _online(**update):
+    from whetstone.config.preference import PreferenceJobConfig
+
+    raw = {"mode": "online", "policy": {"path": "tiny-gpt2"}, "loss": {"name": "grpo"},
+           "online": {"reward_model": "/models/rm"}}
+    for key, value in update.items():
+        section, _, field = key.partition("__")
+        if field:
+            raw.setdefault(section, {})[field] = value
+        else:
+            raw[section] = value
+    return PreferenceJobConfig.model_validate(raw)
+
+
+def test_online_config_rules():
+    assert _online().needs_reference
+    for loss in ("dpo", "ipo", "kto", "grpo"):
+        assert _online(loss__name=loss).loss.name == loss
+    with pytest.raises(ValidationError, match="mode=online trains with dpo, ipo, kto, grpo, not simpo"):
+        _online(loss__name="simpo")
+    with pytest.raises(ValidationError, match="exactly one of online.reward_model"):
+        _online(online={"reward_model": "/m", "reward_app": "rm"})
+    with pytest.raises(ValidationError, match="exactly one of online.reward_model"):
+        _online(online={})
+    with pytest.raises(ValidationError, match="LoRA is not supported"):
+        _online(lora={"enabled": True})
+    with pytest.raises(ValidationError, match="samples_per_prompt"):
+        _online(online={"reward_model": "/m", "samples_per_prompt": 1})
+
+
+def test_offline_config_refuses_grpo_and_kto_without_the_reference_copy():
+    from whetstone.config.preference import PreferenceJobConfig
+
+    base = {"policy": {"path": "tiny-gpt2"}}
+    with pytest.raises(ValidationError, match="loss.name=grpo needs mode=online"):
+        PreferenceJobConfig.model_validate({**base, "loss": {"name": "grpo"}})
+    with pytest.raises(ValidationError, match="reference.mode=on_the_fly"):
+        PreferenceJobConfig.model_validate({**base, "loss": {"name": "kto"}})
+    config = PreferenceJobConfig.model_validate({**base, "loss": {"name": "kto"}, "reference": {"mode": "on_the_fly"}})
+    assert config.needs_reference
+
+
+def test_offline_kto_on_pairs_by_hand():
+    """Chosen = desirable, rejected = undesirable; each pair's loss is the mean of its two."""
+    from whetstone.losses.kto import KTOLoss
+    from whetstone.train.preference import kto_as_pairs
+
+    beta, z0 = 0.5, torch.tensor(0.2)
+    chosen, rejected = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -2.0])
+    ref_chosen, ref_rejected = torch.tensor([-3.5, -5.0]), torch.tensor([-3.0, -2.5])
+    out = kto_as_pairs(KTOLoss(beta), chosen, rejected, ref_chosen, ref_rejected, z0)
+    h_c, h_r = chosen - ref_chosen, rejected - ref_rejected  # (0.5, 0), (-1, 0.5)
+    want_c = 1 - torch.sigmoid(beta * (h_c - z0))
+    want_r = 1 - torch.sigmoid(beta * (z0 - h_r))
+    assert torch.allclose(out.losses, (want_c + want_r) / 2)
+    assert torch.allclose(out.chosen_rewards, beta * h_c) and torch.allclose(out.rejected_rewards, beta * h_r)
+    assert out.accuracies.tolist() == [1.0, 0.0]
+    # held-out evaluation passes no reference point: z0 = 0
+    evaluated = kto_as_pairs(KTOLoss(beta), chosen, rejected, ref_chosen, ref_rejected, None)
+    assert torch.allclose(evaluated.losses, ((1 - torch.sigmoid(beta * h_c)) + (1 - torch.sigmoid(-beta * h_r))) / 2)
+
+
+def test_online_report_gain_in_starting_standard_deviations():
+    from whetstone.train.online_run import online_report
+
+    config = _online()
+    history = [{"step": 1, "reward_mean": 0.1, "kl_to_reference": 0.0, "policy_lag": 0.0, "generate_s": 2.0,
+                "score_s": 0.1, "train_s": 3.0, "sync_s": 0.5},
+               {"step": 2, "reward_mean": 0.3, "kl_to_reference": 0.2, "policy_lag": 0.0, "generate_s": 4.0,
+                "score_s": 0.3, "train_s": 5.0, "sync_s": 0.7}]
+    before = {"prompts": 4, "reward_mean": -0.5, "reward_std": 0.25, "response_tokens": 30.0}
+    metrics = {"eval_prompts": 4, "eval_reward_mean": -0.3, "eval_reward_std": 0.2, "eval_response_tokens": 20.0,
+               "eval_kl_to_reference": 1.5, "loss": 0.1}
+    section = online_report(config, history, before, metrics)
+    assert section["reward_gain"] == pytest.approx(0.2)
+    assert section["reward_gain_sd"] == pytest.approx(0.8)
+    assert section["mean_response_tokens_before"] == 30.0 and section["mean_response_tokens_after"] == 20.0
+    assert section["kl_to_reference_final"] == 1.5
+    assert section["generate_s_per_step"] == 3.0 and section["train_s_per_step"] == 4.0
+    assert section["train_reward_first_step"] == 0.1 and section["train_reward_last_step"] == 0.3
