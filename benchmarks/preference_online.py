@@ -16,7 +16,8 @@ What runs, in one local Ray session, through the preference job itself (``jobs.t
    prompts (never trained on, never seen by the reward model), one greedy completion each from the
    starting policy and from each final policy, scored by the reward model; the gain is in units
    of the reward's standard deviation over the starting policy's completions. KL to the
-   reference: one sampled completion per held-out prompt, sum_t log pi - log pi_ref, averaged.
+   reference: one sampled completion per held-out prompt, the per-token k3 estimate summed over its
+   tokens (never negative, unbiased; ``whetstone.online.batch.sequence_kl``), averaged.
 
 Peak memory is sampled over every process of the run (driver, Ray daemons, Train workers,
 generation actors, the Serve replica). The host is shared: the load average is recorded.
@@ -125,47 +126,66 @@ class LocalReward:
         return self.model.score(prompts, responses, batch_size=32), "local"
 
 
-def evaluate(args, store: Path, policy: str, reward: LocalReward, reference, finals: dict[str, str]) -> dict:
-    """Greedy rewards on the held-out prompts for the starting policy and each final one; KL by sampling."""
-    from whetstone.config.preference import PolicyConfig, PreferenceJobConfig
-    from whetstone.online.generation import GenerationPool
-    from whetstone.train.online_eval import greedy_rewards, sampled_kl, summarise
-    from whetstone.train.online_run import generation_settings
+def held_out_prompts(args, store: Path, policy: str) -> tuple[list[str], dict]:
+    """The held-out prompts the online jobs evaluate on (the first eval pairs by hash), and the config."""
+    from whetstone.config.preference import PreferenceJobConfig
     from whetstone.train.preference_data import select_pairs
 
     config = PreferenceJobConfig.model_validate({
-        "store_uri": str(store), "policy": {"path": policy}, "leakage": {"mode": "off"},
+        "store_uri": str(store), "policy": {"path": policy}, "leakage": {"mode": "off"}, "mode": "online",
         "data": {"dataset": "preference/test", "eval_fraction": args.eval_fraction, "split_seed": 0,
                  "max_prompt_length": args.max_prompt_tokens, "max_length": args.max_prompt_tokens + args.max_new_tokens,
                  "chat_template": True},
-        "online": {"max_new_tokens": args.max_new_tokens, "reward_model": "judge"}, "mode": "online"})
+        "online": {"max_new_tokens": args.max_new_tokens, "reward_model": "judge"}})
     selection = select_pairs(config)
-    prompts = [selection.prompts[i] for i in selection.eval_ids[: args.eval_prompts]]
-    tokenizer_pad = reference[1].pad_token_id if reference[1].pad_token_id is not None else reference[1].eos_token_id
+    return [selection.prompts[i] for i in selection.eval_ids[: args.eval_prompts]], config
+
+
+def evaluate(prompts: list[str], config, reward: LocalReward, reference, models: dict[str, str]) -> dict:
+    """What the online job's own held-out evaluation computes (the same functions), for models
+    trained elsewhere: greedy rewards and lengths on the held-out prompts, the sampled KL."""
+    from whetstone.config.preference import PolicyConfig
+    from whetstone.online.generation import GenerationPool
+    from whetstone.train.online_eval import greedy_rewards, sampled_kl, summarise
+    from whetstone.train.online_run import generation_settings
+
+    model, tokenizer = reference
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = {}
-    for name, folder in [("start", policy), *finals.items()]:
+    for name, folder in models.items():
         started = time.monotonic()
         pool = GenerationPool.start(1, PolicyConfig(path=folder).model_dump(mode="json"), None,
                                     generation_settings(config), num_cpus=1.0, name_prefix=f"bench-eval-{name}")
         try:
             rewards, tokens, texts = greedy_rewards(pool, reward, prompts)
-            kl = sampled_kl(pool, prompts, reference[0], tokenizer_pad, 1024, 1.0) if name != "start" else None
+            kl = sampled_kl(pool, prompts, model, pad, 1024, 1.0)
         finally:
             pool.shutdown()
-        out[name] = {**summarise(rewards, tokens), "rewards": rewards.tolist(),
-                     "kl_to_reference": float(np.mean(kl)) if kl is not None else 0.0,
+        out[name] = {**summarise(rewards, tokens), "kl_to_reference": float(np.mean(kl)),
                      "examples": [{"prompt": p[-200:], "response": t} for p, t in zip(prompts[:2], texts[:2],
                                                                                      strict=False)],
-                     "seconds": round(time.monotonic() - started, 1)}
+                     "seconds": round(time.monotonic() - started, 1), "evaluated_by": "benchmark"}
         print(f"[bench] {name}: mean reward {out[name]['reward_mean']:+.4f} (std {out[name]['reward_std']:.4f}), "
               f"{out[name]['response_tokens']:.1f} tokens, KL {out[name]['kl_to_reference']:.4f}", flush=True)
     return out
 
 
+def from_job(report: dict, which: str) -> dict:
+    """An online job's own held-out figures (``held_out_before`` / ``held_out_after``)."""
+    figures = dict(report["online"][which])
+    figures.setdefault("kl_to_reference", 0.0)  # before training the policy is the reference
+    return {**figures, "evaluated_by": "job"}
+
+
 def summarise_runs(args, evals: dict, reports: dict, memory_gib: float, rm_report: dict) -> dict:
+    """Gains in standard deviations of the starting policy's held-out rewards. The online runs'
+    figures come from the job's own evaluation, before and after; offline DPO's from the same
+    functions run here, against the starting policy evaluated here too (``start_benchmark_eval``:
+    it differs from the job's start only by how the prompts were batched)."""
     start = evals["start"]
     sd = start["reward_std"] or float("nan")
-    gain = {name: (evals[name]["reward_mean"] - start["reward_mean"]) / sd for name in reports}
+    gain = {name: (evals[name]["reward_mean"] - evals["start_benchmark_eval" if name == "offline-dpo" else
+                                                      "start"]["reward_mean"]) / sd for name in reports}
     better = max(("online-dpo", "grpo"), key=lambda name: gain[name])
     ratio = gain[better] / gain["offline-dpo"] if gain["offline-dpo"] > 0 else None
     timing = reports[better]["online"]
@@ -179,6 +199,8 @@ def summarise_runs(args, evals: dict, reports: dict, memory_gib: float, rm_repor
         "mean_response_tokens_before": round(start["response_tokens"], 2),
         "mean_response_tokens_after": round(evals[better]["response_tokens"], 2),
         "mean_response_tokens_after_per_method": {name: round(evals[name]["response_tokens"], 2) for name in reports},
+        "start_reward_mean_job_vs_benchmark_eval": [round(start["reward_mean"], 4),
+                                                    round(evals["start_benchmark_eval"]["reward_mean"], 4)],
         "generate_s_per_step": round(timing["generate_s_per_step"], 3),
         "score_s_per_step": round(timing["score_s_per_step"], 4),
         "train_s_per_step": round(timing["train_s_per_step"], 3),
@@ -232,17 +254,22 @@ def main(argv=None) -> dict:
                "grpo": lambda: online_run(args, store, policy, reward_folder, "grpo"),
                "offline-dpo": lambda: offline_run(args, store, policy)}
     reports, seconds = {}, {}
+    online = [name for name in args.methods.split(",") if name != "offline-dpo"]
     for name in args.methods.split(","):
         t = time.monotonic()
         reports[name] = runners[name]()
         seconds[name] = round(time.monotonic() - t, 1)
         load[f"after_{name}"] = load_average()
-    from whetstone.config.preference import PolicyConfig
+    evals = {"start": from_job(reports[online[0]], "held_out_before")} if online else {}
+    evals.update({name: from_job(reports[name], "held_out_after") for name in online})
+    if "offline-dpo" in reports:  # the same evaluation, run here on the offline run's final model
+        from whetstone.config.preference import PolicyConfig
 
-    reference = load_policy(PolicyConfig(path=policy), None)
-    reference[0].eval()
-    evals = evaluate(args, store, policy, LocalReward(reward_folder), reference,
-                     {name: report["model_uri"] for name, report in reports.items()})
+        prompts, config = held_out_prompts(args, store, policy)
+        reference = load_policy(PolicyConfig(path=policy), None)
+        reference[0].eval()
+        evals.update(evaluate(prompts, config, LocalReward(reward_folder), reference,
+                              {"start_benchmark_eval": policy, "offline-dpo": reports["offline-dpo"]["model_uri"]}))
     load["end"] = load_average()
     results = {"summary": summarise_runs(args, evals, reports, memory.stop() / 1024**3, rm_report),
                "evaluation": evals, "job_reports": {name: r.get("online", r.get("eval")) for name, r in reports.items()},

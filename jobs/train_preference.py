@@ -1,4 +1,5 @@
-"""Preference training on the data plane: the DPO family, NS-DPO, SimPO, ORPO, NPO, or a reward model.
+"""Preference training on the data plane: the DPO family, NS-DPO, SimPO, ORPO, NPO, KTO, a reward
+model, or online training on the policy's own samples (online DPO / IPO, GRPO, KTO).
 
 What it does, top to bottom:
   1. reads the preference pairs' ids and prompts from the store and splits train / eval by a
@@ -16,13 +17,20 @@ What it does, top to bottom:
   5. evaluates on the held-out pairs (reward accuracy, margin), checkpoints the policy in HF
      format, writes a JSON report and a PNG plot (the last printed line is the report's path).
   ``mode: reward_model`` trains an encoder + scalar head with the Bradley–Terry loss instead.
+  ``mode: online`` (``whetstone.train.online_worker``) takes only the pairs' prompts: generation
+  actors sample ``online.samples_per_prompt`` answers per prompt with the newest pushed weights,
+  the reward model (``online.reward_model``, served by Ray Serve for the run) scores them, the
+  workers train with ``loss.name`` = dpo / ipo (best vs worst), kto or grpo, and rank 0 pushes the
+  weights to the actors every ``online.sync_every`` steps; held-out prompts get greedy answers,
+  scored before and after training.
 
 Checkpoints (``optim.checkpoint_every`` steps, and ``final``) hold the weights, the optimiser's and
 LR schedule's state and the data position; ``if_exists=resume`` continues a killed run from its
 newest complete one: same weights, same AdamW moments, same LR, the batches it had not trained yet.
 
 Papers: DPO (arXiv 2305.18290); IPO (2310.12036); NS-DPO (2407.18676); SimPO (2405.14734);
-ORPO (2403.07691); NPO (2404.05868); reward models as in InstructGPT (2203.02155).
+ORPO (2403.07691); NPO (2404.05868); KTO (2402.01306); online DPO (2402.04792); GRPO (2402.03300);
+reward models as in InstructGPT (2203.02155).
 
 Launch:
   local:           python -m jobs.ingest --config jobs/configs/ingest/hh_rlhf.yaml

@@ -107,3 +107,22 @@ def test_readme_preference_quickstart(tmp_path):
     assert report["steps"] > 0 and report["train_pairs"] > 0
     assert (tmp_path / "cache" / "whetstone" / "tiny-gpt2-seed0" / ".complete").is_file()
     assert "report:" in output
+
+
+def test_readme_online_preference_quickstart(tmp_path):
+    """The online section's block: ingest the sample, train the MiniLM reward model, then online
+    GRPO on the tiny GPT-2 with that model served by Ray Serve."""
+    block = readme_block("train_preference/reward-smoke.yaml", "train_preference/online-smoke.yaml")
+    assert "<" not in block and "../shared" not in block, "the block must run as written"
+    repo = repo_copy(tmp_path / "repo")
+    output = run_block(block, repo, user_env(tmp_path), timeout=1500)
+    runs = repo / ".whetstone" / "store" / "hh-rlhf-harmless-base" / "runs"
+    reward = json.loads((runs / "reward-smoke" / "report.json").read_text())
+    assert reward["mode"] == "reward_model" and reward["steps"] > 0
+    report = json.loads((runs / "online-smoke" / "report.json").read_text())
+    online = report["online"]
+    assert report["mode"] == "online" and report["steps"] == 8
+    assert online["reward_model"] == str(runs / "reward-smoke" / "train" / "final")
+    assert online["reward_model_version"].startswith("rm-") and online["policy_lag_max"] == 1
+    assert online["held_out_before"]["prompts"] == online["held_out_after"]["prompts"] == 24
+    assert "held-out (24 prompts, greedy): reward" in output and "report:" in output

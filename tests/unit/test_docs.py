@@ -49,7 +49,7 @@ PATH_RE = re.compile(rf"(?<![\w./$~-])((?:{_DIRS})/[\w./\-]*|(?:{_FILES})(?![\w.
 MODULE_RE = re.compile(r"\bpython3?\s+-m\s+([A-Za-z_][\w.]*)")
 IMPORT_PATH_RE = re.compile(r"\b((?:services|jobs|whetstone)(?:\.\w+)+):(\w+)")
 OVERRIDE_RE = re.compile(r"(?:(?<=\s)|(?<=^)|(?<=[`'\"(]))([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)*)=(?![=\s])", re.M)
-ROUTE_RE = re.compile(r"(?:(?<=[\s`'\"(])|(?<=:\d{4}))(/(?:index|embed|-)(?:/[\w.\-]*)*)")
+ROUTE_RE = re.compile(r"(?:(?<=[\s`'\"(])|(?<=:\d{4}))(/(?:index|embed|reward|-)(?:/[\w.\-]*)*)")
 
 
 def repo_paths(text: str) -> set[str]:
@@ -90,8 +90,9 @@ def known_fields() -> frozenset[str]:
                 fields |= {key for key, _ in iter_fields(value)}
     from services.embed.app import EmbedServiceArgs
     from services.index.app import IndexServiceArgs
+    from services.reward.app import RewardServiceArgs
 
-    for args in (IndexServiceArgs, EmbedServiceArgs):
+    for args in (IndexServiceArgs, EmbedServiceArgs, RewardServiceArgs):
         fields |= {key for key, _ in iter_fields(args)}
     return frozenset(fields)
 
@@ -113,14 +114,20 @@ def unknown_fields(text: str) -> list[str]:
 
 @cache
 def known_routes() -> frozenset[str]:
-    """``/index/...`` and ``/embed/...`` as the apps register them, under the Serve config's prefixes."""
+    """``/index/...`` and ``/embed/...`` as the apps register them, under the Serve config's prefixes,
+    and ``/reward/...`` under the reward service's default prefix."""
+    from whetstone.online.reward_client import ROUTE_PREFIX
+
     from services.embed import app as embed
     from services.index import router as index
+    from services.reward import app as reward
 
     prefixes = {a["import_path"].split(":")[0]: a["route_prefix"] for a in
                 yaml.safe_load((REPO_ROOT / "services" / "index" / "serve_config.yaml").read_text())["applications"]}
+    prefixes["services.reward.app"] = ROUTE_PREFIX
     routes = set(SERVE_BUILTIN_ROUTES)
-    for module, app in (("services.index.app", index.fastapi_app), ("services.embed.app", embed.app)):
+    for module, app in (("services.index.app", index.fastapi_app), ("services.embed.app", embed.app),
+                        ("services.reward.app", reward.app)):
         for route_path in _route_paths(app.routes):
             path = prefixes[module].rstrip("/") + route_path
             routes |= {path, path.rstrip("/") or "/"}
@@ -139,7 +146,7 @@ def _route_paths(routes) -> list[str]:
 
 
 def unknown_routes(text: str) -> list[str]:
-    return sorted({r.rstrip(".,:;)") for r in ROUTE_RE.findall(text)} - known_routes() - {"/index", "/embed"})
+    return sorted({r.rstrip(".,:;)") for r in ROUTE_RE.findall(text)} - known_routes() - {"/index", "/embed", "/reward"})
 
 
 # ------------------------------------------------------------------------------------ tests

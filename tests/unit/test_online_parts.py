@@ -153,3 +153,19 @@ def test_online_report_gain_in_starting_standard_deviations():
     assert section["kl_to_reference_final"] == 1.5
     assert section["generate_s_per_step"] == 3.0 and section["train_s_per_step"] == 4.0
     assert section["train_reward_first_step"] == 0.1 and section["train_reward_last_step"] == 0.3
+
+
+def test_sequence_kl_by_hand():
+    """k3 = sum over the masked tokens of exp(r) - r - 1 with r = ref - logp; k1 = sum of logp - ref."""
+    import math
+
+    from whetstone.online.batch import sequence_kl
+
+    sample = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]])
+    reference = torch.tensor([[-1.5, -1.0, -9.0], [-0.5, -3.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    k3, k1 = sequence_kl(sample, reference, mask)
+    r1, r2 = -0.5, 1.0  # ref - logp at the two masked tokens of row 0
+    assert k3.tolist() == pytest.approx([math.exp(r1) - r1 - 1 + math.exp(r2) - r2 - 1, 0.0])
+    assert k1.tolist() == pytest.approx([0.5 - 1.0, 0.0])
+    assert (k3 >= 0).all()

@@ -44,3 +44,23 @@ def sample_batch(samples: Any, pad_id: int) -> SampleBatch:
         sample_logps[row, start - 1: stop - 1] = torch.tensor(logps, dtype=torch.float32)  # t-1 predicts t
     lengths = torch.tensor([len(ids) for _, ids, _ in rows], dtype=torch.long)
     return SampleBatch(input_ids, attention_mask, loss_mask, sample_logps, lengths)
+
+
+def sequence_kl(sample_logps: torch.Tensor, reference_logps: torch.Tensor,
+                mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two estimates of KL(policy || reference) per sampled sequence, from the sampling weights'
+    per-token log-probs and the reference's, both (N, L-1) with ``mask`` (N, L-1):
+
+    * k3 (the one reported as ``kl_to_reference``): sum over the tokens of
+      exp(r) - r - 1 with r = log pi_ref - log pi; unbiased for each token's KL given its prefix,
+      so the sum is unbiased for the sequence's KL, never negative, and of far lower variance than
+      the log-ratio (Schulman's k3; GRPO's penalty uses it per token);
+    * k1: the summed log-ratio log pi - log pi_ref; unbiased too, but one sample per prompt can
+      give a negative figure.
+
+    Returns:
+        (k3 (N,), k1 (N,)) float32.
+    """
+    log_ratio = (reference_logps - sample_logps) * mask  # (N, L-1), 0 off the mask
+    k3 = ((torch.exp(log_ratio) - log_ratio - 1) * mask).sum(-1)
+    return k3, -log_ratio.sum(-1)

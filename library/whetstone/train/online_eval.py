@@ -5,7 +5,8 @@ prompt (never trained on) gets ONE greedy completion from the generation actors,
 model scores it, and the mean is compared. The gain is also given in units of the standard
 deviation of the starting policy's rewards on those prompts, so runs with different reward
 models compare. After training the workers also estimate the KL to the reference on the same
-prompts: one sampled completion per prompt, sum_t log pi(y_t) - log pi_ref(y_t), averaged.
+prompts: one sampled completion per prompt, the per-token k3 estimate summed over its tokens
+(:func:`whetstone.online.batch.sequence_kl`), averaged.
 """
 
 from __future__ import annotations
@@ -32,16 +33,18 @@ def greedy_rewards(pool: Any, reward: Any, prompts: list[str]) -> tuple[np.ndarr
 
 def sampled_kl(pool: Any, prompts: list[str], reference_model: torch.nn.Module, pad_id: int, chunk_size: int,
                temperature: float) -> np.ndarray:
-    """Per-prompt KL estimate of the pool's policy to the reference: one sample each, (P,)."""
+    """Per-prompt KL estimate of the pool's policy to the reference: one sample each, the k3 sum
+    (:func:`~whetstone.online.batch.sequence_kl`), (P,)."""
     from whetstone.models.policy import token_logps
-    from whetstone.online.batch import sample_batch
+    from whetstone.online.batch import sample_batch, sequence_kl
 
     samples = pool.generate(prompts, 1, seed=EVAL_SEED)
     batch = sample_batch(samples, pad_id).to(next(reference_model.parameters()).device)
     with torch.no_grad():
         reference, mask = token_logps(reference_model, batch.input_ids, batch.attention_mask, batch.loss_mask,
                                       chunk_size, temperature)  # (P, L-1)
-    return ((batch.sample_logps - reference) * mask).sum(-1).double().cpu().numpy()
+    k3, _ = sequence_kl(batch.sample_logps, reference, mask)
+    return k3.double().cpu().numpy()
 
 
 def summarise(rewards: np.ndarray, tokens: np.ndarray) -> dict[str, float]:

@@ -25,9 +25,10 @@ trains on them:
   the generating weights' own per-token log-probs (they differ from the trained weights when
   ``sync_every`` > 1), the clipped surrogate and the per-token KL to the reference (arXiv 2402.03300).
 
-Every step reports the mean reward, the mean response length and the KL to the reference (the
-mean over the step's samples of sum_t log pi_sample(y_t) - log pi_ref(y_t), at the sampling
-temperature), besides the weights' version and lag and where the time went.
+Every step reports the mean reward, the mean response length and the KL to the reference (per
+sample the k3 estimate summed over its tokens, :func:`whetstone.online.batch.sequence_kl`, at the
+sampling temperature; ``kl_log_ratio``: the plain log-ratio estimate), besides the weights'
+version and lag and where the time went.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import torch.distributed as dist
 from whetstone.config.preference import PreferenceJobConfig
 from whetstone.data import schemas as S
 from whetstone.models.policy import sequence_logps, token_logps
-from whetstone.online.batch import SampleBatch, sample_batch
+from whetstone.online.batch import SampleBatch, sample_batch, sequence_kl
 from whetstone.train.plan import PreferenceRunPlan
 from whetstone.train.preference import PreferenceStepLog, apply_loss
 from whetstone.train.preference_worker import PolicyRun, model_device, optimise, setup_policy_run
@@ -163,7 +164,7 @@ def online_step(run: OnlineRun, raw: dict, config: PreferenceJobConfig, step: in
     with torch.no_grad():
         ref_tokens, mask = token_logps(run.reference_model, batch.input_ids, batch.attention_mask, batch.loss_mask,
                                        config.policy.chunk_size, online.temperature)  # (N, L-1)
-    kl = ((batch.sample_logps - ref_tokens) * mask).sum(-1)  # (N,) per-sample log-ratio sums
+    kl, log_ratio = sequence_kl(batch.sample_logps, ref_tokens, mask)  # (N,), (N,)
     values = _LOSSES[config.loss.name](run, batch, rewards, ref_tokens, mask, config)
     optimise(run, values.pop("loss_tensor"), config.optim.max_grad_norm)
     trained = time.monotonic()
@@ -172,7 +173,7 @@ def online_step(run: OnlineRun, raw: dict, config: PreferenceJobConfig, step: in
             "reward_best": float(raw_rewards.max(axis=1).mean()), "shaped_reward_mean": float(rewards.mean()),
             "response_tokens": float(batch.lengths.float().mean()),
             "finished": float(np.mean([f for row in samples.finished for f in row])),
-            "kl_to_reference": float(kl.mean()), "policy_version": float(samples.version),
+            "kl_to_reference": float(kl.mean()), "kl_log_ratio": float(log_ratio.mean()), "policy_version": float(samples.version),
             "policy_lag": float(step - 1 - samples.version), "generate_s": generated - started,
             "score_s": scored - generated, "train_s": trained - scored, "sync_s": sync_s}
 

@@ -72,6 +72,8 @@ def absolute_local_paths(config: PreferenceJobConfig) -> PreferenceJobConfig:
         update={"encoder": fix(resolve_model_path(config.leakage.encoder), True)})
     update["reward_model"] = config.reward_model.model_copy(
         update={"encoder": fix(resolve_model_path(config.reward_model.encoder), True)})
+    if config.online.reward_model:
+        update["online"] = config.online.model_copy(update={"reward_model": fix(config.online.reward_model)})
     return config.model_copy(update=update)
 
 
@@ -257,7 +259,8 @@ def print_summary(report: dict, report_uri: str) -> None:
     if report["worker_restarts"]:
         resumed += f" ({report['worker_restarts']} worker-group restart(s) after failures)"
     lines.append(f"loss: first steps {report['first_loss_mean']:.4f} -> last steps {report['last_loss_mean']:.4f} "
-                 f"over {report['steps']} steps{resumed}; {report['pairs_per_s']:.1f} pairs/s")
+                 f"over {report['steps']} steps{resumed}; {report['pairs_per_s']:.1f} "
+                 f"{'prompts' if report['mode'] == 'online' else 'pairs'}/s")
     if "online" in report:
         from whetstone.train.online_run import print_online_summary
 
