@@ -24,7 +24,7 @@ generation actors, the Serve replica). The host is shared: the load average is r
 
 Usage::
 
-    python -m benchmarks.preference_online                 # about 45 min on 2 cores
+    python -m benchmarks.preference_online                 # about an hour on 2 cores
     python -m benchmarks.preference_online --steps 2 --eval-prompts 8 --max-pairs 300   # a quick look
 """
 
@@ -111,7 +111,8 @@ def offline_run(args, store: Path, policy: str) -> dict:
     from jobs.train_preference import main as train_main
 
     return train_main(common(args, store, "offline-dpo") + policy_settings(args, policy) + [
-        "mode=policy", "loss.name=dpo", "loss.beta=0.1", f"optim.lr={args.dpo_lr}"])
+        "mode=policy", "loss.name=dpo", "loss.beta=0.1", f"optim.lr={args.dpo_lr}",
+        f"data.max_eval_pairs={max(args.eval_prompts, 1)}"])
 
 
 class LocalReward:
@@ -216,7 +217,7 @@ def summarise_runs(args, evals: dict, reports: dict, memory_gib: float, rm_repor
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=12, help="policy updates per method")
+    parser.add_argument("--steps", type=int, default=24, help="policy updates per method")
     parser.add_argument("--prompts", type=int, default=4, help="prompts (offline: pairs) per update")
     parser.add_argument("--k", type=int, default=4, help="samples per prompt (online)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -225,12 +226,14 @@ def parse_args(argv=None):
     parser.add_argument("--eval-fraction", type=float, default=0.1)
     parser.add_argument("--max-pairs", type=int, default=None, help="cap on training pairs (quick looks)")
     parser.add_argument("--rm-epochs", type=int, default=1)
-    parser.add_argument("--dpo-lr", type=float, default=2e-5)
-    parser.add_argument("--grpo-lr", type=float, default=2e-5)
+    parser.add_argument("--dpo-lr", type=float, default=5e-5)
+    parser.add_argument("--grpo-lr", type=float, default=5e-5)
     parser.add_argument("--grpo-beta", type=float, default=0.04)
     parser.add_argument("--run-dir", default=str(REPO / ".whetstone" / "bench" / "preference_online"))
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--methods", default="online-dpo,grpo,offline-dpo")
+    parser.add_argument("--reuse-runs", action="store_true", help="take a method's finished run from the run "
+                        "folder instead of training it again (re-evaluate, re-summarise)")
     return parser.parse_args(argv)
 
 
@@ -255,9 +258,11 @@ def main(argv=None) -> dict:
                "offline-dpo": lambda: offline_run(args, store, policy)}
     reports, seconds = {}, {}
     online = [name for name in args.methods.split(",") if name != "offline-dpo"]
+    run_names = {"online-dpo": "online-dpo", "grpo": "online-grpo", "offline-dpo": "offline-dpo"}
     for name in args.methods.split(","):
         t = time.monotonic()
-        reports[name] = runners[name]()
+        done = store / "runs" / run_names[name] / "report.json"
+        reports[name] = json.loads(done.read_text()) if args.reuse_runs and done.exists() else runners[name]()
         seconds[name] = round(time.monotonic() - t, 1)
         load[f"after_{name}"] = load_average()
     evals = {"start": from_job(reports[online[0]], "held_out_before")} if online else {}

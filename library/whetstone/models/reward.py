@@ -202,7 +202,9 @@ class RewardModel(nn.Module):
         else:
             raise FileNotFoundError(f"{path} is not a saved reward model (no {SETTINGS_KEY} settings or "
                                     f"{hf_reward.WhetstoneRewardConfig.model_type} config in config.json)")
-        settings, tokenizer = config[SETTINGS_KEY], AutoTokenizer.from_pretrained(folder)
+        # trust_remote_code=False: the config's auto_map (for other tools) would make transformers ask
+        # on stdin whether to run the folder's code; the tokenizer is a plain one
+        settings, tokenizer = config[SETTINGS_KEY], AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
         model = cls(backbone, tokenizer, settings["max_length"], settings["max_prompt_length"], settings["pooling"])
         model.head = classifier.score
         return model.to(device)
