@@ -52,6 +52,7 @@ from ray import serve
 from ray.serve import Application
 from whetstone.config.base import StorageConfig, StrictModel
 from whetstone.index.wire import ErrorCode, IndexServiceError
+from whetstone.online.generation import pick_device
 from whetstone.online.reward_client import APP_NAME, ROUTE_PREFIX, RewardClient
 
 from services.http_common import (
@@ -146,15 +147,6 @@ class Served:
     model_uri: str
 
 
-def pick_device(device: str) -> str:
-    """``auto``: cuda when this process sees a GPU (Ray hides them from a replica without num_gpus)."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def content_version(folder: str | Path) -> str:
     """``rm-`` + 8 hex digits of the SHA-256 over the folder's files (relative path, size, bytes;
     in path order): the same files give the same version wherever they were copied."""
@@ -206,7 +198,7 @@ class RewardService:
                                                       "protect", *TOKEN_ENVS)
         if self.token is None:
             logger.warning("POST /reload refuses every request: no token is configured (set %s)", TOKEN_SOURCES)
-        self.device = pick_device(self.args.device)
+        self.device = str(pick_device(self.args.device))  # cuda only where Ray gave the replica a GPU
         self.served = load_served(self.args.model_uri, self.args.storage, self.args.version, self.device)
         self.batches: collections.deque[dict] = collections.deque(maxlen=BATCH_LOG_SIZE)
         self._reload_lock = asyncio.Lock()

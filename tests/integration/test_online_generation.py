@@ -15,6 +15,7 @@ import uuid
 
 import pytest
 import torch
+from whetstone.models.policy import truncate_prompt
 from whetstone.online.generation import (
     GenerationActor,
     GenerationPool,
@@ -22,7 +23,6 @@ from whetstone.online.generation import (
     Samples,
     policy_state_dict,
     render_prompts,
-    truncate_prompt,
 )
 
 pytestmark = pytest.mark.integration

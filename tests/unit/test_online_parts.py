@@ -169,3 +169,66 @@ def test_sequence_kl_by_hand():
     assert k3.tolist() == pytest.approx([math.exp(r1) - r1 - 1 + math.exp(r2) - r2 - 1, 0.0])
     assert k1.tolist() == pytest.approx([0.5 - 1.0, 0.0])
     assert (k3 >= 0).all()
+
+
+def test_dr_grpo_divides_by_rows_times_the_completion_cap_on_a_wider_grid():
+    """The trainer's grid holds prompt + completion (wider than max_new_tokens); the cap is on
+    each row's completion tokens."""
+    from whetstone.losses.grpo import GRPOLoss
+
+    logps = torch.zeros(2, 10, requires_grad=True)
+    mask = torch.zeros(2, 10)
+    mask[0, 6:9] = 1  # 3 completion tokens, after a 6-token prompt
+    mask[1, 2:6] = 1  # 4
+    advantages = torch.tensor([1.0, -0.5])
+    out = GRPOLoss(beta=0.0, loss_type="dr_grpo", max_completion_length=4)(logps, None, None, advantages, mask)
+    # ratio 1 everywhere: per-token loss -A; sum = -(3 * 1) - (4 * -0.5) = -1; / (2 rows * 4)
+    assert out.loss.item() == pytest.approx(-1.0 / 8)
+    with pytest.raises(ValueError, match="a row has 4 completion tokens, more than max_completion_length=3"):
+        GRPOLoss(beta=0.0, loss_type="dr_grpo", max_completion_length=3)(logps, None, None, advantages, mask)
+
+
+def test_kto_labels_leave_ties_and_samples_at_the_mean_out():
+    import numpy as np
+    from whetstone.online.rewards import above_or_below_mean
+
+    tied = np.full((1, 7), 0.1, dtype=np.float32)  # float32 mean of 7 x 0.1 is not exactly 0.1
+    assert ((tied - tied.mean(axis=1, keepdims=True)) != 0).all()  # a naive `!= mean` labels all 7
+    rewards = np.concatenate([tied[:, :3], np.array([[0.0, 1.0, 2.0]], dtype=np.float32)])
+    desirable, labelled = above_or_below_mean(rewards)
+    assert labelled.tolist() == [[False, False, False], [True, False, True]]
+    assert desirable.tolist() == [[False, False, False], [False, False, True]]
+    desirable, labelled = above_or_below_mean(tied)
+    assert not labelled.any() and not desirable.any()
+
+
+def test_kept_mean_without_a_process_group_is_the_mean_over_kept_rows():
+    from whetstone.train.online_worker import kept_mean
+
+    losses = torch.tensor([1.0, 2.0, 4.0])
+    assert kept_mean(losses, torch.tensor([True, False, True]), world=1).item() == pytest.approx(2.5)
+    assert kept_mean(losses, torch.tensor([False, False, False]), world=1).item() == 0.0
+
+
+def test_online_checkpoints_fall_on_weight_pushes_and_grpo_builds_from_the_online_section():
+    from whetstone.losses.grpo import GRPOLoss
+    from whetstone.train.preference import build_loss
+
+    with pytest.raises(ValidationError, match=r"checkpoint_every \(3\) must be a multiple of online.sync_every \(2\)"):
+        _online(optim={"checkpoint_every": 3}, online={"reward_model": "/m", "sync_every": 2})
+    config = _online(optim={"checkpoint_every": 4}, online={"reward_model": "/m", "sync_every": 2,
+                                                            "grpo_loss_type": "bnpo", "max_new_tokens": 7})
+    loss = build_loss(config.loss, config.online)
+    assert isinstance(loss, GRPOLoss) and loss.loss_type == "bnpo" and loss.max_completion_length == 7
+
+
+def test_the_summary_says_so_when_the_starting_rewards_have_no_spread():
+    from whetstone.train.online_run import online_report, print_online_summary
+
+    before = {"prompts": 1, "reward_mean": 0.5, "reward_std": 0.0, "response_tokens": 3.0}
+    metrics = {"eval_prompts": 1, "eval_reward_mean": 0.7, "eval_reward_std": 0.0, "eval_response_tokens": 2.0,
+               "eval_kl_to_reference": 0.1}
+    history = [{"step": 1, "generate_s": 1.0, "score_s": 0.1, "train_s": 1.0, "sync_s": 0.0, "policy_lag": 0.0}]
+    section = online_report(_online(), history, before, metrics)
+    assert section["reward_gain_sd"] is None
+    assert "the starting rewards have no spread" in print_online_summary(section)[0]

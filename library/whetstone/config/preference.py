@@ -180,9 +180,13 @@ class OnlineConfig(StrictModel):
                                      "the job serves it as a Ray Serve app for the run")
     reward_app: str | None = Field(None, description="name of a running Serve reward app (services.reward.app) to "
                                    "score with instead of serving reward_model")
-    reward_url: str | None = Field(None, description="HTTP URL of a reward service's /score to score with instead "
-                                   "(bearer token from $WHETSTONE_REWARD_TOKEN)")
+    reward_url: str | None = Field(None, description="root URL of a running reward service to score with instead, "
+                                   "e.g. http://host:8000/reward (its /score is called; the bearer token comes from "
+                                   "$WHETSTONE_REWARD_TOKEN in the workers' environment: under ray job submit, "
+                                   "put it in the runtime env)")
     reward_num_cpus: float = Field(0.5, gt=0, description="CPUs of the reward replica the job serves")
+    reward_gpus: float = Field(0.0, ge=0, description="GPUs of the reward replica the job serves (it scores on "
+                               "the GPU only when Ray gives it one)")
     reward_batch_size: int = Field(32, ge=1, description="(prompt, response) pairs per forward pass of the reward "
                                    "replica the job serves")
     samples_per_prompt: int = Field(4, ge=2, description="k: completions sampled per prompt")
@@ -273,6 +277,11 @@ class PreferenceJobConfig(StrictModel):
         if self.lora.enabled:
             raise ValueError("lora.enabled: mode=online pushes whole weights to the generation actors; "
                              "LoRA is not supported there yet")
+        every, sync = self.optim.checkpoint_every, self.online.sync_every
+        if every and every % sync:
+            raise ValueError(f"optim.checkpoint_every ({every}) must be a multiple of online.sync_every ({sync}): "
+                             "a run resumed from a checkpoint between two weight pushes would sample with other "
+                             "weights than the uninterrupted run did")
 
     @property
     def needs_reference(self) -> bool:

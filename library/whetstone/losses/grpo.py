@@ -218,11 +218,13 @@ class GRPOLoss(nn.Module):
             return (masked.sum(-1) / weights.sum(-1).clamp(min=1.0)).mean()
         if self.loss_type == "bnpo":
             return masked.sum() / weights.sum().clamp(min=1.0)
+        # Dr. GRPO divides by a constant: rows x the longest completion allowed. The (N, T) grid
+        # may be wider than that (rows hold prompt + completion, right-padded): the cap applies to
+        # each row's completion tokens.
         width = self.max_completion_length or per_token.shape[1]
-        if per_token.shape[1] > width:
-            raise ValueError(
-                f"mask has {per_token.shape[1]} token columns, more than max_completion_length={width}"
-            )
+        longest = int(weights.sum(-1).max().item()) if weights.numel() else 0
+        if longest > width:
+            raise ValueError(f"mask: a row has {longest} completion tokens, more than max_completion_length={width}")
         return masked.sum() / (per_token.shape[0] * width)
 
 

@@ -336,15 +336,23 @@ def _end_with_eos(ids: list[int], eos_id: int, templated: bool) -> list[int]:
     return ids if ids and ids[-1] == eos_id else [*ids, eos_id]
 
 
+def truncate_prompt(ids: list[int], max_prompt_length: int, bos_id: int | None) -> list[int]:
+    """Keep the END of a prompt longer than ``max_prompt_length`` tokens (the turns nearest the
+    response), with its leading BOS when it has one, as the offline batches cut prompts."""
+    if len(ids) <= max_prompt_length:
+        return list(ids)
+    if bos_id is not None and ids[0] == bos_id and max_prompt_length > 1:
+        return [bos_id, *ids[len(ids) - (max_prompt_length - 1):]]
+    return list(ids[len(ids) - max_prompt_length:])
+
+
 def _truncate(
     prompt: list[int], completions: list[list[int]], max_length: int, max_prompt_length: int, bos_id: int | None
 ) -> tuple[list[int], list[list[int]], bool]:
     """Apply the truncation rules (see build_preference_batch); returns (prompt, completions, cut)."""
     cut = False
     if len(prompt) + max(len(c) for c in completions) > max_length and len(prompt) > max_prompt_length:
-        # Keep the end of the prompt, the turns nearest the response; keep a leading BOS.
-        keep_bos = bos_id is not None and prompt[0] == bos_id
-        prompt = [bos_id, *prompt[-(max_prompt_length - 1) :]] if keep_bos else prompt[-max_prompt_length:]
+        prompt = truncate_prompt(prompt, max_prompt_length, bos_id)  # its end, with a leading BOS
         cut = True
     budget = max_length - len(prompt)
     if any(len(c) > budget for c in completions):

@@ -64,3 +64,8 @@ def sequence_kl(sample_logps: torch.Tensor, reference_logps: torch.Tensor,
     log_ratio = (reference_logps - sample_logps) * mask  # (N, L-1), 0 off the mask
     k3 = ((torch.exp(log_ratio) - log_ratio - 1) * mask).sum(-1)
     return k3, -log_ratio.sum(-1)
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The tokenizer's pad id, or its EOS id when it has none (GPT-2); id 0 is a real id."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

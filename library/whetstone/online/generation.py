@@ -26,6 +26,7 @@ from torch import nn
 
 from whetstone.config.base import ConfigError, StorageConfig, StrictModel
 from whetstone.config.preference import PolicyConfig
+from whetstone.models.policy import truncate_prompt
 
 DEFAULT_NAME_PREFIX = "whetstone-generation"
 
@@ -48,16 +49,6 @@ class GenerationSettings(StrictModel):
         "auto", description="auto: cuda when Ray gave the actor a GPU (outside Ray: when one is visible)")
 
 
-def truncate_prompt(ids: list[int], max_prompt_length: int, bos_id: int | None) -> list[int]:
-    """Keep the END of a prompt longer than ``max_prompt_length`` tokens (the turns nearest the
-    response), with its leading BOS when it has one, as the offline batches cut prompts."""
-    if len(ids) <= max_prompt_length:
-        return list(ids)
-    if bos_id is not None and ids[0] == bos_id and max_prompt_length > 1:
-        return [bos_id, *ids[len(ids) - (max_prompt_length - 1):]]
-    return list(ids[len(ids) - max_prompt_length:])
-
-
 def render_prompts(tokenizer: Any, prompts: Sequence[str], chat_template: bool,
                    max_prompt_length: int) -> list[list[int]]:
     """Prompt token ids, as the offline preference batches tokenise prompts.
@@ -65,7 +56,7 @@ def render_prompts(tokenizer: Any, prompts: Sequence[str], chat_template: bool,
     With ``chat_template`` an hh-rlhf dialogue (``"\\n\\nHuman: ... \\n\\nAssistant:"``) becomes
     chat turns and other text one user message, rendered with the generation prompt; without it
     the text is tokenised with the tokenizer's special tokens. Prompts longer than
-    ``max_prompt_length`` keep their end (see :func:`truncate_prompt`).
+    ``max_prompt_length`` keep their end (see :func:`whetstone.models.policy.truncate_prompt`).
 
     Raises:
         ValueError: a prompt is not text, or renders to no tokens (naming its row).
@@ -157,7 +148,7 @@ class GenerationActor:
         _set_threads_from_ray()
         model, self.tokenizer = load_policy(PolicyConfig.model_validate(policy),
                                             StorageConfig.model_validate(storage) if storage else None)
-        self.device = _pick_device(self.settings.device)
+        self.device = pick_device(self.settings.device)
         self.model = model.to(self.device).eval()
         self.stop_ids = _stop_token_ids(self.tokenizer, self.model)
         pad_id = self.tokenizer.pad_token_id
@@ -266,7 +257,7 @@ def _set_threads_from_ray() -> None:
         torch.set_num_threads(max(1, int(cpus)))
 
 
-def _pick_device(device: str) -> torch.device:
+def pick_device(device: str) -> torch.device:
     """``auto``: cuda when Ray gave this actor a GPU (num_gpus > 0), or, outside Ray, when one is
     visible. Ray leaves CUDA_VISIBLE_DEVICES alone for actors without GPUs, so "visible" alone would
     put every CPU actor of a GPU node on the GPU."""
@@ -335,7 +326,10 @@ class GenerationPool:
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         GenerationSettings.model_validate(settings)  # fail here, not in n actors
-        remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(GenerationActor)
+        # A killed actor comes back (with the starting weights and version: a call in flight fails,
+        # the Train worker group restarts and pushes its checkpoint's weights); calls are not retried
+        # because a retry would sample with the restarted actor's older weights.
+        remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=3)(GenerationActor)
         names = [f"{name_prefix}-{i}" for i in range(n)]
         actors: list[Any] = []
         try:  # a taken name fails at creation, a bad policy in the constructor: stop those already started

@@ -93,3 +93,18 @@ def shape_rewards(
     if length_penalty:
         matrix = matrix - length_penalty * tokens
     return matrix.astype(np.float32)
+
+
+def above_or_below_mean(rewards: np.ndarray, rtol: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    """Online KTO's labels: ``(desirable, labelled)``, both (P, k) bool. A sample is desirable
+    above its prompt's mean reward and undesirable below it; one equal to the mean (within
+    ``rtol`` of the group's reward range, computed in float64) is left unlabelled, and so is every
+    sample of a group whose rewards are all equal (float32 means of equal values can miss them by
+    an ulp, which would label a tied group all one way)."""
+    values = np.asarray(rewards, dtype=np.float64)
+    if values.ndim != 2:
+        raise ValueError(f"rewards must be (P, k), got shape {values.shape}")
+    centred = values - values.mean(axis=1, keepdims=True)  # (P, k)
+    spread = values.max(axis=1, keepdims=True) - values.min(axis=1, keepdims=True)  # (P, 1)
+    labelled = (np.abs(centred) > rtol * spread) & (spread > 0)
+    return (centred > 0) & labelled, labelled

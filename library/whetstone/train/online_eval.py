@@ -57,9 +57,10 @@ def summarise(rewards: np.ndarray, tokens: np.ndarray) -> dict[str, float]:
 def evaluate_online_shard(run: Any, batches, config: Any) -> dict[str, float]:
     """This worker's held-out prompts: greedy rewards, their lengths and the sampled KL, summed over
     all workers (every worker calls this once; one all-reduce)."""
-    import torch.distributed as dist
+    from whetstone.online.batch import pad_token_id
+    from whetstone.train.preference import all_reduce_sum
 
-    pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
+    pad_id = pad_token_id(run.tokenizer)
     totals = torch.zeros(5, dtype=torch.float64)  # prompts, reward sum, reward square sum, tokens, KL sum
     for raw in batches:
         prompts = [str(p) for p in raw[S.PROMPT]]
@@ -70,8 +71,7 @@ def evaluate_online_shard(run: Any, batches, config: Any) -> dict[str, float]:
                         config.online.temperature)
         totals += torch.tensor([len(prompts), rewards.sum(), (rewards**2).sum(), tokens.sum(), kl.sum()],
                                dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(totals)
+    totals = all_reduce_sum(totals)
     count = max(totals[0].item(), 1.0)
     mean = totals[1].item() / count
     return {"eval_prompts": int(totals[0].item()), "eval_reward_mean": mean,

@@ -69,12 +69,28 @@ def _reward_client(config: PreferenceJobConfig, app_name: str,
         # (from the driver's $WHETSTONE_REWARD_TOKEN, else the service's own rules).
         token = os.environ.get("WHETSTONE_REWARD_TOKEN")
         client = deploy(online.reward_model, config.storage.resolved().to_wire(), app_name=app_name,
-                        route_prefix=f"/{app_name}", num_cpus=online.reward_num_cpus,
+                        route_prefix=f"/{app_name}", num_cpus=online.reward_num_cpus, num_gpus=online.reward_gpus,
                         score_batch_size=online.reward_batch_size, **({"auth_token": token} if token else {}))
         return client, app_name, None
     if online.reward_app:
         return RewardClient.from_handle(online.reward_app), online.reward_app, None
     return RewardClient.from_url(online.reward_url, os.environ.get("WHETSTONE_REWARD_TOKEN")), None, online.reward_url
+
+
+def require_gpus(config: PreferenceJobConfig) -> None:
+    """GPUs asked of the generation actors or the reward replica must exist in the cluster, or
+    their start would wait for them for ever."""
+    import ray
+
+    from whetstone.config.base import ConfigError
+
+    online = config.online
+    wanted = {"online.generation_gpus": online.generation_gpus * online.generation_actors,
+              "online.reward_gpus": online.reward_gpus if online.reward_model else 0.0}
+    have = ray.cluster_resources().get("GPU", 0.0)
+    for field, gpus in wanted.items():
+        if gpus > have:
+            raise ConfigError(f"{field}: the run asks for {gpus:g} GPU(s) but the Ray cluster has {have:g}")
 
 
 @contextlib.contextmanager
@@ -89,10 +105,11 @@ def online_services(run: Any, plan: PreferenceRunPlan, deploy: Callable[..., Any
     config = run.config
     tag = f"{config.run_name}-{uuid.uuid4().hex[:6]}"
     started = time.monotonic()
-    reward, reward_app, reward_url = _reward_client(config, f"whetstone-reward-{tag}", deploy)
-    owns_app = bool(config.online.reward_model)
+    own_app = f"whetstone-reward-{tag}" if config.online.reward_model else None
     pool = None
     try:
+        require_gpus(config)
+        reward, reward_app, reward_url = _reward_client(config, f"whetstone-reward-{tag}", deploy)
         policy = config.policy if plan.resume_checkpoint is None else config.policy.model_copy(
             update={"path": plan.resume_checkpoint, "gguf_file": None, "tokenizer": None})
         online = config.online
@@ -109,8 +126,9 @@ def online_services(run: Any, plan: PreferenceRunPlan, deploy: Callable[..., Any
     finally:
         if pool is not None:
             pool.shutdown()
-        if owns_app:
-            undeploy(reward_app)
+        if own_app is not None:
+            with contextlib.suppress(Exception):  # a deploy that failed may have left nothing to delete
+                undeploy(own_app)
 
 
 def held_out_before(run: Any, services: OnlineServices, selection: PairSelection,
@@ -177,8 +195,10 @@ def print_online_summary(section: dict[str, Any]) -> list[str]:
     lines = []
     before, after = section["held_out_before"], section["held_out_after"]
     if before and after:
+        gain_sd = section["reward_gain_sd"]
+        in_sd = f"{gain_sd:+.2f} sd" if gain_sd is not None else "the starting rewards have no spread"
         lines.append(f"held-out ({after.get('prompts')} prompts, greedy): reward {before['reward_mean']:+.4f} -> "
-                     f"{after['reward_mean']:+.4f} (gain {section['reward_gain_sd']:+.2f} sd), response tokens "
+                     f"{after['reward_mean']:+.4f} (gain {in_sd}), response tokens "
                      f"{before['response_tokens']:.1f} -> {after['response_tokens']:.1f}, KL to reference "
                      f"{after['kl_to_reference']:.4f}")
     lines.append(f"per step: generate {section['generate_s_per_step']:.2f} s, score {section['score_s_per_step']:.2f} s, "

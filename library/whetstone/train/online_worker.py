@@ -16,11 +16,12 @@ trains on them:
 
 * ``dpo`` / ``ipo``: the best and the worst completion of each prompt as (chosen, rejected)
   (online DPO, Guo et al., arXiv 2402.04792); prompts whose k rewards are all equal teach nothing
-  and are left out of the mean (counted as ``tied_prompts``);
+  and are left out of the mean (their share: ``tied_share``);
 * ``kto``: every completion above its prompt's mean reward is desirable, every one below it not
-  (equal to the mean: left out); the reference point z0 is the on-policy KL estimate, the mean
-  log-ratio of the step's own samples over all workers (these ARE samples of the policy, so no
-  mismatched pairs are needed as offline);
+  (equal to the mean, or a group whose rewards all tie: left out); the reference point z0 is the
+  mean log-ratio of policy to reference over the step's own samples on all workers: a direct KL
+  estimate where the samples come from the trained weights at temperature 1 (sync_every=1),
+  approximate otherwise; the paper's mismatched pairs stand in for samples the offline data lacks;
 * ``grpo``: every completion, advantages normalised within each prompt's group, ratios against
   the generating weights' own per-token log-probs (they differ from the trained weights when
   ``sync_every`` > 1), the clipped surrogate and the per-token KL to the reference (arXiv 2402.03300).
@@ -44,10 +45,16 @@ import torch.distributed as dist
 from whetstone.config.preference import PreferenceJobConfig
 from whetstone.data import schemas as S
 from whetstone.models.policy import sequence_logps, token_logps
-from whetstone.online.batch import SampleBatch, sample_batch, sequence_kl
+from whetstone.online.batch import SampleBatch, pad_token_id, sample_batch, sequence_kl
 from whetstone.train.plan import PreferenceRunPlan
 from whetstone.train.preference import PreferenceStepLog, apply_loss
-from whetstone.train.preference_worker import PolicyRun, model_device, optimise, setup_policy_run
+from whetstone.train.preference_worker import (
+    PolicyRun,
+    eval_batches,
+    model_device,
+    optimise,
+    setup_policy_run,
+)
 
 
 @dataclass(kw_only=True)
@@ -56,26 +63,20 @@ class OnlineRun(PolicyRun):
 
     pool: Any  # whetstone.online.generation.GenerationPool
     reward: Any  # whetstone.online.reward_client.RewardClient
+    pushed_version: int | None = None  # the weights' version the actors hold, as this worker group knows it
+    reward_version: str | None = None  # the reward model's version that scored the last step
 
     def evaluate(self, config: PreferenceJobConfig) -> dict[str, float]:
         from whetstone.train.online_eval import evaluate_online_shard
 
         push_weights(self, self.log.last_step)  # the final weights, for the greedy held-out completions
-        batches = _eval_batches(config)
-        metrics = evaluate_online_shard(self, batches, config)
+        metrics = evaluate_online_shard(self, eval_batches(config), config)
         if self.rank == 0:
             print(f"[eval] held-out prompts: mean reward {metrics['eval_reward_mean']:+.4f} (std "
                   f"{metrics['eval_reward_std']:.4f}), {metrics['eval_response_tokens']:.1f} tokens per greedy "
                   f"response, KL to the reference {metrics['eval_kl_to_reference']:.4f} on "
                   f"{metrics['eval_prompts']} prompts", flush=True)
         return metrics
-
-
-def _eval_batches(config: PreferenceJobConfig):
-    import ray.train
-
-    return ray.train.get_dataset_shard("eval").iter_batches(batch_size=config.optim.eval_batch_size,
-                                                            batch_format="numpy")
 
 
 class OnlineStepLog(PreferenceStepLog):
@@ -105,23 +106,17 @@ def setup_online_run(config: PreferenceJobConfig, plan: PreferenceRunPlan) -> On
     """The policy worker (model, DDP, AdamW, schedule, resume, frozen reference), the generation
     pool found by name and the reward client; the actors then get this worker's weights, versioned
     by the step it starts from (a restarted worker group may have rolled back past the actors')."""
-    from whetstone.losses.grpo import GRPOLoss
-    from whetstone.losses.kto import KTOLoss
     from whetstone.online.generation import GenerationPool
+    from whetstone.train.preference import build_loss
 
-    base = setup_policy_run(config, plan)
+    base = setup_policy_run(config, plan, OnlineStepLog)
     fields = {name: getattr(base, name) for name in base.__dataclass_fields__}
-    loss, online = config.loss, config.online
-    if loss.name == "grpo":
-        fields["loss_fn"] = GRPOLoss(epsilon_low=online.grpo_epsilon, beta=online.grpo_beta,
-                                     loss_type=online.grpo_loss_type, max_completion_length=online.max_new_tokens)
-    elif loss.name == "kto":
-        fields["loss_fn"] = KTOLoss(loss.beta, loss.kto_desirable_weight, loss.kto_undesirable_weight)
-    log = OnlineStepLog(base.rank, plan.total_steps, config.optim.log_every, config.optim.batch_size * base.world)
-    log.writer, log.history, log.resumed_steps = base.log.writer, base.log.history, base.log.resumed_steps
-    log.last_step = base.start.step
-    fields["log"] = log
+    fields["loss_fn"] = build_loss(config.loss, config.online)
+    fields["log"].last_step = base.start.step  # what the final push is versioned by if nothing is left to train
     run = OnlineRun(**fields, pool=GenerationPool.connect(plan.generation_actors), reward=reward_client(plan))
+    # A fresh run's actors already hold v0 (the starting weights); a restarted or resumed group
+    # rolls them back or forward to its checkpoint's.
+    run.pushed_version = run.pool.version() if run.start.step == 0 else None
     push_weights(run, run.start.step)
     return run
 
@@ -132,8 +127,11 @@ def push_weights(run: OnlineRun, version: int) -> float:
     from whetstone.online.generation import policy_state_dict
 
     seconds = 0.0
+    if run.pushed_version == version:  # the same on every rank: no push, no barrier
+        return seconds
     if run.rank == 0:
         seconds = run.pool.push_weights(policy_state_dict(run.model), version)
+    run.pushed_version = version
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     return seconds
@@ -153,10 +151,14 @@ def online_step(run: OnlineRun, raw: dict, config: PreferenceJobConfig, step: in
     started = time.monotonic()
     samples = run.pool.generate(prompts, k, seed=sample_seed(config, step, run.rank))
     generated = time.monotonic()
-    scores, _version = run.reward.score([p for p in prompts for _ in range(k)],
-                                        [text for row in samples.texts for text in row])  # (P*k,)
+    scores, reward_version = run.reward.score([p for p in prompts for _ in range(k)],
+                                              [text for row in samples.texts for text in row])  # (P*k,)
     scored = time.monotonic()
-    batch = sample_batch(samples, run.tokenizer.pad_token_id or run.tokenizer.eos_token_id)
+    if reward_version != run.reward_version and run.reward_version is not None and run.rank == 0:
+        print(f"[train] step {step}: the reward model changed from {run.reward_version} to {reward_version}",
+              flush=True)
+    run.reward_version = reward_version
+    batch = sample_batch(samples, pad_token_id(run.tokenizer))
     batch = batch.to(model_device(run.model))
     raw_rewards = np.asarray(scores, dtype=np.float32).reshape(len(prompts), k)  # (P, k)
     rewards = shape_rewards(raw_rewards, batch.lengths.view(len(prompts), k).cpu().numpy(), online.length_penalty,
@@ -207,6 +209,18 @@ def _policy_and_reference_sums(run: OnlineRun, batch: SampleBatch, rows: torch.T
     return policy, reference, counts
 
 
+def kept_mean(losses: torch.Tensor, keep: torch.Tensor, world: int) -> torch.Tensor:
+    """The mean loss over the rows kept on EVERY worker (their count all-reduced), scaled by the
+    world size because DDP averages the workers' gradients: a worker whose prompts were mostly
+    ties then weighs what its kept rows weigh, no more. Averaged over the workers (as the step log
+    does) the returned values give that global mean."""
+    from whetstone.train.preference import all_reduce_sum
+
+    weights = keep.to(losses.device, losses.dtype)  # (B,)
+    kept = all_reduce_sum(weights.sum().detach().reshape(1)).squeeze(0)  # rows kept on all workers
+    return (losses * weights).sum() * world / kept.clamp(min=1.0)
+
+
 def _pair_values(run: OnlineRun, batch: SampleBatch, rewards: np.ndarray, ref_tokens: torch.Tensor,
                  mask: torch.Tensor, config: PreferenceJobConfig) -> dict[str, Any]:
     """Online DPO / IPO: best vs worst sample of each prompt; tied prompts weigh 0."""
@@ -221,10 +235,9 @@ def _pair_values(run: OnlineRun, batch: SampleBatch, rewards: np.ndarray, ref_to
              "chosen_token_counts": counts[:prompts], "rejected_token_counts": counts[prompts:]}
     out = apply_loss(run.loss_fn, config.loss.name, logps,
                      {"chosen_logps": reference[:prompts], "rejected_logps": reference[prompts:]})
-    weights = torch.as_tensor(valid, dtype=out.losses.dtype, device=out.losses.device)  # (P,)
-    loss = (out.losses * weights).sum() / weights.sum().clamp(min=1.0)
-    keep = weights.bool()
-    return {"loss_tensor": loss, "loss": float(loss.detach()), "tied_prompts": float((~keep).sum()),
+    keep = torch.as_tensor(valid, device=out.losses.device)  # (P,)
+    loss = kept_mean(out.losses, keep, run.world)
+    return {"loss_tensor": loss, "loss": float(loss.detach()), "tied_share": float((~keep).float().mean()),
             "reward_accuracy": float(out.accuracies[keep].mean()) if keep.any() else 0.0,
             "margin": float(out.margins[keep].mean()) if keep.any() else 0.0}
 
@@ -233,16 +246,16 @@ def _kto_values(run: OnlineRun, batch: SampleBatch, rewards: np.ndarray, ref_tok
                 mask: torch.Tensor, config: PreferenceJobConfig) -> dict[str, Any]:
     """Online KTO: above the prompt's mean reward desirable, below it undesirable, equal left out."""
     from whetstone.losses.kto import kto_reference_point
+    from whetstone.online.rewards import above_or_below_mean
 
-    centred = rewards - rewards.mean(axis=1, keepdims=True)  # (P, k)
-    labelled = torch.as_tensor((centred != 0).reshape(-1))  # (N,)
+    desirable_np, labelled_np = above_or_below_mean(rewards)  # (P, k) bool each
+    labelled = torch.as_tensor(labelled_np.reshape(-1))  # (N,)
     rows = torch.arange(labelled.numel(), device=batch.input_ids.device)
     policy, reference, _ = _policy_and_reference_sums(run, batch, rows, ref_tokens, config)
     z0 = kto_reference_point(policy.detach(), reference)  # on-policy KL estimate, over every worker
-    desirable = torch.as_tensor((centred > 0).reshape(-1), device=policy.device)
+    desirable = torch.as_tensor(desirable_np.reshape(-1), device=policy.device)
     out = run.loss_fn(policy, reference, desirable, z0)
-    weights = labelled.to(out.losses.device, out.losses.dtype)
-    loss = (out.losses * weights).sum() / weights.sum().clamp(min=1.0)
+    loss = kept_mean(out.losses, labelled, run.world)
     return {"loss_tensor": loss, "loss": float(loss.detach()), "kto_reference_point": float(z0),
             "desirable_share": float(desirable[labelled.to(desirable.device)].float().mean())
             if labelled.any() else 0.0}

@@ -20,7 +20,13 @@ from torch import nn
 
 from whetstone import storage as store
 from whetstone.config.base import ConfigError, StorageConfig
-from whetstone.config.preference import LoRAConfig, LossConfig, PolicyConfig, PreferenceJobConfig
+from whetstone.config.preference import (
+    LoRAConfig,
+    LossConfig,
+    OnlineConfig,
+    PolicyConfig,
+    PreferenceJobConfig,
+)
 from whetstone.data import schemas as S
 from whetstone.losses.preference_base import PreferenceLossOutput
 from whetstone.models.encoder import set_dropout
@@ -76,8 +82,8 @@ def _forget_gguf_origin(model: nn.Module) -> None:
             del model.config.quantization_config
 
 
-def build_loss(loss: LossConfig) -> nn.Module:
-    """The configured preference loss module."""
+def build_loss(loss: LossConfig, online: OnlineConfig | None = None) -> nn.Module:
+    """The configured preference loss module (``grpo`` takes its settings from ``online``)."""
     from whetstone.losses import DPOLoss, NPOLoss, NSDPOLoss, ORPOLoss, SimPOLoss
 
     if loss.name in ("dpo", "ipo", "hinge"):
@@ -94,6 +100,12 @@ def build_loss(loss: LossConfig) -> nn.Module:
         from whetstone.losses.kto import KTOLoss
 
         return KTOLoss(loss.beta, loss.kto_desirable_weight, loss.kto_undesirable_weight)
+    if loss.name == "grpo":
+        from whetstone.losses.grpo import GRPOLoss
+
+        online = online or OnlineConfig()
+        return GRPOLoss(epsilon_low=online.grpo_epsilon, beta=online.grpo_beta, loss_type=online.grpo_loss_type,
+                        max_completion_length=online.max_new_tokens)
     return NPOLoss(loss.beta)
 
 
@@ -145,7 +157,8 @@ def kto_as_pairs(loss_fn: nn.Module, chosen: torch.Tensor, rejected: torch.Tenso
 def kto_reference_point_of(model: nn.Module, reference_model: nn.Module, tokenizer: Any, raw: dict[str, np.ndarray],
                            config: PreferenceJobConfig) -> torch.Tensor:
     """KTO's z0 for a batch of pairs, as the paper estimates it: every prompt with the responses
-    of the NEXT pair in the batch (mismatched, so neither desirable nor not), the mean log-ratio
+    of the PREVIOUS pair in the batch (``np.roll`` by one: mismatched, so neither desirable nor not;
+    a batch of one pair has no other, and z0 then comes from its own), the mean log-ratio
     of policy to reference over them, clamped at 0, over every worker; no gradient."""
     from whetstone.losses.kto import kto_reference_point
     from whetstone.models.policy import preference_logps, unwrap_model
@@ -201,6 +214,19 @@ def pair_metrics(loss: torch.Tensor, out: PreferenceLossOutput) -> dict[str, flo
             "margin": float(out.margins.nanmean())}
 
 
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over every worker (a copy on the backend's device: NCCL reduces CUDA tensors
+    only, gloo CPU ones); returns it on its own device. Identity without torch.distributed."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else tensor.device
+    moved = tensor.to(device)
+    dist.all_reduce(moved)
+    return moved.to(tensor.device)
+
+
 def mean_over_workers(values: dict[str, float]) -> dict[str, float]:
     """Average a dict of floats over all workers (one small all-reduce); identity without torch.distributed."""
     import torch.distributed as dist
@@ -208,8 +234,7 @@ def mean_over_workers(values: dict[str, float]) -> dict[str, float]:
     if not (dist.is_available() and dist.is_initialized()):
         return dict(values)
     keys = sorted(values)
-    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)  # (K,)
-    dist.all_reduce(tensor)
+    tensor = all_reduce_sum(torch.tensor([values[k] for k in keys], dtype=torch.float64))  # (K,)
     return {k: float(v) / dist.get_world_size() for k, v in zip(keys, tensor.tolist(), strict=True)}
 
 
@@ -220,7 +245,6 @@ def evaluate_shard(model: nn.Module, tokenizer: Any, batches, config: Preference
 
     Every worker calls this exactly once (it ends with one all-reduce), whatever its shard size.
     """
-    import torch.distributed as dist
 
     from whetstone.models.policy import preference_logps, unwrap_model
 
@@ -238,8 +262,7 @@ def evaluate_shard(model: nn.Module, tokenizer: Any, batches, config: Preference
                          reference_logps(raw, batch, reference_model, config.policy.chunk_size))
         totals += torch.tensor([len(out.losses), float(out.accuracies.sum()), float(out.margins.nansum()),
                                 float(out.losses.sum())], dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(totals)
+    totals = all_reduce_sum(totals)
     core.train(was_training)
     pairs = max(totals[0].item(), 1.0)
     return {"eval_pairs": int(totals[0].item()), "eval_reward_accuracy": totals[1].item() / pairs,
@@ -249,7 +272,6 @@ def evaluate_shard(model: nn.Module, tokenizer: Any, batches, config: Preference
 def evaluate_reward_shard(reward: nn.Module, batches) -> dict[str, float]:
     """Pairwise accuracy and mean score margin of a reward model on this worker's held-out pairs,
     summed over all workers (one all-reduce per worker)."""
-    import torch.distributed as dist
 
     totals = torch.zeros(3, dtype=torch.float64)  # pairs, correct, margin sum
     for raw in batches:
@@ -258,8 +280,7 @@ def evaluate_reward_shard(reward: nn.Module, batches) -> dict[str, float]:
         prompts = list(raw[S.PROMPT])
         margins = reward.score(prompts, list(raw[S.CHOSEN])) - reward.score(prompts, list(raw[S.REJECTED]))
         totals += torch.tensor([len(margins), float((margins > 0).sum()), float(margins.sum())], dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(totals)
+    totals = all_reduce_sum(totals)
     pairs = max(totals[0].item(), 1.0)
     return {"eval_pairs": int(totals[0].item()), "eval_reward_accuracy": totals[1].item() / pairs,
             "eval_margin": totals[2].item() / pairs}

@@ -91,9 +91,7 @@ class PolicyRun(WorkerRun):
         save_policy(self.model, self.tokenizer, folder)
 
     def evaluate(self, config: PreferenceJobConfig) -> dict[str, float]:
-        batches = ray.train.get_dataset_shard("eval").iter_batches(batch_size=config.optim.eval_batch_size,
-                                                                   batch_format="numpy")
-        metrics = evaluate_shard(self.model, self.tokenizer, batches, config, self.reference_model)
+        metrics = evaluate_shard(self.model, self.tokenizer, eval_batches(config), config, self.reference_model)
         if self.rank == 0:
             print(f"[eval] held-out reward accuracy {metrics['eval_reward_accuracy']:.3f} margin "
                   f"{metrics['eval_margin']:+.4f} on {metrics['eval_pairs']} pairs", flush=True)
@@ -108,9 +106,7 @@ class RewardRun(WorkerRun):
         self.reward.save(folder)
 
     def evaluate(self, config: PreferenceJobConfig) -> dict[str, float]:
-        batches = ray.train.get_dataset_shard("eval").iter_batches(batch_size=config.optim.eval_batch_size,
-                                                                   batch_format="numpy")
-        metrics = evaluate_reward_shard(self.reward, batches)
+        metrics = evaluate_reward_shard(self.reward, eval_batches(config))
         if self.rank == 0:
             print(f"[eval] held-out pairwise accuracy {metrics['eval_reward_accuracy']:.3f} on "
                   f"{metrics['eval_pairs']} pairs", flush=True)
@@ -185,8 +181,16 @@ def _rank_world() -> tuple[int, int]:
     return ctx.get_world_rank(), ctx.get_world_size()
 
 
-def setup_policy_run(config: PreferenceJobConfig, plan: PreferenceRunPlan) -> PolicyRun:
-    """The policy worker's training state, in dependency order (see the comments)."""
+def eval_batches(config: PreferenceJobConfig):
+    """This worker's held-out rows (pairs, or their prompts), in batches of optim.eval_batch_size."""
+    return ray.train.get_dataset_shard("eval").iter_batches(batch_size=config.optim.eval_batch_size,
+                                                            batch_format="numpy")
+
+
+def setup_policy_run(config: PreferenceJobConfig, plan: PreferenceRunPlan,
+                     log_cls: type[PreferenceStepLog] = PreferenceStepLog) -> PolicyRun:
+    """The policy worker's training state, in dependency order (see the comments); ``log_cls``
+    writes its progress lines (mode=online's says other things)."""
     rank, world = _rank_world()
     _count_worker_group(plan, config.storage, rank)
     torch.manual_seed(config.optim.seed)
@@ -202,13 +206,14 @@ def setup_policy_run(config: PreferenceJobConfig, plan: PreferenceRunPlan) -> Po
                                       weight_decay=config.optim.weight_decay)
         run = PolicyRun(model=model, tokenizer=tokenizer, optimizer=optimizer,
                         scheduler=lr_schedule(optimizer, config, plan), loss_fn=build_loss(config.loss),
-                        log=_step_log(rank, world, config, plan), start=TrainerState(step=0), rank=rank, world=world)
+                        log=_step_log(rank, world, config, plan, log_cls), start=TrainerState(step=0), rank=rank,
+                        world=world)
         # A LoRA checkpoint holds the merged weights: new adapters start on them, so the saved
         # adapters' AdamW moments do not apply.
         run.start = restore_training_state(folder, run, plan, config.storage, with_optimizer=not config.lora.enabled)
     if config.needs_reference and (config.reference.mode == "on_the_fly" or config.mode == "online"):
         run.reference_model, _ = load_policy(config.policy, config.storage)
-        run.reference_model.eval().requires_grad_(False)
+        run.reference_model.eval().requires_grad_(False).to(model_device(model))  # beside the policy (GPU)
     return run
 
 
@@ -234,8 +239,9 @@ def setup_reward_run(config: PreferenceJobConfig, plan: PreferenceRunPlan) -> Re
     return run
 
 
-def _step_log(rank: int, world: int, config: PreferenceJobConfig, plan: PreferenceRunPlan) -> PreferenceStepLog:
-    log = PreferenceStepLog(rank, plan.total_steps, config.optim.log_every, config.optim.batch_size * world)
+def _step_log(rank: int, world: int, config: PreferenceJobConfig, plan: PreferenceRunPlan,
+              log_cls: type[PreferenceStepLog] = PreferenceStepLog) -> PreferenceStepLog:
+    log = log_cls(rank, plan.total_steps, config.optim.log_every, config.optim.batch_size * world)
     log.writer = metric_writer(rank, plan, config.tracking, config.storage)  # rank 0: TensorBoard, MLflow
     return log
 
