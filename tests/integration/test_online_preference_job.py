@@ -44,7 +44,9 @@ def reward_app(ray_cluster, tmp_path_factory, tiny_encoder_dir):
     from whetstone.models.reward import RewardModel
 
     from services.reward.app import deploy_reward_service, shutdown
+    from tests.e2e.test_index_service import serve_root_url
 
+    serve_root_url(ray_cluster)  # Serve's HTTP proxy on a free loopback port before anything deploys
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("reward") / "model"
     model = RewardModel.from_encoder(str(tiny_encoder_dir), max_length=64, max_prompt_length=32)
@@ -81,7 +83,7 @@ def _history(report: dict) -> list[dict]:
 
 
 def test_reward_service_wants_its_token(reward_app, ray_cluster):
-    from tests.e2e.test_reward_service import serve_root_url
+    from tests.e2e.test_index_service import serve_root_url
 
     client, _ = reward_app
     url = serve_root_url(ray_cluster) + PREFIX + "/score"
