@@ -8,10 +8,11 @@ What runs, in one local Ray session, through the preference job itself (``jobs.t
 2. reward model: ``mode=reward_model`` (all-MiniLM-L6-v2 + scalar head, Bradley-Terry) on the
    train pairs only (cached under ``.whetstone/cache`` by its settings: it is the fixed judge,
    not what is measured);
-3. three policy runs from SmolLM2-135M-Instruct (policy and reference), each ``--steps`` policy
+3. policy runs from SmolLM2-135M-Instruct (policy and reference), each ``--steps`` policy
    updates of ``--prompts`` prompts (pairs for offline DPO) on 1 worker:
-   ``mode=online loss=dpo`` (best vs worst of k samples), ``mode=online loss=grpo``, and
-   ``mode=policy loss=dpo`` on the stored pairs;
+   ``mode=online loss=dpo`` (best vs worst of k samples), ``mode=online loss=grpo``,
+   ``mode=policy loss=dpo`` on the stored pairs, and GRPO again with ``online.length_normalise``
+   (the length guard: what the gain is once length cannot buy reward);
 4. evaluation, the same code for all (``whetstone.train.online_eval``): the first 100 held-out
    prompts (never trained on, never seen by the reward model), one greedy completion each from the
    starting policy and from each final policy, scored by the reward model; the gain is in units
@@ -24,7 +25,7 @@ generation actors, the Serve replica). The host is shared: the load average is r
 
 Usage::
 
-    python -m benchmarks.preference_online                 # about an hour on 2 cores
+    python -m benchmarks.preference_online                 # about 80 minutes on 2 cores
     python -m benchmarks.preference_online --steps 2 --eval-prompts 8 --max-pairs 300   # a quick look
 """
 
@@ -96,12 +97,12 @@ def policy_settings(args, policy: str) -> list[str]:
             "reference.mode=on_the_fly"]
 
 
-def online_run(args, store: Path, policy: str, reward: str, loss: str) -> dict:
+def online_run(args, store: Path, policy: str, reward: str, loss: str, run_name: str, *extra_settings: str) -> dict:
     from jobs.train_preference import main as train_main
 
     extra = {"dpo": [f"optim.lr={args.dpo_lr}", "loss.beta=0.1"],
              "grpo": [f"optim.lr={args.grpo_lr}", f"online.grpo_beta={args.grpo_beta}"]}[loss]
-    return train_main(common(args, store, f"online-{loss}") + policy_settings(args, policy) + extra + [
+    return train_main(common(args, store, run_name) + policy_settings(args, policy) + extra + list(extra_settings) + [
         "mode=online", f"loss.name={loss}", f"online.reward_model={reward}",
         f"online.samples_per_prompt={args.k}", f"online.max_new_tokens={args.max_new_tokens}",
         f"online.eval_prompts={args.eval_prompts}", "online.generation_cpus=1", "online.reward_num_cpus=0.5"])
@@ -206,12 +207,16 @@ def summarise_runs(args, evals: dict, reports: dict, memory_gib: float, rm_repor
         "score_s_per_step": round(timing["score_s_per_step"], 4),
         "train_s_per_step": round(timing["train_s_per_step"], 3),
         "offline_dpo_train_s_per_step": round(reports["offline-dpo"]["timings_s"]["train_s"] / args.steps, 3),
-        "peak_memory_gib": round(memory_gib, 2),
+        "peak_memory_gib": round(max([memory_gib] + [r["peak_memory_gib"] for r in reports.values()]), 2),
         "reward_gain_goal": f">= {GOAL_GAIN_SD} sd for the better online method",
         "reward_gain_goal_met": gain[better] >= GOAL_GAIN_SD,
         "ratio_goal": f">= {GOAL_RATIO}", "ratio_goal_met": ratio is not None and ratio >= GOAL_RATIO,
         "reward_model_heldout_accuracy": rm_report.get("eval", {}).get("eval_reward_accuracy"),
         "policy_updates_per_method": args.steps,
+        **({"grpo_length_normalised_reward_gain_sd": round(gain["grpo-length-normalised"], 4),
+            "grpo_length_normalised_response_tokens_after": round(evals["grpo-length-normalised"]["response_tokens"], 2),
+            "grpo_length_normalised_kl_to_reference": round(evals["grpo-length-normalised"]["kl_to_reference"], 4)}
+           if "grpo-length-normalised" in reports else {}),
     }
 
 
@@ -231,7 +236,8 @@ def parse_args(argv=None):
     parser.add_argument("--grpo-beta", type=float, default=0.04)
     parser.add_argument("--run-dir", default=str(REPO / ".whetstone" / "bench" / "preference_online"))
     parser.add_argument("--results", default=str(RESULTS))
-    parser.add_argument("--methods", default="online-dpo,grpo,offline-dpo")
+    parser.add_argument("--methods", default="online-dpo,grpo,offline-dpo,grpo-length-normalised",
+                        help="the last is GRPO with online.length_normalise=true: the length guard")
     parser.add_argument("--reuse-runs", action="store_true", help="take a method's finished run from the run "
                         "folder instead of training it again (re-evaluate, re-summarise)")
     return parser.parse_args(argv)
@@ -245,7 +251,9 @@ def main(argv=None) -> dict:
 
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    memory = MemorySampler(include_ray=True).start()
+    # this process's tree: it starts the local Ray, so the Ray daemons, Train workers, generation
+    # actors and the Serve replica are all in it (other clusters on the host are not)
+    memory = MemorySampler().start()
     started, load = time.monotonic(), {"start": load_average()}
     run_dir = Path(args.run_dir)
     store = run_dir / "store"
@@ -253,12 +261,16 @@ def main(argv=None) -> dict:
     policy = smollm_hf_folder()
     reward_folder, rm_report = reward_model(args, store)
     load["after_reward_model"] = load_average()
-    runners = {"online-dpo": lambda: online_run(args, store, policy, reward_folder, "dpo"),
-               "grpo": lambda: online_run(args, store, policy, reward_folder, "grpo"),
+    runners = {"online-dpo": lambda: online_run(args, store, policy, reward_folder, "dpo", "online-dpo"),
+               "grpo": lambda: online_run(args, store, policy, reward_folder, "grpo", "online-grpo"),
+               "grpo-length-normalised": lambda: online_run(args, store, policy, reward_folder, "grpo",
+                                                            "online-grpo-length-normalised",
+                                                            "online.length_normalise=true"),
                "offline-dpo": lambda: offline_run(args, store, policy)}
     reports, seconds = {}, {}
     online = [name for name in args.methods.split(",") if name != "offline-dpo"]
-    run_names = {"online-dpo": "online-dpo", "grpo": "online-grpo", "offline-dpo": "offline-dpo"}
+    run_names = {"online-dpo": "online-dpo", "grpo": "online-grpo", "offline-dpo": "offline-dpo",
+                 "grpo-length-normalised": "online-grpo-length-normalised"}
     for name in args.methods.split(","):
         t = time.monotonic()
         done = store / "runs" / run_names[name] / "report.json"
