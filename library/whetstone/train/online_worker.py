@@ -107,12 +107,9 @@ def setup_online_run(config: PreferenceJobConfig, plan: PreferenceRunPlan) -> On
     pool found by name and the reward client; the actors then get this worker's weights, versioned
     by the step it starts from (a restarted worker group may have rolled back past the actors')."""
     from whetstone.online.generation import GenerationPool
-    from whetstone.train.preference import build_loss
 
-    base = setup_policy_run(config, plan, OnlineStepLog)
+    base = setup_policy_run(config, plan, OnlineStepLog)  # its loss_fn: build_loss(config.loss, config.online)
     fields = {name: getattr(base, name) for name in base.__dataclass_fields__}
-    fields["loss_fn"] = build_loss(config.loss, config.online)
-    fields["log"].last_step = base.start.step  # what the final push is versioned by if nothing is left to train
     run = OnlineRun(**fields, pool=GenerationPool.connect(plan.generation_actors), reward=reward_client(plan))
     # A fresh run's actors already hold v0 (the starting weights); a restarted or resumed group
     # rolls them back or forward to its checkpoint's.

@@ -299,7 +299,9 @@ class PreferenceStepLog:
 
     def resume_history(self, checkpoint: str, step: int, storage: StorageConfig | None) -> None:
         """Rank 0 takes the history of steps 1..``step`` from the checkpoint resumed from (nothing
-        when it holds none), so a resumed run's history and plot cover the whole run."""
+        when it holds none), so a resumed run's history and plot cover the whole run. Every rank
+        takes ``step`` as the newest step trained."""
+        self.last_step = step
         if self.rank != 0:
             return
         try:

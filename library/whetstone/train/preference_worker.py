@@ -205,7 +205,7 @@ def setup_policy_run(config: PreferenceJobConfig, plan: PreferenceRunPlan,
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.optim.lr,
                                       weight_decay=config.optim.weight_decay)
         run = PolicyRun(model=model, tokenizer=tokenizer, optimizer=optimizer,
-                        scheduler=lr_schedule(optimizer, config, plan), loss_fn=build_loss(config.loss),
+                        scheduler=lr_schedule(optimizer, config, plan), loss_fn=build_loss(config.loss, config.online),
                         log=_step_log(rank, world, config, plan, log_cls), start=TrainerState(step=0), rank=rank,
                         world=world)
         # A LoRA checkpoint holds the merged weights: new adapters start on them, so the saved
